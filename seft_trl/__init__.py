@@ -1,0 +1,22 @@
+"""seft_trl: Sparsity Evolution Fine-Tuning (SEFT, arXiv 2505.24037) for Hugging Face TRL."""
+
+from .config import SparsityEvolutionConfig
+from .engine import SparsityEvolution, find_target_linears, merge
+from .layer import SparseDeltaLinear, UpdateStats
+from .optim_state import reset_optimizer_slots
+from .patterns import SparsityPattern, detect_pattern
+from .report import SparsityReport, sparsity_report
+
+__all__ = [
+    "SparseDeltaLinear",
+    "SparsityEvolution",
+    "SparsityEvolutionConfig",
+    "SparsityPattern",
+    "SparsityReport",
+    "UpdateStats",
+    "detect_pattern",
+    "find_target_linears",
+    "merge",
+    "reset_optimizer_slots",
+    "sparsity_report",
+]

@@ -1,0 +1,240 @@
+"""Model wiring of SEFT: inject sparse-delta layers, drive topology evolution, merge.
+
+Usage in a plain PyTorch loop::
+
+    seft = SparsityEvolution(model, SparsityEvolutionConfig(density=0.01))
+    optimizer = torch.optim.AdamW(seft.parameters(), lr=1e-4)
+    seft.attach(optimizer, total_steps=1000)   # after every optimizer.step(): write W', evolve
+    ...train...
+    model = seft.merge()                       # plain nn.Linear layers, exact zeros
+
+Every check runs before the model is touched, so bad input leaves it unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .config import SparsityEvolutionConfig
+from .layer import SparseDeltaLinear, UpdateStats
+from .optim_state import check_optimizer_supported, reset_optimizer_slots, unwrap_optimizer
+from .patterns import Scope, SparsityPattern, detect_pattern, satisfies
+from .topology import drop_fraction_at, is_update_step
+
+
+def _excluded_names(model: nn.Module) -> set[str]:
+    """Names of the output embedding (lm_head) and any module sharing its weight."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    excluded = {name for name, module in model.named_modules() if name.split(".")[-1] == "lm_head"}
+    if output is not None:
+        excluded |= {name for name, module in model.named_modules() if module is output}
+    return excluded
+
+
+def find_target_linears(model: nn.Module, target_modules: list[str] | str | None) -> dict[str, nn.Linear]:
+    """The nn.Linear modules that get deltas, by name; raises before anything is changed."""
+    if any(isinstance(module, SparseDeltaLinear) for module in model.modules()):
+        raise ValueError("This model already has SEFT layers; merge it (seft_trl.merge) before injecting again.")
+    excluded = _excluded_names(model)
+    modules = dict(model.named_modules())
+    linears = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
+
+    def matches(name: str) -> bool:
+        if target_modules is None:
+            return isinstance(modules[name], nn.Linear) and name not in excluded
+        if isinstance(target_modules, str):
+            return re.fullmatch(target_modules, name) is not None
+        return any(name == target or name.endswith("." + target) for target in target_modules)
+
+    matched = [name for name in modules if name and matches(name)]
+    if not matched:
+        kinds = sorted({name.split(".")[-1] for name in linears if name not in excluded})
+        raise ValueError(
+            f"target_modules={target_modules!r} matches no module. The model's linear layers are named: "
+            f"{', '.join(kinds) or '(none)'}."
+        )
+    for name in matched:
+        module = modules[name]
+        if name in excluded:
+            raise ValueError(f"{name!r} is the output embedding; lm_head and embeddings are never SEFT targets.")
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"Target {name!r} is a {type(module).__name__}, not an nn.Linear; SEFT only adapts linear layers. "
+                "Name the linear projections inside it instead."
+            )
+    return {name: modules[name] for name in matched}
+
+
+def _resolve_pattern(weights: dict[str, torch.Tensor], spec: str) -> SparsityPattern:
+    if spec == "auto":
+        return detect_pattern(weights.values())
+    pattern = SparsityPattern.parse(spec)
+    for name, weight in weights.items():
+        if not satisfies(weight, pattern):
+            raise ValueError(
+                f"Layer {name!r} does not satisfy the {pattern} pattern (more than {pattern.n} nonzeros in a group of "
+                f"{pattern.m}, or in_features not a multiple of {pattern.m}). Prune it to {pattern} first, or use "
+                "sparsity_pattern='unstructured'."
+            )
+    return pattern
+
+
+def _delta_counts(targets: dict[str, nn.Linear], config: SparsityEvolutionConfig) -> dict[str, int]:
+    """k per layer; raises when a layer would get fewer than one delta or more than its support."""
+    numels = {name: linear.weight.numel() for name, linear in targets.items()}
+    if config.num_deltas is not None:
+        total = sum(numels.values())
+        counts = {name: round(config.num_deltas * numel / total) for name, numel in numels.items()}
+    else:
+        counts = {name: round(config.density * numel) for name, numel in numels.items()}
+    for name, k in counts.items():
+        support = int(torch.count_nonzero(targets[name].weight))
+        if k < 1:
+            raise ValueError(
+                f"Layer {name!r} ({numels[name]} weights) would get {k} deltas; raise density/num_deltas."
+            )
+        if k > support:
+            raise ValueError(
+                f"Layer {name!r} would get {k} deltas but has only {support} nonzero weights; deltas start on "
+                "nonzero weights, so lower density/num_deltas."
+            )
+    return counts
+
+
+def _initial_delta_index(weight: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """k positions drawn uniformly from the nonzero weights (SpIEL starts at random positions)."""
+    nonzero = torch.nonzero(weight.detach().reshape(-1)).squeeze(1)
+    generator = torch.Generator(device=weight.device).manual_seed(seed)
+    choice = torch.randperm(nonzero.numel(), generator=generator, device=weight.device)[:k]
+    return nonzero[choice]
+
+
+class SparsityEvolution:
+    """Sparse-delta fine-tuning of ``model`` with drop–grow–adapt topology evolution."""
+
+    def __init__(self, model: nn.Module, config: SparsityEvolutionConfig | None = None) -> None:
+        config = config or SparsityEvolutionConfig()
+        targets = find_target_linears(model, config.target_modules)
+        weights = {name: linear.weight.detach() for name, linear in targets.items()}
+        self.pattern = _resolve_pattern(weights, config.sparsity_pattern)
+        counts = _delta_counts(targets, config)
+        if all(bool((w != 0).all()) for w in weights.values()):
+            warnings.warn(
+                "The target layers are dense: the budget is every weight, so there is no sparsity to preserve "
+                "and no pruned weight to revive. Prune the model first (seft_trl.pruning) to repair a sparse model.",
+                stacklevel=2,
+            )
+
+        # All checks passed: now change the model.
+        model.requires_grad_(False)
+        self.layers: dict[str, SparseDeltaLinear] = {}
+        for ordinal, (name, linear) in enumerate(targets.items()):
+            scope = Scope.for_layer(self.pattern, config.sparsity_scope, linear.in_features)
+            index = _initial_delta_index(linear.weight, counts[name], seed=config.seed * 1_000_003 + ordinal)
+            layer = SparseDeltaLinear(linear, index, scope)
+            model.set_submodule(name, layer)
+            self.layers[name] = layer
+        self.model, self.config = model, config
+        self.step_count = 0
+        self.total_steps: int | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.last_update: dict[str, UpdateStats] = {}
+        self._hook = None
+
+    # ----------------------------------------------------------------------------- training
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """The trainable deltas (fp32), one tensor per layer."""
+        return (layer.delta for layer in self.layers.values())
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((f"{name}.delta", layer.delta) for name, layer in self.layers.items())
+
+    @property
+    def end_step(self) -> int:
+        assert self.total_steps is not None
+        return int(self.config.update_end * self.total_steps)
+
+    def attach(self, optimizer, total_steps: int) -> None:
+        """Follow ``optimizer``: after each of its steps write W' and evolve the topology when due.
+
+        ``total_steps`` (optimizer steps of the whole run) sets the drop-fraction schedule.
+        A step the optimizer skips (for example on fp16 overflow) is not counted.
+        """
+        check_optimizer_supported(optimizer)
+        inner = unwrap_optimizer(optimizer)
+        owned = {id(p) for group in inner.param_groups for p in group["params"]}
+        if not all(id(delta) in owned for delta in self.parameters()):
+            raise ValueError("The optimizer must own every delta: build it from SparsityEvolution.parameters().")
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
+        self.detach()
+        self.optimizer, self.total_steps = inner, total_steps
+        self._hook = inner.register_step_post_hook(lambda *_: self._after_optimizer_step())
+        self._arm_window()
+
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _after_optimizer_step(self) -> None:
+        for layer in self.layers.values():
+            layer.materialize()
+        self.step_count += 1
+        if is_update_step(self.step_count, self.config.update_interval, self.end_step):
+            self.update_topology()
+        self._arm_window()
+
+    def drop_fraction(self, step: int) -> float:
+        return drop_fraction_at(step, self.end_step, self.config.drop_fraction, self.config.drop_schedule)
+
+    def _arm_window(self) -> None:
+        """If the next optimizer step opens an accumulation window, arm the layers to pick candidates."""
+        next_step = self.step_count + 1
+        interval = self.config.update_interval
+        update_step = -(-next_step // interval) * interval
+        if not is_update_step(update_step, interval, self.end_step):
+            return
+        if next_step != update_step - self.config.accumulation_steps + 1:
+            return
+        fraction = self.drop_fraction(update_step)
+        for layer in self.layers.values():
+            n_swaps = round(fraction * layer.delta.numel())
+            if n_swaps > 0:
+                layer.begin_window(
+                    n_swaps, self.config.candidate_factor, self.config.regrow_pruned, self.config.prune_criterion
+                )
+
+    def update_topology(self) -> dict[str, UpdateStats]:
+        """Drop, grow and adapt in every layer now; resets the optimizer state of moved slots."""
+        fraction = self.drop_fraction(self.step_count)
+        stats = {}
+        for name, layer in self.layers.items():
+            stats[name], moved_slots = layer.update_topology(round(fraction * layer.delta.numel()), self.config.drop_mode)
+            if self.optimizer is not None:
+                reset_optimizer_slots(self.optimizer, layer.delta, moved_slots)
+        self.last_update = stats
+        return stats
+
+    # -------------------------------------------------------------------------------- output
+    def merge(self) -> nn.Module:
+        """Detach from the optimizer and put plain nn.Linear layers back (see :func:`merge`)."""
+        self.detach()
+        return merge(self.model)
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """Replace every SparseDeltaLinear with an nn.Linear holding W' (exact zeros outside the support)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SparseDeltaLinear):
+            module.materialize()
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            linear.weight, linear.bias = module.weight, module.bias
+            model.set_submodule(name, linear)
+    return model
