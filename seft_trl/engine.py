@@ -143,7 +143,7 @@ class SparsityEvolution:
         self.step_count = 0
         self.total_steps: int | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-        self.last_update: dict[str, UpdateStats] = {}
+        self.last_update: dict[str, UpdateStats] = {}  # stats of the update made at the latest step, if any
         self._hook = None
 
     # ----------------------------------------------------------------------------- training
@@ -186,7 +186,9 @@ class SparsityEvolution:
         for layer in self.layers.values():
             layer.materialize()
         self.step_count += 1
-        if is_update_step(self.step_count, self.config.update_interval, self.end_step):
+        self.last_update = {}
+        due = is_update_step(self.step_count, self.config.update_interval, self.end_step)
+        if due and self.drop_fraction(self.step_count) > 0:
             self.update_topology()
         self._arm_window()
 

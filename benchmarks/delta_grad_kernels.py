@@ -1,0 +1,263 @@
+"""Compare the ways of computing the delta gradient of a sparse-delta layer.
+
+The gradient of the k deltas is k entries of the dense weight gradient gᵀx [out, in]. This
+script times, for each weight shape and delta density:
+
+(a) the frozen layer's own work, forward F.linear(x, W) plus input gradient g @ W: the floor
+    every fine-tuning method pays, used as the unit;
+(b) the sampled product (torch.sparse.sampled_addmm over a CSR pattern, via
+    seft_trl.kernels.sampled_weight_gradient with the sampled path forced);
+(c) the dense product gᵀx followed by a gather (seft_trl.kernels.dense_weight_gradient);
+(d) a naive gather-multiply, (gᵀ[rows] * xᵀ[cols]).sum(1), in chunks of entries.
+
+It reports which of (b)/(c) the cost rule of SamplingPattern picks, whether that was the
+faster one, and the per-entry cost of (b) relative to (c), which the rule's constant
+SAMPLED_ENTRY_COST stands for.
+
+    python benchmarks/delta_grad_kernels.py            # all shapes (a few minutes on 2 cores)
+    python benchmarks/delta_grad_kernels.py --quick    # 576x1536 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+import seft_trl.kernels as kernels
+from common import RESULTS_DIR, machine_description, markdown_table, median_ms, parse_shapes, pruned_linear
+from common import random_delta_index, write_report
+from seft_trl.kernels import SamplingPattern, dense_weight_gradient, sampled_weight_gradient
+
+DEFAULT_SHAPES = "576x1536,1536x576,4096x11008"
+QUICK_SHAPES = "576x1536"
+DENSITIES = "0.005,0.01,0.02,0.05,0.1"
+LARGE_LAYER = 4_000_000  # weights; layers this big get --large-repeats timed runs instead of --repeats
+GATHER_CHUNK_BYTES = 64 * 2**20  # bound on each gathered [chunk, T] fp32 block of the naive kernel
+
+
+@dataclass
+class Case:
+    """Measurements of one (shape, density) case; times in ms."""
+
+    out_features: int
+    in_features: int
+    density: float
+    k: int
+    tokens: int
+    frozen: float
+    sampled: float
+    dense: float
+    gather: float | None  # None when skipped as too slow
+    rule_uses_dense: bool
+
+    @property
+    def sampled_is_faster(self) -> bool:
+        return self.sampled < self.dense
+
+    @property
+    def rule_is_right(self) -> bool:
+        return self.rule_uses_dense != self.sampled_is_faster
+
+    @property
+    def entry_cost_ratio(self) -> float:
+        """(sampled ms per sampled entry·token) / (dense ms per dense entry·token)."""
+        per_sampled = self.sampled / (self.k * self.tokens)
+        per_dense = self.dense / (self.out_features * self.in_features * self.tokens)
+        return per_sampled / per_dense
+
+
+@contextmanager
+def sampled_entry_cost(value: float) -> Iterator[None]:
+    """Temporarily replace the cost rule's constant (SamplingPattern reads it at construction)."""
+    saved = kernels.SAMPLED_ENTRY_COST
+    kernels.SAMPLED_ENTRY_COST = value
+    try:
+        yield
+    finally:
+        kernels.SAMPLED_ENTRY_COST = saved
+
+
+def forced_sampled_pattern(index: torch.Tensor, out_features: int, in_features: int) -> SamplingPattern:
+    """A pattern that takes the sampled path whatever its density.
+
+    SamplingPattern only builds its CSR fields when the cost rule chooses sampling, so setting
+    ``use_dense = False`` on a dense-rule pattern would leave them missing; instead the rule is
+    switched off (cost 0) while the pattern is built.
+    """
+    with sampled_entry_cost(0):
+        pattern = SamplingPattern(index, out_features, in_features)
+    assert not pattern.use_dense
+    return pattern
+
+
+def frozen_forward_backward(x: torch.Tensor, weight: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """The frozen layer's forward and input-gradient product, without autograd bookkeeping."""
+    F.linear(x, weight)
+    grad_output @ weight
+
+
+def gather_multiply(grad_output: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Naive delta gradient: for each position, the dot product of its g column and x column."""
+    in_features, tokens = x.shape[1], x.shape[0]
+    g_t, x_t = grad_output.t().contiguous(), x.t().contiguous()  # [out, T], [in, T]
+    rows, cols = index // in_features, index % in_features
+    chunk = max(1, GATHER_CHUNK_BYTES // (tokens * 4))
+    parts = [(g_t[rows[s : s + chunk]] * x_t[cols[s : s + chunk]]).sum(1) for s in range(0, index.numel(), chunk)]
+    return torch.cat(parts)
+
+
+def dense_then_gather(grad_output: torch.Tensor, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return dense_weight_gradient(grad_output, x).view(-1)[index]
+
+
+def check_agreement(name: str, result: torch.Tensor, reference: torch.Tensor) -> None:
+    """Fail loudly if a kernel computes something else than the dense reference."""
+    torch.testing.assert_close(result, reference, rtol=1e-4, atol=1e-2, msg=lambda m: f"{name}: {m}")
+
+
+def measure_shape(
+    out_features: int, in_features: int, densities: list[float], args: argparse.Namespace
+) -> list[Case]:
+    """All kernels at every density for one weight shape."""
+    weight = pruned_linear(out_features, in_features, torch.device("cpu"), args.seed).weight.detach()
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randn(args.tokens, in_features, generator=generator)
+    grad_output = torch.randn(args.tokens, out_features, generator=generator)
+    repeats = args.large_repeats if weight.numel() >= LARGE_LAYER else args.repeats
+
+    frozen = median_ms(lambda: frozen_forward_backward(x, weight, grad_output), repeats)
+    cases = []
+    for density in densities:
+        index = random_delta_index(weight, density, args.seed + 2)
+        pattern = forced_sampled_pattern(index, out_features, in_features)
+        # Each kernel's correctness check is also its warm-up run.
+        reference = dense_then_gather(grad_output, x, index)
+        check_agreement("sampled", sampled_weight_gradient(grad_output, x, pattern), reference)
+        sampled = median_ms(lambda: sampled_weight_gradient(grad_output, x, pattern), repeats, warmup=0)
+        dense = median_ms(lambda: dense_then_gather(grad_output, x, index), repeats, warmup=0)
+        gather = None
+        if index.numel() * args.tokens <= args.gather_max_work:
+            check_agreement("gather-multiply", gather_multiply(grad_output, x, index), reference)
+            gather = median_ms(lambda: gather_multiply(grad_output, x, index), repeats, warmup=0)
+        rule_uses_dense = SamplingPattern(index, out_features, in_features).use_dense
+        cases.append(
+            Case(out_features, in_features, density, index.numel(), args.tokens, frozen, sampled, dense, gather, rule_uses_dense)
+        )
+        print(f"  {out_features}x{in_features} density {density:.1%}: done", flush=True)
+    return cases
+
+
+def fmt(ms: float | None, unit: float) -> str:
+    if ms is None:
+        return "skipped"
+    return f"{ms:.1f} ({ms / unit:.2f}×)"
+
+
+def table(cases: list[Case]) -> str:
+    headers = [
+        "layer (out×in)",
+        "density",
+        "k",
+        "(a) frozen fwd + bwd(x) ms",
+        "(b) sampled ms (×a)",
+        "(c) dense gᵀx + gather ms (×a)",
+        "(d) gather-multiply ms (×a)",
+        "rule picks",
+        "faster of b/c",
+        "rule right?",
+        "per-entry cost ratio b/c",
+    ]
+    rows = [
+        [
+            f"{c.out_features}×{c.in_features}",
+            f"{c.density:.1%}",
+            c.k,
+            f"{c.frozen:.1f}",
+            fmt(c.sampled, c.frozen),
+            fmt(c.dense, c.frozen),
+            fmt(c.gather, c.frozen),
+            "dense" if c.rule_uses_dense else "sampled",
+            "sampled" if c.sampled_is_faster else "dense",
+            "yes" if c.rule_is_right else "**no**",
+            f"{c.entry_cost_ratio:.1f}",
+        ]
+        for c in cases
+    ]
+    return markdown_table(headers, rows)
+
+
+def ratio_summary(cases: list[Case]) -> str:
+    """The range of the per-entry cost ratio, overall and per shape, against the rule's constant."""
+    ratios = [c.entry_cost_ratio for c in cases]
+    lines = [
+        f"Per-entry cost ratio (sampled ms / (k·T)) / (dense ms / (out·in·T)): "
+        f"{min(ratios):.1f} to {max(ratios):.1f} (median {statistics.median(ratios):.1f}) over {len(cases)} cases; "
+        f"the cost rule uses SAMPLED_ENTRY_COST = {kernels.SAMPLED_ENTRY_COST}, i.e. samples below density "
+        f"{1 / kernels.SAMPLED_ENTRY_COST:.1%}. Sampling is faster in a case exactly when its ratio < 1/density.",
+    ]
+    for shape in dict.fromkeys((c.out_features, c.in_features) for c in cases):
+        shape_ratios = [c.entry_cost_ratio for c in cases if (c.out_features, c.in_features) == shape]
+        lines.append(f"- {shape[0]}×{shape[1]}: {min(shape_ratios):.1f} to {max(shape_ratios):.1f}")
+    wrong = [c for c in cases if not c.rule_is_right]
+    lines.append(
+        "The cost rule picked the faster of (b)/(c) in every case."
+        if not wrong
+        else "The cost rule picked the slower path in: "
+        + ", ".join(f"{c.out_features}×{c.in_features} at {c.density:.1%}" for c in wrong)
+        + "."
+    )
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated OUTxIN weight shapes")
+    parser.add_argument("--quick", action="store_true", help=f"only {QUICK_SHAPES}")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens T per batch")
+    parser.add_argument("--densities", default=DENSITIES, help="comma-separated delta densities")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per measurement")
+    parser.add_argument("--large-repeats", type=int, default=3, help=f"timed runs for layers >= {LARGE_LAYER} weights")
+    parser.add_argument(
+        "--gather-max-work",
+        type=float,
+        default=5e9,
+        help="skip the naive gather-multiply when k·T exceeds this (it is ~5 s per 1e9 on 2 cores)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "delta_grad_kernels.md")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    load_before = os.getloadavg()[0]
+    shapes = parse_shapes(QUICK_SHAPES if args.quick else args.shapes)
+    densities = [float(d) for d in args.densities.split(",")]
+    cases = []
+    for out_features, in_features in shapes:
+        cases += measure_shape(out_features, in_features, densities, args)
+    report = "\n\n".join(
+        [
+            "# Delta-gradient kernels",
+            f"{machine_description(torch.device('cpu'))} 1-minute load average {load_before:.2f} before, "
+            f"{os.getloadavg()[0]:.2f} after. T = {args.tokens} tokens, fp32. "
+            f"Median of {args.repeats} timed runs ({args.large_repeats} for layers ≥ {LARGE_LAYER:,} weights) "
+            "after one warm-up run (for (b)-(d), the run that checks the result against (c)).",
+            table(cases),
+            ratio_summary(cases),
+        ]
+    )
+    print()
+    write_report(report, args.output)
+
+
+if __name__ == "__main__":
+    main()

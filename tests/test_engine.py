@@ -1,0 +1,309 @@
+"""Training with topology evolution on tiny LLaMA / Mistral models: the budget holds after every step."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import prune_linears, random_batch, tiny_model
+from seft_trl import (
+    SparseDeltaLinear,
+    SparsityEvolution,
+    SparsityEvolutionConfig,
+    merge,
+    sparsity_report,
+)
+
+FAST = dict(density=0.05, update_interval=3, accumulation_steps=2, drop_fraction=0.3, update_end=1.0)
+
+
+def train(model, seft, steps, lr=1e-2, optimizer=None, after_step=None, batch_seed=None):
+    optimizer = optimizer or torch.optim.AdamW(seft.parameters(), lr=lr)
+    seft.attach(optimizer, total_steps=steps)
+    updates = []
+    for step in range(steps):
+        ids = random_batch(seed=None if batch_seed is None else batch_seed + step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if seft.last_update:
+            updates.append((seft.step_count, seft.last_update))
+        if after_step is not None:
+            after_step(step)
+    return updates
+
+
+def snapshot_weights(model):
+    """Weights of the decoder's linear layers (plain or SEFT) by name."""
+    return {
+        name: m.weight.detach().clone()
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, SparseDeltaLinear)) and not name.endswith("lm_head")
+    }
+
+
+CASES = [("llama", "layer", "unstructured"), ("llama", "row", "row"), ("mistral", "layer", "2:4"), ("llama", "layer", "2:4")]
+
+
+@pytest.mark.parametrize("arch,scope,pruning", CASES)
+def test_budget_holds_after_every_step_over_50_steps(arch, scope, pruning):
+    model = prune_linears(tiny_model(arch), "layer" if pruning == "unstructured" else pruning)
+    seft = SparsityEvolution(model, SparsityEvolutionConfig(sparsity_scope=scope, drop_schedule="constant", **FAST))
+    expected_kind = "nm" if pruning == "2:4" else scope
+    assert all(layer.scope.kind == expected_kind for layer in seft.layers.values())
+    start = snapshot_weights(model)
+    budgets = {name: int((w != 0).sum()) for name, w in start.items()}
+    rows = {name: (w != 0).sum(dim=1) for name, w in start.items()}
+    ever_delta = {name: set(layer.delta_index.tolist()) for name, layer in seft.layers.items()}
+
+    def check(step):
+        for name, layer in seft.layers.items():
+            w = layer.weight.detach()
+            index = layer.delta_index.tolist()
+            ever_delta[name].update(index)
+            support = (w != 0)
+            support.view(-1)[layer.delta_index] = True
+            assert len(set(index)) == len(index) == layer.delta.numel()
+            assert int(support.sum()) <= budgets[name] == int(layer.support_budget)
+            if scope == "row":
+                assert (support.sum(dim=1) <= rows[name]).all()
+            if pruning == "2:4":
+                assert int(support.view(w.shape[0], -1, 4).sum(-1).max()) <= 2
+            # Every weight that changed is a (former) delta or was removed to exactly zero.
+            changed = torch.nonzero((w != start[name]).view(-1)).squeeze(1).tolist()
+            assert all(p in ever_delta[name] or w.view(-1)[p] == 0 for p in changed)
+        assert sparsity_report(model).within_budget
+
+    updates = train(model, seft, 50, after_step=check)
+    assert len(updates) == 16
+    assert sum(s.grown for _, stats in updates for s in stats.values()) > 0
+
+
+def test_revival_happens_and_is_paid_for(pruned_llama):
+    model = pruned_llama
+    start = snapshot_weights(model)
+    seft = SparsityEvolution(model, SparsityEvolutionConfig(drop_schedule="constant", **FAST))
+    updates = train(model, seft, 30, batch_seed=0)
+    revived = sum(s.revived for _, stats in updates for s in stats.values())
+    removed = sum(s.removed for _, stats in updates for s in stats.values())
+    assert revived > 0 and removed > 0
+    for name, layer in seft.layers.items():
+        w = layer.weight.detach()
+        was_pruned = start[name] == 0
+        revived_now = int((was_pruned & (w != 0)).sum())
+        removed_now = int((~was_pruned & (w == 0)).sum())
+        assert removed_now >= revived_now  # every weight alive now that was pruned is paid for
+        assert int((w != 0).sum()) <= int(layer.support_budget)
+    assert sum(int(((start[n] == 0) & (l.weight != 0)).sum()) for n, l in seft.layers.items()) > 0
+
+
+def test_no_revival_when_regrow_pruned_is_off(pruned_llama):
+    model = pruned_llama
+    start = snapshot_weights(model)
+    seft = SparsityEvolution(model, SparsityEvolutionConfig(regrow_pruned=False, **FAST))
+    updates = train(model, seft, 12)
+    assert all(s.revived == 0 and s.removed == 0 for _, stats in updates for s in stats.values())
+    for name, layer in seft.layers.items():
+        assert torch.equal(layer.weight == 0, start[name] == 0)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_drop_and_grow_counts_follow_the_schedule(pruned_llama, schedule):
+    config = SparsityEvolutionConfig(
+        density=0.05, update_interval=4, accumulation_steps=2, drop_fraction=0.4, drop_schedule=schedule, update_end=0.75
+    )
+    seft = SparsityEvolution(pruned_llama, config)
+    updates = train(pruned_llama, seft, 32)
+    assert [step for step, _ in updates] == [4, 8, 12, 16, 20]  # step 24 = end: fraction 0
+    for step, stats in updates:
+        fraction = seft.drop_fraction(step)
+        for name, s in stats.items():
+            target = round(fraction * seft.layers[name].delta.numel())
+            assert s.dropped == s.grown == target
+            assert s.support <= s.budget
+
+
+def test_drop_mode_revert_restores_base_values(pruned_llama):
+    config = SparsityEvolutionConfig(drop_mode="revert", drop_schedule="constant", **FAST)
+    seft = SparsityEvolution(pruned_llama, config)
+    layer = next(iter(seft.layers.values()))
+    before = {}
+
+    def remember(step):
+        before.update(index=layer.delta_index.clone(), base=layer.delta_base.clone())
+
+    optimizer = torch.optim.AdamW(seft.parameters(), lr=1e-2)
+    snapshot = optimizer.register_step_post_hook(lambda *_: remember(0))  # runs before SEFT's own hook
+    train(pruned_llama, seft, 3, optimizer=optimizer)
+    snapshot.remove()
+    moved = ~torch.isin(before["index"], layer.delta_index)
+    assert moved.any()
+    assert torch.equal(layer.weight.view(-1)[before["index"][moved]], before["base"][moved])
+
+
+def test_training_reduces_loss_on_a_fixed_batch(pruned_llama):
+    seft = SparsityEvolution(pruned_llama, SparsityEvolutionConfig(**FAST))
+    optimizer = torch.optim.AdamW(seft.parameters(), lr=3e-2)
+    seft.attach(optimizer, total_steps=30)
+    ids = random_batch(seed=0)
+    losses = []
+    for _ in range(30):
+        loss = pruned_llama(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0]
+
+
+def run_once(seed):
+    model = prune_linears(tiny_model("llama"))
+    seft = SparsityEvolution(model, SparsityEvolutionConfig(seed=seed, **FAST))
+    train(model, seft, 10, batch_seed=100)
+    return {n: (l.delta_index.clone(), l.delta.detach().clone(), l.weight.detach().clone()) for n, l in seft.layers.items()}
+
+
+def test_deterministic_given_seed_and_data():
+    first, second, other = run_once(0), run_once(0), run_once(1)
+    for name in first:
+        for a, b in zip(first[name], second[name]):
+            assert torch.equal(a, b)
+    assert any(not torch.equal(first[n][0], other[n][0]) for n in first)
+
+
+def test_merge_loads_into_the_original_architecture_with_identical_logits(pruned_llama):
+    plain_keys = set(pruned_llama.state_dict())
+    seft = SparsityEvolution(pruned_llama, SparsityEvolutionConfig(**FAST))
+    extra = set(pruned_llama.state_dict()) - plain_keys
+    assert plain_keys <= set(pruned_llama.state_dict())
+    assert {key.rsplit(".", 1)[1] for key in extra} == {"delta", "delta_index", "delta_base", "support_budget"}
+    train(pruned_llama, seft, 8)
+    ids = random_batch(seed=5)
+    with torch.no_grad():
+        logits = pruned_llama(input_ids=ids).logits
+    report_before = sparsity_report(pruned_llama)
+
+    merged = seft.merge()
+    assert not any(isinstance(m, SparseDeltaLinear) for m in merged.modules())
+    fresh = type(merged)(merged.config)
+    fresh.load_state_dict(merged.state_dict(), strict=True)
+    with torch.no_grad():
+        assert (fresh(input_ids=ids).logits - logits).abs().max().item() == 0.0
+    report_after = sparsity_report(fresh)
+    assert report_after.nonzeros <= sum(layer.budget for layer in report_before.layers)
+    assert report_after.sparsity >= 0.5
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_delta_gradients(reentrant):
+    grads = []
+    for checkpointing in (False, True):
+        model = prune_linears(tiny_model("llama"))
+        seft = SparsityEvolution(model, SparsityEvolutionConfig(density=0.05))
+        if checkpointing:
+            model.train()
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        calls = []
+        next(iter(seft.layers.values())).register_forward_hook(lambda *_: calls.append(1))
+        ids = random_batch(seed=3)
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # checkpointing recomputes the forward
+        grads.append([layer.delta.grad.clone() for layer in seft.layers.values()])
+    for plain, checkpointed in zip(*grads):
+        torch.testing.assert_close(plain, checkpointed, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_model_trains_within_budget():
+    model = prune_linears(tiny_model("llama", dtype=torch.bfloat16))
+    seft = SparsityEvolution(model, SparsityEvolutionConfig(**FAST))
+    assert all(layer.delta.dtype == torch.float32 for layer in seft.layers.values())
+    train(model, seft, 9)
+    assert sparsity_report(model).within_budget
+    for layer in seft.layers.values():
+        expected = (layer.delta_base + layer.delta.detach()).to(torch.bfloat16)
+        assert torch.equal(layer.weight.view(-1)[layer.delta_index], expected)
+
+
+def test_num_deltas_splits_in_proportion_to_layer_size(pruned_llama):
+    seft = SparsityEvolution(pruned_llama, SparsityEvolutionConfig(num_deltas=3000, target_modules=["q_proj", "up_proj"]))
+    sizes = {name: layer.delta.numel() for name, layer in seft.layers.items()}
+    assert len(sizes) == 4 and abs(sum(sizes.values()) - 3000) <= 2
+    assert sizes["model.layers.0.mlp.up_proj"] == 2 * sizes["model.layers.0.self_attn.q_proj"]
+
+
+# ------------------------------------------------------------------------------ bad input
+def untouched(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    state = model.state_dict()
+    return (
+        set(state) == set(before)
+        and all(torch.equal(state[k], v) for k, v in before.items())
+        and not any(isinstance(m, SparseDeltaLinear) for m in model.modules())
+    )
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (dict(target_modules=["qkv"]), "matches no module.*q_proj"),
+        (dict(target_modules=["mlp"]), "not an nn.Linear"),
+        (dict(target_modules=["lm_head"]), "never SEFT targets"),
+        (dict(density=1e-6), "would get 0 deltas"),
+        (dict(density=0.9), "only .* nonzero weights"),
+        (dict(sparsity_pattern="2:4"), "does not satisfy the 2:4 pattern"),
+    ],
+)
+def test_bad_input_raises_before_changing_the_model(pruned_llama, config, message):
+    before = {k: v.clone() for k, v in pruned_llama.state_dict().items()}
+    requires_grad = [p.requires_grad for p in pruned_llama.parameters()]
+    with pytest.raises(ValueError, match=message):
+        SparsityEvolution(pruned_llama, SparsityEvolutionConfig(**config))
+    assert untouched(pruned_llama, before)
+    assert [p.requires_grad for p in pruned_llama.parameters()] == requires_grad
+
+
+@pytest.mark.parametrize(
+    "config", [dict(density=0.0), dict(density=1.5), dict(accumulation_steps=30), dict(sparsity_pattern="5:4")]
+)
+def test_bad_config_values_are_rejected(config):
+    with pytest.raises(ValueError):
+        SparsityEvolutionConfig(**config)
+
+
+def test_dense_model_trains_with_a_warning():
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match="dense"):
+        seft = SparsityEvolution(model, SparsityEvolutionConfig(**FAST))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        updates = train(model, seft, 6)
+    assert all(s.revived == 0 for _, stats in updates for s in stats.values())
+
+
+def test_unsupported_optimizer_and_foreign_optimizer_are_rejected(pruned_llama):
+    seft = SparsityEvolution(pruned_llama, SparsityEvolutionConfig())
+    with pytest.raises(TypeError, match="Adagrad"):
+        seft.attach(torch.optim.Adagrad(seft.parameters()), total_steps=10)
+    with pytest.raises(ValueError, match="own every delta"):
+        seft.attach(torch.optim.AdamW([nn.Parameter(torch.zeros(1))]), total_steps=10)
+
+
+def test_second_injection_is_rejected(pruned_llama):
+    SparsityEvolution(pruned_llama, SparsityEvolutionConfig())
+    with pytest.raises(ValueError, match="already has SEFT layers"):
+        SparsityEvolution(pruned_llama, SparsityEvolutionConfig())
+
+
+def test_report_dict_and_table(pruned_llama):
+    SparsityEvolution(pruned_llama, SparsityEvolutionConfig())
+    report = sparsity_report(pruned_llama)
+    as_dict = report.as_dict()
+    assert as_dict["total"]["within_budget"] and as_dict["pattern"] == "unstructured"
+    assert len(as_dict["layers"]) == 14 and abs(as_dict["total"]["sparsity"] - 0.5) < 1e-3
+    table = report.table()
+    assert "model.layers.1.mlp.down_proj" in table and "total" in table and "OVER BUDGET" not in table
+    assert sparsity_report(prune_linears(tiny_model("llama"), "2:4"), pattern="2:4").pattern_holds
+    assert not sparsity_report(prune_linears(tiny_model("llama")), pattern="2:4").pattern_holds

@@ -1,0 +1,118 @@
+"""Numerics of the sparse-delta layer against a dense autograd reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seft_trl.kernels import SamplingPattern, dense_weight_gradient, sampled_weight_gradient
+from seft_trl.layer import SparseDeltaLinear
+from seft_trl.patterns import Scope
+
+
+def make_layer(out_features=48, in_features=80, density=0.05, dtype=torch.float32, bias=True, seed=0):
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    with torch.no_grad():
+        linear.weight[torch.rand_like(linear.weight, dtype=torch.float32) < 0.5] = 0
+    nonzero = torch.nonzero(linear.weight.view(-1)).squeeze(1)
+    k = int(density * linear.weight.numel())
+    index = nonzero[torch.randperm(nonzero.numel())[:k]]
+    layer = SparseDeltaLinear(linear, index, Scope("layer", in_features))
+    with torch.no_grad():
+        layer.delta.normal_(0, 0.05)
+    layer.materialize()
+    return layer
+
+
+def dense_reference(layer: SparseDeltaLinear, x: torch.Tensor, g: torch.Tensor):
+    """Forward/backward of F.linear with W' as an ordinary trainable dense weight."""
+    w = layer.weight.detach().clone()
+    w.view(-1)[layer.delta_index] = (layer.delta_base + layer.delta.detach()).to(w.dtype)
+    w.requires_grad_(True)
+    x = x.detach().clone().requires_grad_(True)
+    y = F.linear(x, w, layer.bias)
+    y.backward(g)
+    return y, x.grad, w.grad.float().view(-1)[layer.delta_index]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.01, 0.05, 0.5])  # 0.5 takes the dense-then-gather path
+def test_forward_and_gradients_match_dense_reference(dtype, density):
+    layer = make_layer(density=density, dtype=dtype)
+    x = torch.randn(3, 7, 80, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 7, 48, dtype=dtype)
+    y_ref, gx_ref, gd_ref = dense_reference(layer, x, g)
+
+    y = layer(x)
+    y.backward(g)
+
+    assert y.dtype == dtype and layer.delta.grad.dtype == torch.float32
+    assert torch.equal(y, y_ref)  # same F.linear on the same weight
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x.grad, gx_ref, **tol)
+    # The δ gradient is accumulated in fp32 from the bf16 inputs, so compare with an fp32 product.
+    exact = (g.float().reshape(-1, 48).t() @ x.detach().float().reshape(-1, 80)).view(-1)[layer.delta_index]
+    torch.testing.assert_close(layer.delta.grad, exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.delta.grad, gd_ref, **tol)
+
+
+def test_weight_holds_effective_values_and_bias_untouched():
+    layer = make_layer()
+    bias_before = layer.bias.detach().clone()
+    with torch.no_grad():
+        layer.delta.add_(1.0)
+    layer.materialize()
+    expected = (layer.delta_base + layer.delta.detach()).to(layer.weight.dtype)
+    assert torch.equal(layer.weight.view(-1)[layer.delta_index], expected)
+    assert torch.equal(layer.bias, bias_before)
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+
+
+@pytest.mark.parametrize("k", [0, 5, 400])
+def test_sampled_kernel_matches_dense_product_in_any_slot_order(k):
+    torch.manual_seed(1)
+    g, x = torch.randn(2500, 30), torch.randn(2500, 70)  # > one token chunk
+    index = torch.randperm(30 * 70)[:k]  # unsorted on purpose: slots keep their order
+    pattern = SamplingPattern(index, 30, 70)
+    assert pattern.use_dense == (k * 40 >= 30 * 70)
+    got = sampled_weight_gradient(g, x, pattern)
+    torch.testing.assert_close(got, dense_weight_gradient(g, x).view(-1)[index], rtol=1e-4, atol=1e-3)
+
+
+def test_window_start_backward_gives_same_delta_gradient_and_tracks_candidates():
+    layer = make_layer(density=0.02)
+    x = torch.randn(64, 80)
+    g = torch.randn(64, 48)
+    layer(x).backward(g)
+    ordinary = layer.delta.grad.clone()
+    layer.delta.grad = None
+    layer.begin_window(n_swaps=10, candidate_factor=4.0, regrow_pruned=True, prune_criterion="sensitivity")
+    layer(x).backward(g)
+    torch.testing.assert_close(layer.delta.grad, ordinary, rtol=1e-5, atol=1e-5)
+    window = layer._window
+    assert window is not None and window.candidates.grow_index.numel() == 40
+    dense = dense_weight_gradient(g, x).view(-1)
+    tracked = torch.cat([window.candidates.grow_index, window.candidates.remove_index])
+    torch.testing.assert_close(window.grad_sum, dense[tracked])
+    # A second backward in the window accumulates at the same positions without a new selection.
+    layer(x).backward(g)
+    torch.testing.assert_close(window.grad_sum, 2 * dense[tracked], rtol=1e-4, atol=1e-4)
+
+
+def test_autocast_bf16_over_fp32_weights():
+    layer = make_layer()
+    x = torch.randn(5, 80, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.isfinite(layer.delta.grad).all()
+
+
+def test_first_layer_without_input_grad_still_trains_delta():
+    layer = make_layer(bias=False)
+    layer(torch.randn(4, 80)).sum().backward()
+    assert layer.delta.grad is not None and layer.delta.grad.abs().sum() > 0

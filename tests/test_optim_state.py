@@ -1,0 +1,109 @@
+"""Optimizer-state reset: moved slots get exactly zero state, every other slot stays bit-identical."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from conftest import prune_linears, random_batch, tiny_model
+from seft_trl import SparsityEvolution, SparsityEvolutionConfig, reset_optimizer_slots
+
+SLOTS = torch.tensor([0, 3, 257, 511, 999])  # across several 256-wide quantization blocks
+
+
+def stepped(optimizer_cls, steps=3, **kwargs):
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(1000))
+    optimizer = optimizer_cls([param], lr=1e-2, **kwargs)
+    for _ in range(steps):
+        param.grad = torch.randn(1000)
+        optimizer.step()
+    return param, optimizer
+
+
+def state_tensors(optimizer, param):
+    return {k: v.clone() for k, v in optimizer.state[param].items() if torch.is_tensor(v) and v.numel() > 1}
+
+
+@pytest.mark.parametrize(
+    "optimizer_cls,kwargs",
+    [
+        (torch.optim.AdamW, {}),
+        (torch.optim.AdamW, {"foreach": False, "amsgrad": True}),
+        (torch.optim.Adam, {"fused": True}),
+        (torch.optim.SGD, {"momentum": 0.9}),
+        (bnb.optim.AdamW8bit, {"min_8bit_size": 1}),
+        (bnb.optim.AdamW, {}),  # 32-bit bitsandbytes state
+        (bnb.optim.PagedAdamW8bit, {"min_8bit_size": 1}),
+    ],
+)
+def test_reset_is_exact_and_leaves_other_slots_bit_identical(optimizer_cls, kwargs):
+    param, optimizer = stepped(optimizer_cls, **kwargs)
+    before = state_tensors(optimizer, param)
+    reset_optimizer_slots(optimizer, param, SLOTS)
+    after = state_tensors(optimizer, param)
+    others = torch.ones(1000, dtype=torch.bool)
+    others[SLOTS] = False
+    moment_keys = [k for k in after if after[k].numel() == 1000]
+    assert moment_keys, "no per-element state found"
+    for key in after:
+        if after[key].numel() != 1000:  # absmax per block, quantization maps: untouched
+            assert torch.equal(after[key], before[key]), key
+            continue
+        assert torch.equal(after[key][others], before[key][others]), key
+        if after[key].dtype == torch.uint8:  # 8-bit codes: the value they decode to must be exactly 0
+            qmap = optimizer.state[param]["qmap1" if key == "state1" else "qmap2"]
+            assert (qmap[after[key][SLOTS].long()] == 0).all(), key
+        else:
+            assert (after[key][SLOTS] == 0).all(), key
+    if kwargs.get("min_8bit_size") == 1:
+        assert after["state1"].dtype == torch.uint8  # really the 8-bit path
+
+
+def test_unsupported_optimizer_is_named():
+    param, optimizer = stepped(torch.optim.Adagrad)
+    with pytest.raises(TypeError, match="torch.optim.adagrad.Adagrad"):
+        reset_optimizer_slots(optimizer, param, SLOTS)
+
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "adamw8bit"])
+def test_topology_update_resets_exactly_the_moved_slots(optimizer_name):
+    model = prune_linears(tiny_model("llama"))
+    config = SparsityEvolutionConfig(density=0.05, update_interval=3, accumulation_steps=2, drop_schedule="constant")
+    seft = SparsityEvolution(model, config)
+    if optimizer_name == "adamw":
+        optimizer = torch.optim.AdamW(seft.parameters(), lr=1e-2)
+    else:
+        optimizer = bnb.optim.AdamW8bit(seft.parameters(), lr=1e-2, min_8bit_size=1)
+    layers = list(seft.layers.values())
+    snapshots = {}
+
+    def remember(*_):  # registered first, so it runs after the optimizer step and before SEFT's update
+        snapshots.clear()
+        for layer in layers:
+            snapshots[layer] = (layer.delta_index.clone(), state_tensors(optimizer, layer.delta))
+
+    optimizer.register_step_post_hook(remember)
+    seft.attach(optimizer, total_steps=10)
+    for _ in range(3):
+        ids = random_batch()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert seft.last_update and sum(s.grown for s in seft.last_update.values()) > 0
+    for layer in layers:
+        index_before, state_before = snapshots[layer]
+        moved = layer.delta_index != index_before
+        state_after = state_tensors(optimizer, layer.delta)
+        for key, value in state_after.items():
+            if value.numel() != layer.delta.numel():
+                assert torch.equal(value, state_before[key])
+                continue
+            assert torch.equal(value[~moved], state_before[key][~moved])
+            if value.dtype == torch.uint8:
+                qmap = optimizer.state[layer.delta]["qmap1" if key == "state1" else "qmap2"]
+                assert (qmap[value[moved].long()] == 0).all()
+            else:
+                assert (value[moved] == 0).all()
+        assert (layer.delta[moved] == 0).all()

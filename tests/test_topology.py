@@ -1,0 +1,124 @@
+"""The pure topology decisions: schedule, candidate selection and the swap planner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seft_trl.patterns import Scope, SparsityPattern, detect_pattern, satisfies
+from seft_trl.topology import drop_fraction_at, is_update_step, plan_swap, select_candidates
+
+L = torch.tensor
+
+
+def test_schedules():
+    assert drop_fraction_at(0, 100, 0.2, "cosine") == pytest.approx(0.2)
+    assert drop_fraction_at(50, 100, 0.2, "cosine") == pytest.approx(0.1)
+    assert drop_fraction_at(100, 100, 0.2, "cosine") == pytest.approx(0.0)
+    assert drop_fraction_at(25, 100, 0.2, "linear") == pytest.approx(0.15)
+    assert drop_fraction_at(90, 100, 0.2, "constant") == 0.2
+    assert [s for s in range(1, 60) if is_update_step(s, 10, 45)] == [10, 20, 30, 40]
+
+
+def plan(**overrides):
+    """A layer-scope plan: 6 deltas, growth candidates at 100.. and removal candidates at 200.."""
+    args = dict(
+        delta_magnitude=L([0.5, 0.1, 0.3, 0.0, 0.9, 0.2]),
+        grow_index=L([100, 101, 102, 103]),
+        grow_score=L([1.0, 4.0, 3.0, 2.0]),
+        grow_revives=L([False, True, True, False]),
+        grow_group=L([0, 0, 0, 0]),
+        grow_slack=L([0, 0, 0, 0]),
+        remove_index=L([200, 201, 202]),
+        remove_score=L([0.3, 0.1, 0.2]),
+        remove_group=L([0, 0, 0]),
+        n_target=3,
+    )
+    args.update(overrides)
+    return plan_swap(**args)
+
+
+def test_plan_grows_top_scores_drops_smallest_and_pays_each_revival():
+    p = plan()
+    assert p.grow_index.tolist() == [101, 102, 103]  # scores 4, 3, 2
+    assert p.drop_slots.tolist() == [1, 3, 5]  # |δ| 0.1, 0.0, 0.2
+    assert p.revived == 2
+    assert p.remove_index.tolist() == [201, 202]  # lowest scores 0.1, 0.2
+
+
+def test_plan_uses_slack_before_removing():
+    p = plan(grow_slack=L([1, 1, 1, 1]))
+    assert p.revived == 2 and p.remove_index.tolist() == [201]
+
+
+def test_unpayable_revival_is_skipped_and_fewer_deltas_move():
+    p = plan(remove_index=L([200]), remove_score=L([0.3]), remove_group=L([0]), n_target=4)
+    # Only one revival can be paid: 101 (score 4) is grown, 102 is not; both non-revivals are.
+    assert p.grow_index.tolist() == [100, 101, 103]
+    assert p.drop_slots.numel() == 3 and p.remove_index.tolist() == [200]
+
+
+def test_payment_stays_inside_the_group():
+    p = plan(
+        grow_group=L([0, 1, 2, 0]),
+        remove_group=L([2, 1, 1]),  # group 1 can pay twice, group 2 once
+        grow_revives=L([False, True, True, False]),
+    )
+    assert p.revived == 2
+    assert p.remove_index.tolist() == [200, 201]  # 101 (group 1) pays with 201 (lower score in group 1), 102 with 200
+
+
+def test_ties_break_towards_lower_index():
+    p = plan(grow_score=L([1.0, 1.0, 1.0, 1.0]), grow_revives=L([False] * 4), delta_magnitude=torch.zeros(6))
+    assert p.grow_index.tolist() == [100, 101, 102] and p.drop_slots.tolist() == [0, 1, 2]
+
+
+def test_select_candidates_layer_scope_excludes_deltas_and_respects_regrow_flag():
+    torch.manual_seed(0)
+    weight = torch.randn(8, 16)
+    weight[weight.abs() < 0.7] = 0
+    grad = torch.randn(8, 16)
+    delta_index = torch.nonzero(weight.view(-1)).squeeze(1)[:10]
+    scope = Scope("layer", 16)
+    c = select_candidates(grad, weight, delta_index, scope, 20, True, "sensitivity")
+    assert not set(c.grow_index.tolist()) & set(delta_index.tolist())
+    expected = grad.abs().view(-1).clone()
+    expected[delta_index] = -1
+    assert c.grow_index.tolist() == sorted(torch.topk(expected, 20).indices.tolist())
+    revivals = int((weight.view(-1)[c.grow_index] == 0).sum())
+    assert c.remove_index.numel() == revivals  # one removal candidate per revival candidate
+    assert (weight.view(-1)[c.remove_index] != 0).all()
+    assert not set(c.remove_index.tolist()) & (set(delta_index.tolist()) | set(c.grow_index.tolist()))
+
+    no_regrow = select_candidates(grad, weight, delta_index, scope, 20, False, "sensitivity")
+    assert (weight.view(-1)[no_regrow.grow_index] != 0).all() and no_regrow.remove_index.numel() == 0
+
+
+def test_select_candidates_row_and_nm_scopes_pay_in_their_group():
+    torch.manual_seed(1)
+    weight = torch.randn(6, 16)
+    weight.view(6, 4, 4)[..., :2] = 0  # 2:4
+    grad = torch.randn(6, 16)
+    delta_index = L([2, 3, 18])
+    for scope in (Scope("row", 16), Scope("nm", 16, 2, 4)):
+        c = select_candidates(grad, weight, delta_index, scope, 12, True, "magnitude")
+        revival_groups = scope.group_of(c.grow_index[weight.view(-1)[c.grow_index] == 0])
+        for group in scope.group_of(c.remove_index).unique():
+            assert group in revival_groups
+        assert (weight.view(-1)[c.remove_index] != 0).all()
+
+
+def test_pattern_parse_detect_and_check():
+    assert SparsityPattern.parse("2:4") == SparsityPattern(2, 4)
+    assert str(SparsityPattern.parse("unstructured")) == "unstructured"
+    for bad in ("4:4", "3:2", "2-4", "dense"):
+        with pytest.raises(ValueError, match="pattern"):
+            SparsityPattern.parse(bad)
+    w = torch.randn(4, 8)
+    w.view(4, 2, 4)[..., 1:3] = 0
+    assert detect_pattern([w]) == SparsityPattern(2, 4) and satisfies(w, SparsityPattern(2, 4))
+    w = torch.randn(4, 8)
+    w[:, [3, 5, 6, 7]] = 0  # 3 nonzeros in the first 4 inputs, 4 in all 8: 4:8 but not 2:4
+    assert detect_pattern([w]) == SparsityPattern(4, 8) and not satisfies(w, SparsityPattern(2, 4))
+    w[0, 5] = 1.0
+    assert detect_pattern([w]) == SparsityPattern()
