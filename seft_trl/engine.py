@@ -146,6 +146,11 @@ class SparsityEvolution:
         self.last_update: dict[str, UpdateStats] = {}  # stats of the update made at the latest step, if any
         self._hook = None
 
+    @property
+    def delta_norm(self) -> float:
+        """L2 norm of all deltas together."""
+        return float(torch.sqrt(sum(layer.delta.detach().float().pow(2).sum() for layer in self.layers.values())))
+
     # ----------------------------------------------------------------------------- training
     def parameters(self) -> Iterator[nn.Parameter]:
         """The trainable deltas (fp32), one tensor per layer."""
@@ -159,11 +164,15 @@ class SparsityEvolution:
         assert self.total_steps is not None
         return int(self.config.update_end * self.total_steps)
 
-    def attach(self, optimizer, total_steps: int) -> None:
+    def attach(self, optimizer, total_steps: int, start_step: int = 0, step_hook: bool = True) -> None:
         """Follow ``optimizer``: after each of its steps write W' and evolve the topology when due.
 
-        ``total_steps`` (optimizer steps of the whole run) sets the drop-fraction schedule.
-        A step the optimizer skips (for example on fp16 overflow) is not counted.
+        ``total_steps`` (optimizer steps of the whole run) sets the drop-fraction schedule;
+        ``start_step`` is the number of steps already done (when resuming). With ``step_hook``
+        a post-step hook on the optimizer calls :meth:`after_optimizer_step`, so a step the
+        optimizer skips is not counted; a trainer that drives the steps itself passes False.
+        Under ``torch.distributed`` the topology statistics are summed over all ranks, so every
+        rank takes the same decisions.
         """
         check_optimizer_supported(optimizer)
         inner = unwrap_optimizer(optimizer)
@@ -173,8 +182,13 @@ class SparsityEvolution:
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}.")
         self.detach()
-        self.optimizer, self.total_steps = inner, total_steps
-        self._hook = inner.register_step_post_hook(lambda *_: self._after_optimizer_step())
+        self.optimizer, self.total_steps, self.step_count = inner, total_steps, start_step
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        reduce = torch.distributed.all_reduce if distributed and torch.distributed.get_world_size() > 1 else None
+        for layer in self.layers.values():
+            layer.stats_all_reduce = reduce
+        if step_hook:
+            self._hook = inner.register_step_post_hook(lambda *_: self.after_optimizer_step())
         self._arm_window()
 
     def detach(self) -> None:
@@ -182,14 +196,16 @@ class SparsityEvolution:
             self._hook.remove()
             self._hook = None
 
-    def _after_optimizer_step(self) -> None:
-        for layer in self.layers.values():
-            layer.materialize()
+    def after_optimizer_step(self, skipped: bool = False) -> None:
+        """Count one optimizer step; unless it was ``skipped``, write W' and run the update when due."""
         self.step_count += 1
         self.last_update = {}
-        due = is_update_step(self.step_count, self.config.update_interval, self.end_step)
-        if due and self.drop_fraction(self.step_count) > 0:
-            self.update_topology()
+        if not skipped:
+            for layer in self.layers.values():
+                layer.materialize()
+            due = is_update_step(self.step_count, self.config.update_interval, self.end_step)
+            if due and self.drop_fraction(self.step_count) > 0:
+                self.update_topology()
         self._arm_window()
 
     def drop_fraction(self, step: int) -> float:
@@ -213,7 +229,17 @@ class SparsityEvolution:
                 )
 
     def update_topology(self) -> dict[str, UpdateStats]:
-        """Drop, grow and adapt in every layer now; resets the optimizer state of moved slots."""
+        """Drop, grow and adapt in every layer now; resets the optimizer state of moved slots.
+
+        Skipped as a whole (with a warning) when any layer's window statistics are not finite,
+        as after an fp16 overflow: a decision on NaN scores would be arbitrary.
+        """
+        finite = [layer.finalize_window() for layer in self.layers.values()]  # every layer reduces, in order
+        if not all(finite):
+            warnings.warn(f"Topology update at step {self.step_count} skipped: non-finite gradient statistics.")
+            for layer in self.layers.values():
+                layer.update_topology(0, self.config.drop_mode)  # discards the window
+            return {}
         fraction = self.drop_fraction(self.step_count)
         stats = {}
         for name, layer in self.layers.items():
@@ -240,3 +266,17 @@ def merge(model: nn.Module) -> nn.Module:
             linear.weight, linear.bias = module.weight, module.bias
             model.set_submodule(name, linear)
     return model
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict ``merge(model)`` would have, without changing ``model``.
+
+    W' already lives in each weight tensor, so merging is dropping the SEFT entries.
+    """
+    seft_prefixes = [name + "." for name, m in model.named_modules() if isinstance(m, SparseDeltaLinear)]
+    plain = {f"{prefix}{attr}" for prefix in seft_prefixes for attr in ("weight", "bias")}
+    return {
+        key: value
+        for key, value in model.state_dict().items()
+        if key in plain or not any(key.startswith(prefix) for prefix in seft_prefixes)
+    }

@@ -15,6 +15,7 @@ the support (nonzero weights ∪ delta positions) is recomputed from the weight 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,8 @@ class SparseDeltaLinear(nn.Module):
         self._select_count = 0  # > 0: the next backward selects this many growth candidates
         self._regrow_pruned = True
         self._prune_criterion = "sensitivity"
+        # Sums a statistics tensor over data-parallel ranks in place (set by the engine under DDP).
+        self.stats_all_reduce: Callable[[torch.Tensor], object] | None = None
 
     # ----------------------------------------------------------------------- forward / backward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,6 +119,11 @@ class SparseDeltaLinear(nn.Module):
         """δ gradient [k] from grad_output [T, out] and input [T, in]; feeds the window statistics."""
         if self._select_count > 0:
             grad = dense_weight_gradient(g, x)  # [out, in]: the one dense product of the window
+            grad_delta = grad.view(-1)[self.delta_index]  # this rank's own gradient, before any reduction
+            world_size = 1
+            if self.stats_all_reduce is not None:  # every rank must pick the same candidates
+                self.stats_all_reduce(grad)
+                world_size = torch.distributed.get_world_size()
             candidates = select_candidates(
                 grad,
                 self.weight,
@@ -127,9 +135,11 @@ class SparseDeltaLinear(nn.Module):
             )
             tracked = torch.cat([candidates.grow_index, candidates.remove_index])
             pattern = SamplingPattern(tracked, self.out_features, self.in_features)
-            self._window = WindowStatistics(candidates, pattern, grad.view(-1)[tracked])
+            # Each rank holds 1/world_size of the summed first gradient, so that the sum over
+            # ranks at the update counts it once.
+            self._window = WindowStatistics(candidates, pattern, grad.view(-1)[tracked] / world_size)
             self._select_count = 0
-            return grad.view(-1)[self.delta_index]
+            return grad_delta
         if self._window is not None:
             self._window.grad_sum += sampled_weight_gradient(g, x, self._window.pattern)
         return sampled_weight_gradient(g, x, self._sampling_pattern())
@@ -156,6 +166,31 @@ class SparseDeltaLinear(nn.Module):
         over = self.scope.group_support(support) > self.scope.group_budget(self.support_budget, self.row_budget)
         return int(over.sum())
 
+    # ------------------------------------------------------------------- checkpoint / resume
+    # An open accumulation window is part of the training state: a checkpoint taken inside a
+    # window must resume with the same candidates and accumulated gradients. Its tensors change
+    # size from window to window, so they are saved and restored here rather than as buffers.
+    _WINDOW_KEYS = ("window_grow_index", "window_remove_index", "window_grad_sum")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._window is not None:
+            candidates = self._window.candidates
+            tensors = (candidates.grow_index, candidates.remove_index, self._window.grad_sum)
+            for key, tensor in zip(self._WINDOW_KEYS, tensors):
+                destination[prefix + key] = tensor.clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
+        window = [state_dict.pop(prefix + key, None) for key in self._WINDOW_KEYS]
+        self._window = None
+        if window[0] is not None:
+            device = self.delta_index.device
+            grow_index, remove_index, grad_sum = (tensor.to(device) for tensor in window)
+            tracked = torch.cat([grow_index, remove_index])
+            pattern = SamplingPattern(tracked, self.out_features, self.in_features)
+            self._window = WindowStatistics(Candidates(grow_index, remove_index), pattern, grad_sum.float())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
+
     # ----------------------------------------------------------------------------- topology
     def begin_window(self, n_swaps: int, candidate_factor: float, regrow_pruned: bool, prune_criterion: str) -> None:
         """Arm the next backward to pick candidates for an update that swaps ``n_swaps`` deltas."""
@@ -164,13 +199,22 @@ class SparseDeltaLinear(nn.Module):
         self._regrow_pruned, self._prune_criterion = regrow_pruned, prune_criterion
 
     @torch.no_grad()
+    def finalize_window(self) -> bool:
+        """Sum the window statistics over ranks; False when they are not finite."""
+        if self._window is None:
+            return True
+        if self.stats_all_reduce is not None:
+            self.stats_all_reduce(self._window.grad_sum)
+        return bool(torch.isfinite(self._window.grad_sum).all())
+
+    @torch.no_grad()
     def update_topology(self, n_target: int, drop_mode: str) -> tuple[UpdateStats, torch.Tensor]:
         """Swap up to ``n_target`` deltas; returns the stats and the delta slots whose meaning changed."""
         window, self._window, self._select_count = self._window, None, 0
         if window is None or n_target == 0:
             return self._stats(0, 0, 0), self.delta_index.new_empty(0)
         plan = self._plan(window, n_target)
-        self._apply(plan, drop_mode)
+        self._apply_plan(plan, drop_mode)
         return self._stats(plan.grow_index.numel(), plan.revived, plan.remove_index.numel()), plan.drop_slots
 
     def _plan(self, window: WindowStatistics, n_target: int) -> SwapPlan:
@@ -200,7 +244,7 @@ class SparseDeltaLinear(nn.Module):
             n_target=n_target,
         )
 
-    def _apply(self, plan: SwapPlan, drop_mode: str) -> None:
+    def _apply_plan(self, plan: SwapPlan, drop_mode: str) -> None:
         weight = self.weight.view(-1)
         slots = plan.drop_slots
         if drop_mode == "revert":

@@ -23,33 +23,33 @@ _TORCH_STATE_KEYS = {
 }
 
 
-def _is_bitsandbytes(optimizer: torch.optim.Optimizer) -> bool:
-    return any(cls.__module__.startswith("bitsandbytes.optim") for cls in type(optimizer).__mro__)
+def _is_bitsandbytes(optimizer_cls: type) -> bool:
+    return any(cls.__module__.startswith("bitsandbytes.optim") for cls in optimizer_cls.__mro__)
 
 
-def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
-def _torch_state_keys(optimizer: torch.optim.Optimizer) -> tuple[str, ...] | None:
+def _torch_state_keys(optimizer_cls: type) -> tuple[str, ...] | None:
     for cls, keys in _TORCH_STATE_KEYS.items():
-        if isinstance(optimizer, cls):
+        if issubclass(optimizer_cls, cls):
             return keys
     return None
 
 
+def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def check_optimizer_supported(optimizer) -> None:
-    """Raise a clear error for an optimizer whose state this module cannot reset exactly."""
-    inner = unwrap_optimizer(optimizer)
-    if _torch_state_keys(inner) is not None or _is_bitsandbytes(inner):
+    """Raise a clear error for an optimizer (instance or class) whose state cannot be reset exactly."""
+    cls = optimizer if isinstance(optimizer, type) else type(unwrap_optimizer(optimizer))
+    if _torch_state_keys(cls) is not None or _is_bitsandbytes(cls):
         return
     raise TypeError(
-        f"SEFT cannot reset the state of optimizer {type(inner).__module__}.{type(inner).__qualname__} when "
-        "delta positions change. Use torch.optim.AdamW/Adam/SGD or a bitsandbytes optimizer "
-        "(for example bitsandbytes.optim.AdamW8bit)."
+        f"SEFT cannot reset the state of optimizer {cls.__module__}.{cls.__qualname__} when delta positions "
+        "change. Use torch.optim.AdamW/Adam/SGD or a bitsandbytes optimizer (for example "
+        "bitsandbytes.optim.AdamW8bit; in a Trainer: optim='adamw_torch', 'adamw_8bit', 'paged_adamw_8bit', ...)."
     )
 
 
@@ -68,7 +68,7 @@ def reset_optimizer_slots(optimizer, param: torch.nn.Parameter, slots: torch.Ten
     state = inner.state.get(param)
     if not state or slots.numel() == 0:
         return  # no state yet: nothing to reset
-    if _is_bitsandbytes(inner):
+    if _is_bitsandbytes(type(inner)):
         for key, qmap_key in (("state1", "qmap1"), ("state2", "qmap2")):
             buffer = state.get(key)
             if buffer is None:
@@ -76,7 +76,7 @@ def reset_optimizer_slots(optimizer, param: torch.nn.Parameter, slots: torch.Ten
             value = _zero_code(state[qmap_key]) if buffer.dtype == torch.uint8 else 0
             buffer.view(-1)[slots.to(buffer.device)] = value
         return
-    for key in _torch_state_keys(inner):
+    for key in _torch_state_keys(type(inner)):
         buffer = state.get(key)
         if buffer is not None:
             buffer.view(-1)[slots.to(buffer.device)] = 0

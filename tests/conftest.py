@@ -15,10 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 VOCAB = 96
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: int = VOCAB) -> nn.Module:
     torch.manual_seed(seed)
     common = dict(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -57,6 +57,27 @@ def prune_linears(model: nn.Module, pattern: str = "layer", sparsity: float = 0.
 def random_batch(batch: int = 4, seqlen: int = 24, seed: int | None = None) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return torch.randint(0, VOCAB, (batch, seqlen), generator=generator)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in memory (no download) with a small chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = (
+        "{% for message in messages %}<s>{{ message['role'] }}: {{ message['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+    )
+    return tokenizer
+
+
+TOKENIZER_VOCAB = 3 + 256
 
 
 @pytest.fixture

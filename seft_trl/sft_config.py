@@ -1,0 +1,60 @@
+"""SEFTConfig: TRL's SFTConfig plus one ``seft_*`` field per engine option."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Literal
+
+from trl import SFTConfig
+
+from .config import SparsityEvolutionConfig
+
+_ENGINE_FIELDS = {f.name: f for f in fields(SparsityEvolutionConfig)}
+
+
+def _engine_option(name: str):
+    """A field with the engine option's default and help text, so both are defined once."""
+    option = _ENGINE_FIELDS[name]
+    assert option.default is not MISSING
+    return field(default=option.default, metadata={"help": option.metadata["help"]})
+
+
+@dataclass
+class SEFTConfig(SFTConfig):
+    """Configuration of :class:`SEFTSFTTrainer`: every ``SFTConfig`` field plus the SEFT options.
+
+    The ``seft_*`` fields map one to one to :class:`SparsityEvolutionConfig` (see its docstring for
+    the defaults and why); the engine's seed is ``seed``. They parse from the command line and YAML
+    through ``TrlParser`` like any TRL option (``--seft_density 0.01``).
+    """
+
+    seft_density: float | None = _engine_option("density")
+    seft_num_deltas: int | None = _engine_option("num_deltas")
+    seft_target_modules: list[str] | None = _engine_option("target_modules")
+    seft_update_interval: int = _engine_option("update_interval")
+    seft_accumulation_steps: int = _engine_option("accumulation_steps")
+    seft_drop_fraction: float = _engine_option("drop_fraction")
+    seft_drop_schedule: Literal["cosine", "linear", "constant"] = _engine_option("drop_schedule")
+    seft_update_end: float = _engine_option("update_end")
+    seft_regrow_pruned: bool = _engine_option("regrow_pruned")
+    seft_prune_criterion: Literal["sensitivity", "magnitude"] = _engine_option("prune_criterion")
+    seft_sparsity_scope: Literal["layer", "row"] = _engine_option("sparsity_scope")
+    seft_sparsity_pattern: str = _engine_option("sparsity_pattern")
+    seft_drop_mode: Literal["freeze", "revert"] = _engine_option("drop_mode")
+    seft_candidate_factor: float = _engine_option("candidate_factor")
+    seft_min_8bit_size: int = field(
+        default=0,
+        metadata={
+            "help": "Forwarded to bitsandbytes optimizers (transformers does not): tensors with fewer elements keep "
+            "32-bit state. bitsandbytes defaults to 4096, which would leave small delta tensors in 32-bit."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.seft_engine_config()  # validate the SEFT options now, not when training starts
+
+    def seft_engine_config(self) -> SparsityEvolutionConfig:
+        """The engine configuration these arguments describe."""
+        options = {name: getattr(self, f"seft_{name}") for name in _ENGINE_FIELDS if name != "seed"}
+        return SparsityEvolutionConfig(**options, seed=self.seed)

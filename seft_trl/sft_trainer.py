@@ -1,0 +1,137 @@
+"""SEFTSFTTrainer: TRL's SFTTrainer with sparse deltas and topology evolution instead of adapters."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedModel, TrainingArguments
+from trl import SFTTrainer
+
+from .callback import SEFTCallback
+from .engine import SparsityEvolution, merged_state_dict
+from .optim_state import check_optimizer_supported
+from .report import sparsity_report
+from .saving import atomic_directory
+from .sft_config import SEFTConfig
+
+
+def _as_seft_config(args: TrainingArguments | None, model: str | nn.Module) -> SEFTConfig:
+    """Accept a SEFTConfig, a plain SFTConfig/TrainingArguments (SEFT defaults added), or None."""
+    if isinstance(args, SEFTConfig):
+        return args
+    if args is None:
+        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model") or "model"
+        return SEFTConfig(output_dir=f"{name.rstrip('/').split('/')[-1]}-SEFT")
+    values = args.to_dict()
+    values["hub_token"] = args.hub_token  # to_dict hides it
+    return SEFTConfig(**values)
+
+
+def _reject_unsupported(args: SEFTConfig) -> None:
+    if args.deepspeed or args.fsdp:
+        raise ValueError(
+            "SEFTSFTTrainer supports one device and DDP (accelerate launch --multi_gpu). DeepSpeed and FSDP shard "
+            "weights and optimizer state, which SEFT writes in place slot by slot; remove `deepspeed`/`fsdp`."
+        )
+    if args.push_to_hub:
+        raise ValueError(
+            "push_to_hub is not supported yet: it would upload unmerged checkpoints. Call trainer.save_model() "
+            "(a merged, plain checkpoint) and upload that folder."
+        )
+    optimizer_cls, _ = SEFTSFTTrainer.get_optimizer_cls_and_kwargs(args)
+    try:
+        check_optimizer_supported(optimizer_cls)
+    except TypeError as error:
+        raise ValueError(f"optim={args.optim!r}: {error}") from None
+
+
+class SEFTSFTTrainer(SFTTrainer):
+    """Drop-in replacement for ``trl.SFTTrainer`` that repairs a pruned model with SEFT.
+
+    Only the deltas train; every ``SFTTrainer`` feature works as before. The model is exactly as
+    sparse at the end as at the start (checked at the end of ``train()``), ``save_model()`` writes
+    a merged plain checkpoint, and periodic checkpoints keep the SEFT state to resume exactly.
+    """
+
+    _tag_names = ["trl", "sft", "seft"]
+    _name = "SEFT"
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        args: SEFTConfig | TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *,
+        peft_config=None,
+        **kwargs: Any,
+    ) -> None:
+        if peft_config is not None:
+            raise ValueError(
+                "SEFTSFTTrainer trains sparse deltas in place of adapters; remove `peft_config` (merging LoRA into a "
+                "pruned model would densify it)."
+            )
+        args = _as_seft_config(args, model)
+        _reject_unsupported(args)
+        engine_config = args.seft_engine_config()
+        if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+            raise ValueError("train_dataset is empty: SEFT needs at least one training example.")
+        super().__init__(
+            model,
+            args,
+            data_collator,
+            train_dataset,
+            eval_dataset,
+            processing_class,
+            **kwargs,
+        )
+        self.seft = SparsityEvolution(self.model, engine_config)
+        self.seft_callback = SEFTCallback(self.seft)
+        self.add_callback(self.seft_callback)
+
+    def create_optimizer(self, model: nn.Module | None = None):
+        # transformers does not forward `min_8bit_size` to bitsandbytes; without it, delta tensors
+        # under 4096 elements would silently get 32-bit state.
+        if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model or self.model)
+            if "min_8bit_size" in inspect.signature(optimizer_cls.__init__).parameters:
+                kwargs = {**kwargs, "min_8bit_size": self.args.seft_min_8bit_size}
+            self.optimizer_cls_and_kwargs = (optimizer_cls, kwargs)
+        return super().create_optimizer(model)
+
+    def train(self, *args: Any, **kwargs: Any):
+        output = super().train(*args, **kwargs)
+        report = self.seft_callback.final_report
+        self.log({"seft/final_sparsity": report.sparsity, "seft/final_nonzeros": float(report.nonzeros)})
+        return output
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training:
+            logs.update(self.seft_callback.pop_metrics())
+        super().log(logs, start_time)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Checkpoints (``_internal_call``) stay unmerged; the final save is a merged plain checkpoint.
+
+        The merged folder loads with ``AutoModelForCausalLM.from_pretrained`` without seft_trl,
+        holds exact zeros outside the support, the tokenizer and ``sparsity_report.json``, and is
+        written atomically.
+        """
+        if _internal_call:
+            super().save_model(output_dir, _internal_call=True)
+            return
+        output_dir = output_dir or self.args.output_dir
+        state_dict = merged_state_dict(self.model)
+        if self.args.should_save:
+            report = sparsity_report(self.model)
+            with atomic_directory(output_dir) as staging:
+                self.accelerator.unwrap_model(self.model).save_pretrained(staging, state_dict=state_dict)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(staging)
+                (staging / "sparsity_report.json").write_text(json.dumps(report.as_dict(), indent=2))
+        self.accelerator.wait_for_everyone()

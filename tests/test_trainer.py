@@ -1,0 +1,226 @@
+"""SEFTSFTTrainer: the SFTTrainer swap, data formats, 8-bit optimizers, checkpoints, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from trl import SFTConfig, SFTTrainer
+
+from conftest import random_batch
+from seft_trl import SEFTCallback, SEFTConfig, SEFTSFTTrainer, SparseDeltaLinear, SparsityEvolution
+from seft_trl import SparsityEvolutionConfig, sparsity_report
+from trainer_helpers import byte_tokenizer, pruned_model, seft_args, text_dataset
+
+SEFT_ONLY = {key for key in seft_args("x") if key.startswith("seft_")}
+
+
+def sft_script(trainer_cls, config_cls, model, **args):
+    """An ordinary TRL SFT script; only the two class names change between SFT and SEFT."""
+    config = config_cls(**args)
+    trainer = trainer_cls(model=model, args=config, train_dataset=text_dataset(), processing_class=byte_tokenizer())
+    trainer.train()
+    return trainer
+
+
+def test_an_sft_script_runs_unchanged_apart_from_the_class_names(tmp_path):
+    sft_kwargs = {k: v for k, v in seft_args(tmp_path / "sft").items() if k not in SEFT_ONLY}
+    sft = sft_script(SFTTrainer, SFTConfig, pruned_model(), **sft_kwargs)
+    model = pruned_model()
+    start = sparsity_report(model)
+    seft = sft_script(SEFTSFTTrainer, SEFTConfig, model, **seft_args(tmp_path / "seft"))
+
+    assert sparsity_report(sft.model).sparsity < start.sparsity  # plain SFT densifies the pruned model
+    end = sparsity_report(seft.model)
+    assert end.within_budget and end.nonzeros <= start.nonzeros
+    trained = [p for p in seft.model.parameters() if p.requires_grad]
+    assert trained and all(p is layer.delta for p, layer in zip(trained, seft.seft.layers.values()))
+    losses = [entry["loss"] for entry in seft.state.log_history if "loss" in entry]
+    assert losses[-1] < losses[0]
+    logged = set().union(*seft.state.log_history)
+    for key in ("drop_fraction", "grown", "revived", "removed", "sparsity", "delta_norm", "final_sparsity"):
+        assert f"seft/{key}" in logged
+    updates = [entry for entry in seft.state.log_history if "seft/grown" in entry]
+    assert [entry["step"] for entry in updates] == [2, 4]  # every 2 steps; at step 6 the cosine fraction is 0
+
+
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": f"What follows {i}?"}, {"role": "assistant", "content": f"{i + 1}."}]}
+    for i in range(32)
+]
+PROMPT_COMPLETION = [{"prompt": f"What follows {i}? ", "completion": f"{i + 1}."} for i in range(32)]
+
+
+@pytest.mark.parametrize(
+    "rows,extra",
+    [
+        (CONVERSATIONS, {}),
+        (PROMPT_COMPLETION, {"completion_only_loss": True, "gradient_accumulation_steps": 2}),
+        (None, {"packing": True, "activation_checkpointing": False}),
+    ],
+    ids=["conversational", "prompt-completion+grad-accumulation", "packing"],
+)
+def test_data_formats_eval_and_accumulation(tmp_path, rows, extra):
+    dataset = Dataset.from_list(rows) if rows else text_dataset()
+    args = SEFTConfig(**seft_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=4, **extra))
+    trainer = SEFTSFTTrainer(
+        model=pruned_model(), args=args, train_dataset=dataset, eval_dataset=dataset.select(range(8)),
+        processing_class=byte_tokenizer(),
+    )
+    trainer.train()
+    assert any("eval_loss" in entry for entry in trainer.state.log_history)
+    assert sparsity_report(trainer.model).within_budget
+    assert trainer.seft.step_count == 4
+
+
+def test_8bit_optimizer_gets_8bit_state_for_small_deltas(tmp_path):
+    args = SEFTConfig(**seft_args(tmp_path, optim="adamw_8bit", max_steps=4))
+    trainer = SEFTSFTTrainer(model=pruned_model(), args=args, train_dataset=text_dataset(), processing_class=byte_tokenizer())
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    assert isinstance(optimizer, bnb.optim.AdamW)
+    for layer in trainer.seft.layers.values():
+        assert layer.delta.numel() < 4096  # bitsandbytes' own default would keep these in 32-bit
+        assert optimizer.state[layer.delta]["state1"].dtype == torch.uint8
+    assert sparsity_report(trainer.model).within_budget
+
+
+def test_merged_checkpoint_reloads_without_seft_and_keeps_exact_zeros(tmp_path):
+    model = pruned_model()
+    start = sparsity_report(model)
+    trainer = SEFTSFTTrainer(
+        model=model, args=SEFTConfig(**seft_args(tmp_path)), train_dataset=text_dataset(), processing_class=byte_tokenizer()
+    )
+    trainer.train()
+    trainer.save_model(tmp_path / "final")
+    ids = random_batch(seed=1)
+    with torch.no_grad():
+        expected = trainer.model(input_ids=ids).logits
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert not any(isinstance(m, SparseDeltaLinear) for m in reloaded.modules())
+    with torch.no_grad():
+        assert (reloaded(input_ids=ids).logits - expected).abs().max().item() == 0.0
+    end = sparsity_report(reloaded)
+    assert end.nonzeros <= start.nonzeros and end.sparsity >= start.sparsity
+    report = json.loads((tmp_path / "final" / "sparsity_report.json").read_text())
+    assert report["total"]["within_budget"] and report["total"]["nonzeros"] == end.nonzeros
+    assert (tmp_path / "final" / "tokenizer.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".final.tmp")]  # staging folder cleaned up
+
+
+def resume_run(output_dir, max_steps, resume=None):
+    args = SEFTConfig(
+        **seft_args(
+            output_dir, max_steps=12, save_strategy="steps", save_steps=6,
+            seft_update_interval=4, seft_accumulation_steps=3,
+        )
+    )
+    trainer = SEFTSFTTrainer(model=pruned_model(), args=args, train_dataset=text_dataset(), processing_class=byte_tokenizer())
+    if max_steps < 12:  # stop after the checkpoint, as an interrupted run would
+        trainer.add_callback(StopAt(max_steps))
+    trainer.train(resume_from_checkpoint=resume)
+    losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+    state = {n: (l.delta_index.clone(), l.delta.detach().clone(), l.weight.detach().clone()) for n, l in trainer.seft.layers.items()}
+    return losses, state
+
+
+class StopAt(SEFTCallback.__mro__[1]):  # a TrainerCallback
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
+    straight_losses, straight = resume_run(tmp_path / "straight", 12)
+    resume_run(tmp_path / "interrupted", 6)
+    checkpoint = tmp_path / "interrupted" / "checkpoint-6"
+    from safetensors import safe_open
+
+    with safe_open(checkpoint / "model.safetensors", "pt") as f:  # step 6 is inside the window of update 8
+        assert any(key.endswith("window_grad_sum") for key in f.keys())
+    resumed_losses, resumed = resume_run(tmp_path / "interrupted", 12, resume=str(checkpoint))
+    assert all(resumed_losses[step] == straight_losses[step] for step in range(7, 13))
+    for name, (index, delta, weight) in straight.items():
+        assert torch.equal(resumed[name][0], index)
+        assert torch.equal(resumed[name][1], delta)
+        assert torch.equal(resumed[name][2], weight)
+
+
+def test_plain_transformers_trainer_with_the_callback(tmp_path):
+    model = pruned_model()
+    seft = SparsityEvolution(model, SparsityEvolutionConfig(density=0.05, update_interval=2, accumulation_steps=1))
+    tokenizer = byte_tokenizer()
+    dataset = text_dataset().map(lambda row: tokenizer(row["text"]), remove_columns=["text"])
+    from transformers import DataCollatorForLanguageModeling
+
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_steps=4, per_device_train_batch_size=4,
+                               learning_rate=1e-2, report_to=[], save_strategy="no"),
+        train_dataset=dataset,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=[SEFTCallback(seft)],
+    )
+    start_index = {n: l.delta_index.clone() for n, l in seft.layers.items()}
+    trainer.train()
+    assert seft.step_count == 4 and sparsity_report(model).within_budget
+    assert any(not torch.equal(start_index[n], l.delta_index) for n, l in seft.layers.items())
+
+
+def test_a_skipped_optimizer_step_skips_the_update(tmp_path):
+    model = pruned_model()
+    seft = SparsityEvolution(model, SparsityEvolutionConfig(density=0.05, update_interval=1, accumulation_steps=1))
+    optimizer = torch.optim.AdamW(seft.parameters(), lr=1e-2)
+    callback = SEFTCallback(seft)
+    state = type("State", (), {"max_steps": 10, "global_step": 0})()
+    callback.on_train_begin(None, state, None, optimizer=optimizer)
+    ids = random_batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    index_before = {n: l.delta_index.clone() for n, l in seft.layers.items()}
+
+    class SkippedStep:  # accelerate's AcceleratedOptimizer reports an fp16-overflow skip like this
+        step_was_skipped = True
+
+    callback.on_optimizer_step(None, state, None, optimizer=SkippedStep())
+    assert seft.step_count == 1 and not seft.last_update
+    assert all(torch.equal(index_before[n], l.delta_index) for n, l in seft.layers.items())
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_input_is_rejected_before_training(tmp_path):
+    from peft import LoraConfig
+
+    tokenizer, dataset = byte_tokenizer(), text_dataset()
+    with pytest.raises(ValueError, match="peft_config"):
+        SEFTSFTTrainer(model=pruned_model(), args=SEFTConfig(**seft_args(tmp_path)), train_dataset=dataset,
+                       processing_class=tokenizer, peft_config=LoraConfig())
+    with pytest.raises(ValueError, match="empty"):
+        SEFTSFTTrainer(model=pruned_model(), args=SEFTConfig(**seft_args(tmp_path)), train_dataset=dataset.select([]),
+                       processing_class=tokenizer)
+    with pytest.raises(ValueError, match="density"):
+        SEFTConfig(**seft_args(tmp_path, seft_density=0.0))
+    with pytest.raises(ValueError, match="matches no module"):
+        SEFTSFTTrainer(model=pruned_model(), args=SEFTConfig(**seft_args(tmp_path, seft_target_modules=["qkv"])),
+                       train_dataset=dataset, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="adafactor"):
+        SEFTSFTTrainer(model=pruned_model(), args=SEFTConfig(**seft_args(tmp_path, optim="adafactor")),
+                       train_dataset=dataset, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="push_to_hub"):
+        SEFTSFTTrainer(model=pruned_model(), args=SEFTConfig(**seft_args(tmp_path, push_to_hub=True, hub_model_id="x/y")),
+                       train_dataset=dataset, processing_class=tokenizer)
+
+
+def test_dense_model_trains_with_a_warning(tmp_path):
+    from conftest import TOKENIZER_VOCAB, tiny_model
+
+    with pytest.warns(UserWarning, match="dense"):
+        trainer = SEFTSFTTrainer(model=tiny_model(vocab_size=TOKENIZER_VOCAB), args=SEFTConfig(**seft_args(tmp_path, max_steps=2)),
+                                 train_dataset=text_dataset(), processing_class=byte_tokenizer())
+    trainer.train()
