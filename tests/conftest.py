@@ -10,27 +10,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-VOCAB = 96
+from seft_trl.testing import tiny_model
 
-
-def tiny_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: int = VOCAB) -> nn.Module:
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    else:
-        model = MistralForCausalLM(MistralConfig(sliding_window=64, **common))
-    return model.to(dtype).eval()
+VOCAB = 96  # token ids of the random batches: below every tiny model's vocabulary
 
 
 @torch.no_grad()
@@ -58,26 +41,6 @@ def random_batch(batch: int = 4, seqlen: int = 24, seed: int | None = None) -> t
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     return torch.randint(0, VOCAB, (batch, seqlen), generator=generator)
 
-
-def byte_tokenizer():
-    """A byte-level tokenizer built in memory (no download) with a small chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>"]
-    vocab = {token: i for i, token in enumerate(specials + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tokenizer.chat_template = (
-        "{% for message in messages %}<s>{{ message['role'] }}: {{ message['content'] }}</s>{% endfor %}"
-        "{% if add_generation_prompt %}<s>assistant: {% endif %}"
-    )
-    return tokenizer
-
-
-TOKENIZER_VOCAB = 3 + 256
 
 
 @pytest.fixture

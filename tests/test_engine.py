@@ -307,3 +307,24 @@ def test_report_dict_and_table(pruned_llama):
     assert "model.layers.1.mlp.down_proj" in table and "total" in table and "OVER BUDGET" not in table
     assert sparsity_report(prune_linears(tiny_model("llama"), "2:4"), pattern="2:4").pattern_holds
     assert not sparsity_report(prune_linears(tiny_model("llama")), pattern="2:4").pattern_holds
+
+
+def test_update_with_non_finite_statistics_is_skipped(pruned_llama):
+    config = SparsityEvolutionConfig(density=0.05, update_interval=2, accumulation_steps=1, drop_schedule="constant")
+    seft = SparsityEvolution(pruned_llama, config)
+    optimizer = torch.optim.AdamW(seft.parameters(), lr=1e-2)
+    seft.attach(optimizer, total_steps=10)
+    for step in range(2):
+        ids = random_batch()
+        pruned_llama(input_ids=ids, labels=ids).loss.backward()
+        if step == 1:  # the window of the update at step 2 is open: poison one layer's statistics
+            index_before = {n: l.delta_index.clone() for n, l in seft.layers.items()}
+            next(iter(seft.layers.values()))._window.grad_sum[0] = float("nan")
+            with pytest.warns(UserWarning, match="non-finite"):
+                optimizer.step()
+        else:
+            optimizer.step()
+        optimizer.zero_grad()
+    assert not seft.last_update
+    assert all(torch.equal(index_before[n], l.delta_index) for n, l in seft.layers.items())
+    assert all(l._window is None for l in seft.layers.values())

@@ -107,3 +107,30 @@ def test_topology_update_resets_exactly_the_moved_slots(optimizer_name):
             else:
                 assert (value[moved] == 0).all()
         assert (layer.delta[moved] == 0).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_torchao_low_bit_state_reset(bits):
+    from torchao.optim import AdamW4bit, AdamW8bit
+
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(8192))  # torchao quantizes tensors of >= 4096 elements
+    optimizer = (AdamW8bit if bits == 8 else AdamW4bit)([param], lr=1e-2)
+    for _ in range(2):
+        param.grad = torch.randn(8192)
+        optimizer.step()
+    state = optimizer.state[param]
+    before = {key: state[key].dequantize().clone() for key in ("exp_avg", "exp_avg_sq")}
+    assert state["exp_avg"].codes.numel() == 8192 * bits // 8  # really the low-bit path
+    slots = torch.tensor([0, 1, 2, 255, 256, 4097, 8191])
+    reset_optimizer_slots(optimizer, param, slots)
+    others = torch.ones(8192, dtype=torch.bool)
+    others[slots] = False
+    for key, old in before.items():
+        new = state[key].dequantize()
+        assert torch.equal(new[others], old[others]), key
+        if bits == 8 or key == "exp_avg":
+            assert (new[slots] == 0).all(), key
+        else:  # the unsigned 4-bit map has no zero: the smallest value it can hold
+            smallest = state[key].qmap.min() * state[key].scale.repeat_interleave(state[key].block_size)
+            assert torch.equal(new[slots], smallest[slots])

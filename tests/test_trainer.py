@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 from conftest import random_batch
+from seft_trl.testing import tiny_model
 from seft_trl import SEFTCallback, SEFTConfig, SEFTSFTTrainer, SparseDeltaLinear, SparsityEvolution
 from seft_trl import SparsityEvolutionConfig, sparsity_report
 from trainer_helpers import byte_tokenizer, pruned_model, seft_args, text_dataset
@@ -218,9 +219,17 @@ def test_bad_input_is_rejected_before_training(tmp_path):
 
 
 def test_dense_model_trains_with_a_warning(tmp_path):
-    from conftest import TOKENIZER_VOCAB, tiny_model
-
     with pytest.warns(UserWarning, match="dense"):
-        trainer = SEFTSFTTrainer(model=tiny_model(vocab_size=TOKENIZER_VOCAB), args=SEFTConfig(**seft_args(tmp_path, max_steps=2)),
+        trainer = SEFTSFTTrainer(model=tiny_model(), args=SEFTConfig(**seft_args(tmp_path, max_steps=2)),
                                  train_dataset=text_dataset(), processing_class=byte_tokenizer())
     trainer.train()
+
+
+def test_model_given_as_a_path(tmp_path):
+    pruned_model().save_pretrained(tmp_path / "pruned")
+    args = SEFTConfig(**seft_args(tmp_path / "out", max_steps=2))
+    trainer = SEFTSFTTrainer(model=str(tmp_path / "pruned"), args=args, train_dataset=text_dataset(),
+                             processing_class=byte_tokenizer())
+    assert trainer.seft.layers and isinstance(trainer.model.model.layers[0].mlp.up_proj, SparseDeltaLinear)
+    trainer.train()
+    assert sparsity_report(trainer.model).within_budget

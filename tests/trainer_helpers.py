@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from conftest import TOKENIZER_VOCAB, byte_tokenizer, prune_linears, tiny_model
+from conftest import prune_linears
+from seft_trl.testing import byte_tokenizer, tiny_model
 
 
 def text_dataset(n: int = 48) -> Dataset:
@@ -12,7 +13,7 @@ def text_dataset(n: int = 48) -> Dataset:
 
 
 def pruned_model(arch: str = "llama", pattern: str = "layer"):
-    return prune_linears(tiny_model(arch, vocab_size=TOKENIZER_VOCAB), pattern)
+    return prune_linears(tiny_model(arch), pattern)
 
 
 def seft_args(output_dir, **overrides) -> dict:
