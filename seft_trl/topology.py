@@ -40,6 +40,30 @@ def is_update_step(step: int, update_interval: int, end_step: int) -> bool:
     return 0 < step <= end_step and step % update_interval == 0
 
 
+def top_indices(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` largest entries of a flat ``score`` (the set ``torch.topk`` returns).
+
+    On CPU ``torch.topk`` over tens of millions of entries costs several times the dense gradient
+    itself, so large inputs first keep the entries above a threshold taken from a strided sample,
+    loose enough to keep about twice ``count``; when at least ``count`` entries pass, the c-th
+    largest is above the threshold, so the exact top-c is among them.
+    """
+    n = score.numel()
+    if n <= _SAMPLED_TOPK_MIN or count * 16 > n:
+        return torch.topk(score, count, sorted=False).indices
+    sample = score[:: n // _TOPK_SAMPLE]
+    rank = min(sample.numel(), 2 * count * sample.numel() // n + 16)
+    threshold = torch.topk(sample, rank, sorted=False).values.min()
+    survivors = torch.nonzero(score >= threshold).squeeze(1)
+    if survivors.numel() < count:
+        return torch.topk(score, count, sorted=False).indices
+    return survivors[torch.topk(score[survivors], count, sorted=False).indices]
+
+
+_SAMPLED_TOPK_MIN = 1 << 20  # below this, plain topk is fast enough
+_TOPK_SAMPLE = 1 << 16
+
+
 @dataclass
 class Candidates:
     """Positions tracked over an accumulation window (sorted, disjoint flat indices)."""
@@ -74,8 +98,8 @@ def select_candidates(
     grow_score[delta_index] = -1.0
     if not regrow_pruned:
         grow_score[pruned] = -1.0
-    top = torch.topk(grow_score, min(count, grow_score.numel()), sorted=False)
-    grow_index = torch.sort(top.indices[top.values >= 0]).values
+    top = top_indices(grow_score, min(count, grow_score.numel()))
+    grow_index = torch.sort(top[grow_score[top] >= 0]).values
 
     revival_index = grow_index[pruned[grow_index]]
     if revival_index.numel() == 0:
@@ -90,8 +114,8 @@ def select_candidates(
         members = scope.group_members(torch.unique(scope.group_of(revival_index))).reshape(-1)
         remove_index = members[torch.isfinite(remove_score[members])]
     elif scope.kind == "layer":
-        bottom = torch.topk(remove_score, min(revival_index.numel(), remove_score.numel()), largest=False)
-        remove_index = bottom.indices[torch.isfinite(bottom.values)]
+        bottom = top_indices(-remove_score, min(revival_index.numel(), remove_score.numel()))
+        remove_index = bottom[torch.isfinite(remove_score[bottom])]
     else:
         rows = remove_score.view(-1, scope.in_features)
         per_row = torch.bincount(revival_index // scope.in_features, minlength=rows.shape[0])

@@ -122,3 +122,13 @@ def test_pattern_parse_detect_and_check():
     assert detect_pattern([w]) == SparsityPattern(4, 8) and not satisfies(w, SparsityPattern(2, 4))
     w[0, 5] = 1.0
     assert detect_pattern([w]) == SparsityPattern()
+
+
+@pytest.mark.parametrize("n,count", [(5000, 40), (3_000_000, 1000), (3_000_000, 150_000), (2_000_000, 1)])
+def test_top_indices_finds_the_same_set_as_topk(n, count):
+    from seft_trl.topology import top_indices
+
+    score = torch.randn(n, generator=torch.Generator().manual_seed(n + count))
+    expected = torch.topk(score, count).indices
+    got = top_indices(score, count)
+    assert got.numel() == count and torch.equal(torch.sort(got).values, torch.sort(expected).values)
