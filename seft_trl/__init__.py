@@ -1,14 +1,27 @@
-"""seft_trl: Sparsity Evolution Fine-Tuning (SEFT, arXiv 2505.24037) for Hugging Face TRL."""
+"""seft_trl: Sparsity Evolution Fine-Tuning (SEFT, arXiv 2505.24037) for Hugging Face TRL.
 
-from .callback import SEFTCallback
+The engine (plain PyTorch) imports eagerly; the TRL integration (``SEFTConfig``,
+``SEFTSFTTrainer``, ``SEFTCallback``) loads on first use, so the engine, the pruning
+CLI and the tests that need no trainer do not pay for importing TRL.
+"""
+
+from importlib import import_module
+
 from .config import SparsityEvolutionConfig
 from .engine import SparsityEvolution, find_target_linears, merge, merged_state_dict
 from .layer import SparseDeltaLinear, UpdateStats
 from .optim_state import reset_optimizer_slots
 from .patterns import SparsityPattern, detect_pattern
 from .report import SparsityReport, sparsity_report
-from .sft_config import SEFTConfig
-from .sft_trainer import SEFTSFTTrainer
+
+_LAZY = {"SEFTCallback": ".callback", "SEFTConfig": ".sft_config", "SEFTSFTTrainer": ".sft_trainer"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "SEFTCallback",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 from typing import Any
 
 from torch import nn
@@ -14,7 +13,7 @@ from .callback import SEFTCallback
 from .engine import SparsityEvolution, merged_state_dict
 from .optim_state import check_optimizer_supported
 from .report import sparsity_report
-from .saving import atomic_directory
+from .saving import save_checkpoint
 from .sft_config import SEFTConfig
 
 
@@ -128,10 +127,7 @@ class SEFTSFTTrainer(SFTTrainer):
         output_dir = output_dir or self.args.output_dir
         state_dict = merged_state_dict(self.model)
         if self.args.should_save:
-            report = sparsity_report(self.model)
-            with atomic_directory(output_dir) as staging:
-                self.accelerator.unwrap_model(self.model).save_pretrained(staging, state_dict=state_dict)
-                if self.processing_class is not None:
-                    self.processing_class.save_pretrained(staging)
-                (staging / "sparsity_report.json").write_text(json.dumps(report.as_dict(), indent=2))
+            report = {"sparsity_report.json": sparsity_report(self.model).as_dict()}
+            model = self.accelerator.unwrap_model(self.model)
+            save_checkpoint(model, self.processing_class, output_dir, report, state_dict=state_dict)
         self.accelerator.wait_for_everyone()

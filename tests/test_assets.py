@@ -1,0 +1,53 @@
+"""Offline assets without the asset packages: the text split, the model cache, and the GGUF rebuild step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_model
+from seft_trl import assets
+from seft_trl.assets import english_texts, load_smollm2, package_dir, plain_copy
+from seft_trl.saving import save_checkpoint
+from seft_trl.testing import byte_tokenizer
+
+
+def test_english_texts_split_is_disjoint_deterministic_and_reads_latin1(tmp_path):
+    background = [f"Background article {i}." for i in range(25)] + ["Background article 3."]  # one repeat
+    (tmp_path / "lee_background.cor").write_text("\n".join(background) + "\n\n")
+    (tmp_path / "lee.cor").write_bytes("Caf\xe9 society returns.\nSecond test article.\n".encode("latin-1"))
+    train, heldout = english_texts(tmp_path)
+    assert heldout == ["Café society returns.", "Second test article.", "Background article 9.",
+                       "Background article 19."]
+    assert len(train) == 23 and not set(train) & set(heldout)  # the repeated article is kept once
+    assert english_texts(tmp_path) == (train, heldout)
+
+
+def test_missing_asset_packages_name_the_install_command(tmp_path):
+    with pytest.raises(ModuleNotFoundError, match="make assets"):
+        package_dir("seft_trl_no_such_package")
+    with pytest.raises(FileNotFoundError, match="make assets"):
+        english_texts(tmp_path)
+
+
+def test_load_smollm2_uses_the_cache_without_touching_the_gguf_file(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    save_checkpoint(tiny_model("llama"), byte_tokenizer(), cache)
+    monkeypatch.setattr(assets, "smollm2_gguf", lambda: pytest.fail("a cached model must not be rebuilt"))
+    model, tokenizer = load_smollm2(cache, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and not model.training
+    expected = tiny_model("llama").model.layers[0].mlp.down_proj.weight.bfloat16()
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, expected)
+    assert tokenizer("pruned")["input_ids"] == byte_tokenizer()("pruned")["input_ids"]
+
+
+def test_plain_copy_drops_the_gguf_record_so_the_model_saves_and_reloads(tmp_path):
+    model = tiny_model("mistral")
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "model.gguf", "dequantize": False}
+    copy = plain_copy(model)
+    assert not hasattr(copy.config, "quantization_config") and type(copy) is type(model)
+    copy.save_pretrained(tmp_path / "plain")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
