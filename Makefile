@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: test install bench-layer
+.PHONY: test install demo bench-layer
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ $(VENV)/.assets: $(VENV)/.installed
 	touch $@
 
 assets: $(VENV)/.assets
+
+# Prune SmolLM2-135M-Instruct with Wanda 50% and repair it with SEFT, offline; report in demo-output/.
+demo: assets
+	$(PY) -m seft_trl.demo
 
 bench-pruning: assets
 	$(PY) benchmarks/pruning_quality.py

@@ -1,0 +1,13 @@
+"""Repair a pruned Mistral model with SEFT on Alpaca-format instructions.
+
+    accelerate launch recipes/mistral_alpaca.py --config recipes/configs/<config>.yaml
+    python recipes/mistral_alpaca.py --model_name_or_path PATH --dataset_name data.jsonl --prune_method wanda ...
+
+Every option of seft_trl.recipes (data, pruning, evaluation), SEFTConfig and TRL's ModelConfig
+works from the command line or the YAML file; see `--help`.
+"""
+
+from seft_trl.recipes import run
+
+if __name__ == "__main__":
+    run(default_model="mistralai/Mistral-7B-v0.1")

@@ -1,0 +1,96 @@
+"""The recipes run end to end on tiny random models of each architecture, and their configs parse."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig, LlamaForCausalLM
+from trl import ModelConfig, TrlParser
+
+from seft_trl import SEFTConfig
+from seft_trl.recipes import PruningArguments, RecipeArguments, to_prompt_completion
+from seft_trl.testing import byte_tokenizer, tiny_model
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+
+
+def alpaca_jsonl(path: Path, n: int = 60) -> Path:
+    rows = [
+        {"instruction": f"Add one to {i}.", "input": "" if i % 2 else f"The number is {i}.", "output": f"{i + 1}"}
+        for i in range(n)
+    ]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return path
+
+
+def tiny_checkpoint(folder: Path, arch: str) -> Path:
+    if arch == "deepseek":  # DeepSeek-LLM and R1-Distill-Llama are LLaMA architecture
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=96,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4))
+    else:
+        model = tiny_model(arch)
+    model.save_pretrained(folder)
+    tokenizer = byte_tokenizer()
+    if arch == "mistral":
+        tokenizer.chat_template = None  # exercise the plain Alpaca prompt
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def recipe_argv(model: Path, data: Path, output: Path) -> list[str]:
+    return [
+        "--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(output),
+        "--prune_method", "wanda", "--prune_nsamples", "4", "--prune_seqlen", "32", "--eval_seqlen", "32",
+        "--heldout_fraction", "0.2", "--max_steps", "3", "--per_device_train_batch_size", "4",
+        "--max_length", "64", "--use_cpu", "true", "--bf16", "false", "--report_to", "none",
+        "--seft_density", "0.05", "--seft_update_interval", "1", "--seft_accumulation_steps", "1",
+        "--learning_rate", "1e-3", "--save_strategy", "no",
+    ]
+
+
+@pytest.mark.parametrize("arch", ["llama", "deepseek", "mistral"])
+def test_recipe_runs_on_a_tiny_model(arch, tmp_path, monkeypatch, capsys):
+    model = tiny_checkpoint(tmp_path / "model", arch)
+    data = alpaca_jsonl(tmp_path / "alpaca.jsonl")
+    argv = recipe_argv(model, data, tmp_path / "out")
+    monkeypatch.setattr(sys, "argv", [f"{arch}_alpaca.py", *argv])
+    runpy.run_path(str(RECIPES / f"{arch}_alpaca.py"), run_name="__main__")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["pruned_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert summary["repaired_sparsity"] >= summary["pruned_sparsity"]
+    assert summary["dense_ppl"] > 0 and summary["repaired_ppl"] > 0
+    assert "perplexity repaired (SEFT)" in capsys.readouterr().out
+    assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "sparsity_report.json").exists()
+
+
+def test_recipe_script_runs_as_a_process(tmp_path):
+    model = tiny_checkpoint(tmp_path / "model", "llama")
+    data = alpaca_jsonl(tmp_path / "alpaca.jsonl")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    result = subprocess.run([sys.executable, str(RECIPES / "llama_alpaca.py"), *recipe_argv(model, data, tmp_path / "out")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sparsity pruned / repaired" in result.stdout
+
+
+def test_alpaca_formatting():
+    row = {"instruction": "Say hi.", "input": "To Ada.", "output": "Hi Ada."}
+    chat = to_prompt_completion(row, conversational=True)
+    assert chat["prompt"] == [{"role": "user", "content": "Say hi.\n\nTo Ada."}]
+    assert chat["completion"] == [{"role": "assistant", "content": "Hi Ada."}]
+    plain = to_prompt_completion(row, conversational=False)
+    assert plain["prompt"].endswith("### Response:\n") and "To Ada." in plain["prompt"] and plain["completion"] == "Hi Ada."
+
+
+@pytest.mark.parametrize("config", sorted((RECIPES / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_config_parses(config):
+    parser = TrlParser((RecipeArguments, PruningArguments, SEFTConfig, ModelConfig))
+    recipe, pruning, args, model_args = parser.parse_args_and_config(["--config", str(config), "--use_cpu", "true", "--bf16", "false"])
+    assert model_args.model_name_or_path and pruning.prune_method == "wanda"
+    assert args.optim == "adamw_8bit" and args.seft_density == 0.01 and args.gradient_checkpointing
