@@ -10,6 +10,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -54,23 +55,62 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1, device: torch.device | None = None) -> float:
-    """Median wall time of ``fn`` in ms over ``repeats`` runs, after ``warmup`` untimed runs.
+def interleaved_median_ms(
+    fns: dict[str, Callable[[], object]], repeats: int, device: torch.device | None = None
+) -> dict[str, float]:
+    """Median wall time in ms of each function, timed in interleaved rounds after one warm-up round.
 
-    The warm-up runs absorb one-off costs (allocator growth, first-touch page faults, lazy
-    initialisation) that a training loop pays once, not every step.
+    Interleaving (one run of every function per round) spreads any load from other processes
+    over all candidates alike, so their ratios stay meaningful on a shared machine. The warm-up
+    round absorbs one-off costs (allocator growth, lazy initialisation, first-touch page faults).
     """
     sync = synchronizer(device or torch.device("cpu"))
-    for _ in range(warmup):
+    for fn in fns.values():
         fn()
     sync()
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(samples) for name, samples in times.items()}
+
+
+@dataclass
+class CpuSnapshot:
+    """Wall time, busy CPU time of the whole machine and CPU time of this process, in seconds."""
+
+    wall: float
+    machine_busy: float
+    own: float
+
+
+def cpu_snapshot() -> CpuSnapshot:
+    """Read the counters that :func:`others_load` compares (Linux /proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user .. steal
+    own = os.times()
+    return CpuSnapshot(time.perf_counter(), busy, own.user + own.system)
+
+
+def others_load(since: CpuSnapshot) -> float:
+    """Average number of cores that other processes kept busy since ``since``."""
+    now = cpu_snapshot()
+    others = (now.machine_busy - since.machine_busy) - (now.own - since.own)
+    return max(0.0, others / (now.wall - since.wall))
+
+
+def contention_note(since: CpuSnapshot) -> str:
+    """A sentence saying how much other processes competed for the CPU during the run."""
+    load = others_load(since)
+    verdict = "the times are inflated" if load > 0.1 else "the machine was quiet"
+    return (
+        f"Other processes kept {load:.2f} of the {os.cpu_count()} cores busy on average during the run "
+        f"(/proc/stat busy time minus this process's CPU time): {verdict}."
+    )
 
 
 def cpu_model() -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from common import RESULTS_DIR, machine_description, markdown_table, median_ms, parse_shapes, pruned_linear
-from common import random_delta_index, synchronizer, write_report
+from common import RESULTS_DIR, contention_note, cpu_snapshot, interleaved_median_ms, machine_description
+from common import markdown_table, parse_shapes, pruned_linear, random_delta_index, synchronizer, write_report
 from seft_trl.kernels import TOKEN_CHUNK
 from seft_trl.layer import SparseDeltaLinear
 from seft_trl.patterns import Scope
@@ -104,11 +103,16 @@ class Result:
     memory: BackwardMemory
 
 
-def train_step(method: Method, x: torch.Tensor, grad_output: torch.Tensor) -> None:
-    """Forward and backward of one batch, with the gradients of the previous step dropped first."""
+def clear_grads(method: Method, x: torch.Tensor) -> None:
+    """Drop the previous step's gradients, so each backward allocates its own as in training."""
     x.grad = None
     for parameter in method.module.parameters():
         parameter.grad = None
+
+
+def train_step(method: Method, x: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """Forward and backward of one batch."""
+    clear_grads(method, x)
     method.prepare()
     method.module(x).backward(grad_output)
 
@@ -121,7 +125,9 @@ def seft_layer(linear: nn.Linear, density: float, seed: int) -> SparseDeltaLinea
 def arm_window(layer: SparseDeltaLinear) -> None:
     """Make the next backward the window-start step, as the engine does with its default config."""
     n_swaps = round(SWAP_FRACTION * layer.delta.numel())
-    layer.begin_window(n_swaps=n_swaps, candidate_factor=CANDIDATE_FACTOR, regrow_pruned=True, prune_criterion="sensitivity")
+    layer.begin_window(
+        n_swaps=n_swaps, candidate_factor=CANDIDATE_FACTOR, regrow_pruned=True, prune_criterion="sensitivity"
+    )
 
 
 def peft_lora(linear: nn.Linear, rank: int) -> nn.Module:
@@ -132,14 +138,16 @@ def peft_lora(linear: nn.Linear, rank: int) -> nn.Module:
     return get_peft_model(_Wrapper(linear), config)
 
 
-def methods_for(linear: nn.Linear, density: float, seed: int, x: torch.Tensor, grad_output: torch.Tensor) -> list[Method]:
+def methods_for(
+    linear: nn.Linear, density: float, seed: int, x: torch.Tensor, grad_output: torch.Tensor
+) -> list[Method]:
     """All methods over the same frozen weight tensor (no copies, so memory stays that of one layer)."""
     linear.weight.requires_grad_(False)
     ordinary = seft_layer(linear, density, seed)
     window_start = seft_layer(linear, density, seed)
     in_window = seft_layer(linear, density, seed)
     arm_window(in_window)
-    train_step(Method("open the window", in_window), x, grad_output)  # later steps accumulate candidate gradients
+    train_step(Method("open the window", in_window), x, grad_output)  # its later steps track the candidates
     k = ordinary.delta.numel()
     rank = max(1, round(k / (linear.out_features + linear.in_features)))
     return [
@@ -152,48 +160,53 @@ def methods_for(linear: nn.Linear, density: float, seed: int, x: torch.Tensor, g
     ]
 
 
-def _innermost_op(events: list, timestamp: int, thread: int) -> str:
-    """Name of the innermost profiled op running on ``thread`` at ``timestamp``."""
+def _allocating_op(events: list, timestamp: int, thread: int) -> str:
+    """Where an allocation came from: 'outermost aten op › innermost aten op' running at ``timestamp``."""
     containing = [e for e in events if e.start_thread_id() == thread and e.start_ns() <= timestamp <= e.end_ns()]
-    return max(containing, key=lambda e: e.start_ns()).name() if containing else "?"
+    aten = sorted((e for e in containing if e.name().startswith("aten::")), key=lambda e: e.start_ns())
+    if not aten:
+        return "?"
+    outer, inner = aten[0].name(), aten[-1].name()
+    return outer if outer == inner else f"{outer} › {inner}"
+
+
+def profiled_backward(method: Method, x: torch.Tensor, grad_output: torch.Tensor) -> tuple[list, list]:
+    """One step with the backward under torch.profiler: (memory records in time order, op events)."""
+    clear_grads(method, x)
+    method.prepare()
+    y = method.module(x)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.device.type == "cuda" else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        y.backward(grad_output)
+        synchronizer(x.device)()
+    events = prof.profiler.kineto_results.events()
+    device_type = x.device.type.upper()
+    records = [e for e in events if e.name() == "[memory]" and e.device_type().name == device_type]
+    ops = [e for e in events if e.name() != "[memory]"]
+    return sorted(records, key=lambda e: e.start_ns()), ops
 
 
 def backward_memory(method: Method, x: torch.Tensor, grad_output: torch.Tensor, threshold: int) -> BackwardMemory:
-    """Allocations of one backward, from the profiler's memory records (allocator-level events).
+    """Allocations of one backward, from the profiler's allocator records.
 
-    Every allocation and free on the device is a record with its size; the running sum from the
-    start of the backward gives the peak extra memory. On CUDA the peak comes from
-    torch.cuda.max_memory_allocated instead, which also sees allocator rounding.
+    Every allocation and free on the device is a record with its size; their running sum from
+    the start of the backward gives the peak extra memory. On CUDA the peak comes from
+    torch.cuda.max_memory_allocated instead, which also sees the caching allocator's rounding.
     """
-    device = x.device
-    x.grad = None
-    for parameter in method.module.parameters():
-        parameter.grad = None
-    method.prepare()
-    y = method.module(x)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-    with profile(activities=activities, profile_memory=True) as prof:
-        y.backward(grad_output)
-        synchronizer(device)()
-    events = prof.profiler.kineto_results.events()
-    records = sorted(
-        (e for e in events if e.name() == "[memory]" and e.device_type().name == device.type.upper()),
-        key=lambda e: e.start_ns(),
-    )
-    ops = [e for e in events if e.name() != "[memory]"]
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        start = torch.cuda.memory_allocated(x.device)
+    records, ops = profiled_backward(method, x, grad_output)
     running, peak, largest, large = 0, 0, 0, []
     for record in records:
         running += record.nbytes()
         peak = max(peak, running)
         largest = max(largest, record.nbytes())
         if record.nbytes() >= threshold:
-            large.append((record.nbytes(), _innermost_op(ops, record.start_ns(), record.start_thread_id())))
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - start
+            large.append((record.nbytes(), _allocating_op(ops, record.start_ns(), record.start_thread_id())))
+    if x.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(x.device) - start
     return BackwardMemory(peak, largest, large)
 
 
@@ -204,12 +217,11 @@ def measure_layer(out_features: int, in_features: int, args: argparse.Namespace,
     grad_output = torch.randn(args.tokens, out_features, device=device, generator=generator)
     repeats = args.large_repeats if linear.weight.numel() >= LARGE_LAYER else args.repeats
     threshold = out_features * in_features * 4
-    results = []
-    for method in methods_for(linear, args.density, args.seed + 2, x, grad_output):
-        ms = median_ms(lambda: train_step(method, x, grad_output), repeats, device=device)
-        results.append(Result(method, ms, backward_memory(method, x, grad_output, threshold)))
-        print(f"  {out_features}x{in_features} {method.name}: {ms:.1f} ms", flush=True)
-    return results
+    methods = methods_for(linear, args.density, args.seed + 2, x, grad_output)
+    steps = {method.name: (lambda method=method: train_step(method, x, grad_output)) for method in methods}
+    ms = interleaved_median_ms(steps, repeats, device)
+    print(f"  {out_features}x{in_features}: timed, profiling memory", flush=True)
+    return [Result(m, ms[m.name], backward_memory(m, x, grad_output, threshold)) for m in methods]
 
 
 def extra_large(result: Result, floor: Result) -> list[tuple[int, str]]:
@@ -305,11 +317,11 @@ def memory_note(device: torch.device) -> str:
     )
     return (
         f"Memory is that of one backward (the forward runs before it): peak extra = {how}; it includes the "
-        "returned gradients. Single allocations are the profiler's allocator records, attributed to the innermost "
-        "op running at the time. The last column lists allocations of at least a dense fp32 weight gradient's size "
-        "(out·in·4 bytes) that the floor's backward does not also make (the floor's is the input gradient, "
-        "T·in·4 bytes, which every method returns). Sizes are named by the fp32 shape they match (T tokens; "
-        f"{TOKEN_CHUNK}-token chunks are seft_trl.kernels.TOKEN_CHUNK)."
+        "returned gradients. Single allocations are the profiler's allocator records, attributed to the "
+        "outermost › innermost aten op running at the time. The last column lists allocations of at least a "
+        "dense fp32 weight gradient's size (out·in·4 bytes) that the floor's backward does not also make (the "
+        "floor's is the input gradient, T·in·4 bytes, which every method returns). Sizes are named by the fp32 "
+        f"shape they match (T tokens; {TOKEN_CHUNK}-token chunks are seft_trl.kernels.TOKEN_CHUNK)."
     )
 
 
@@ -330,17 +342,16 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
-    load_before = os.getloadavg()[0]
-    layers = [
-        (shape, measure_layer(*shape, args, device)) for shape in parse_shapes(QUICK_LAYERS if args.quick else args.layers)
-    ]
+    start = cpu_snapshot()
+    shapes = parse_shapes(QUICK_LAYERS if args.quick else args.layers)
+    layers = [(shape, measure_layer(*shape, args, device)) for shape in shapes]
     report = "\n\n".join(
         [
             "# Sparse-delta layer speed",
-            f"{machine_description(device)} 1-minute load average {load_before:.2f} before, "
-            f"{os.getloadavg()[0]:.2f} after. Device {device}, fp32, T = {args.tokens} tokens, density "
-            f"{args.density:.1%}. Median of {args.repeats} timed steps ({args.large_repeats} for layers "
-            f"≥ {LARGE_LAYER:,} weights) after one warm-up step.",
+            f"{machine_description(device)} Device {device}, fp32, T = {args.tokens} tokens, density "
+            f"{args.density:.1%}. Each time is the median of {args.repeats} steps ({args.large_repeats} for layers "
+            f"≥ {LARGE_LAYER:,} weights), timed in rounds that run every method once, after one warm-up round. "
+            f"{contention_note(start)}",
             table(layers, args.tokens),
             memory_note(device),
             dense_gradient_check(layers, args.tokens),

@@ -18,29 +18,17 @@ windows give every method a somewhat higher perplexity, so compare rows, not pap
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from common import RESULTS_DIR, contention_note, cpu_snapshot, machine_description, markdown_table, write_report
 from seft_trl.assets import DEFAULT_SMOLLM2_CACHE, english_texts, load_smollm2
+from seft_trl.evaluation import perplexity
 from seft_trl.pruning import calibration_windows, prune
 
 RUNS = [(method, pattern) for pattern in ("unstructured", "2:4") for method in ("magnitude", "wanda", "sparsegpt")]
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, device: torch.device) -> float:
-    """exp(mean NLL) of ``ids`` [T] over non-overlapping windows of ``seqlen`` tokens (first token of each unscored)."""
-    windows = ids[: ids.numel() // seqlen * seqlen].view(-1, seqlen)  # [w, seqlen]
-    total = 0.0
-    for window in windows:
-        window = window.unsqueeze(0).to(device)
-        total += float(model(input_ids=window, labels=window).loss) * (seqlen - 1)
-    return math.exp(total / (windows.shape[0] * (seqlen - 1)))
 
 
 def main() -> None:
@@ -60,7 +48,7 @@ def main() -> None:
     calibration = calibration_windows(train, tokenizer, args.nsamples, args.seqlen, seed=0)
     n_windows = heldout_ids.numel() // args.seqlen
 
-    dense = perplexity(model.to(device), heldout_ids, args.seqlen, device)
+    dense = perplexity(model.to(device), None, heldout_ids, seqlen=args.seqlen, progress=False)
     rows = [["dense", "-", "0%", f"{dense:.2f}", "1.00", "-"]]
     print(f"dense: {dense:.2f}")
     for method, pattern in RUNS:
@@ -70,7 +58,7 @@ def main() -> None:
         report = prune(model, method, pattern=pattern, calibration=calibration, device=device)
         seconds = time.perf_counter() - start
         assert report.pattern_holds, f"{method} {pattern}: pattern violated"
-        value = perplexity(model, heldout_ids, args.seqlen, device)
+        value = perplexity(model, None, heldout_ids, seqlen=args.seqlen, progress=False)
         ratio = value / dense
         rows.append([method, pattern, f"{report.sparsity:.1%}", f"{value:.2f}", f"{ratio:.2f}", f"{seconds:.0f}"])
         print(f"{method} {pattern}: {value:.2f} ({seconds:.0f} s)")
