@@ -4,22 +4,16 @@ The gradient of a delta at flat position p = r * in + c is ``sum_t g[t, r] * x[t
 entry of the dense weight gradient ``gᵀx`` [out, in]. Computing the dense matrix costs
 ``T·out·in`` multiply-adds and ``out·in`` floats of memory; sampling only the k entries
 (an SDDMM) costs ``T·k`` but runs far below BLAS efficiency. ``benchmarks/delta_grad_kernels.py``
-measures the three ways on this kind of machine (2 cores, x86_64, torch 2.13 CPU, 2048 tokens):
+measures the ways to do it on this kind of machine (2 cores, x86_64, torch 2.13 CPU, 2048 tokens;
+results in ``benchmarks/results/delta_grad_kernels.md``): at 1% density the sampled product
+(``torch.sparse.sampled_addmm`` over a CSR pattern) costs 0.12–0.53× the frozen layer's forward and
+input backward, dense-then-gather 0.5–0.6×, a gather-multiply over token chunks 0.9–1.7×.
 
-=================  =======  ==================  ==========  ===============
-layer              density  frozen fwd+bwd(in)  sampled     dense then gather
-=================  =======  ==================  ==========  ===============
-576 × 1536         1%       ~31 ms              ~10-12 ms   ~15 ms
-576 × 1536         5%       ~29 ms              ~18-22 ms   ~15 ms
-4096 × 11008       1%       ~1.5 s              ~220-290 ms ~720 ms
-4096 × 11008       5%       ~1.4 s              ~650 ms     ~710 ms
-=================  =======  ==================  ==========  ===============
-
-(a gather-multiply over token chunks, the third candidate, was 3-10x slower than either.)
-Per entry the sampled product costs about 30-70x a dense entry, so the cost rule below
-samples when ``k * SAMPLED_ENTRY_COST < out * in`` (density under ~2.5%) and otherwise
-takes the dense product and gathers. The sampled path works over chunks of tokens, which
-both bounds the fp32 copies of g and x and keeps them in cache.
+One sampled entry costs 16–170× a dense one (median 24; relatively more on small layers, where the
+transposed copies of g and x that ``sampled_addmm`` makes dominate), so the cost rule below samples
+when ``k * SAMPLED_ENTRY_COST < out * in`` (density under 2.5%) and otherwise takes the dense product
+and gathers; it picked the faster path in 14 of 15 measured cases. The sampled path works over
+chunks of tokens, which bounds the fp32 copies of g and x.
 """
 
 from __future__ import annotations
