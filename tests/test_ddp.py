@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 SCRIPT = Path(__file__).parent / "ddp_train.py"
+CPU_DDP_CONFIG = Path(__file__).parents[1] / "recipes" / "accelerate" / "cpu_ddp.yaml"
 
 
 def run(command: list[str], env_extra: dict[str, str]) -> None:
@@ -19,9 +20,9 @@ def run(command: list[str], env_extra: dict[str, str]) -> None:
 
 
 def test_two_process_ddp_ranks_agree_and_match_a_single_process(tmp_path):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
-    run([*launcher, str(SCRIPT), str(tmp_path / "ddp"), "2"], {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    # The recipes' CPU DDP launch config: 2 processes over gloo.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP_CONFIG)]
+    run([*launcher, str(SCRIPT), str(tmp_path / "ddp"), "2"], {"OMP_NUM_THREADS": "1"})
     run([sys.executable, str(SCRIPT), str(tmp_path / "single"), "4"], {})
 
     rank0, rank1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1))
