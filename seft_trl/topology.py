@@ -40,24 +40,25 @@ def is_update_step(step: int, update_interval: int, end_step: int) -> bool:
     return 0 < step <= end_step and step % update_interval == 0
 
 
-def top_indices(score: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the ``count`` largest entries of a flat ``score`` (the set ``torch.topk`` returns).
+def top_indices(score: torch.Tensor, count: int, largest: bool = True) -> torch.Tensor:
+    """Indices of the ``count`` largest (or smallest) entries of a flat ``score``: the set ``torch.topk`` returns.
 
     On CPU ``torch.topk`` over tens of millions of entries costs several times the dense gradient
-    itself, so large inputs first keep the entries above a threshold taken from a strided sample,
+    itself, so large inputs first keep the entries beyond a threshold taken from a strided sample,
     loose enough to keep about twice ``count``; when at least ``count`` entries pass, the c-th
-    largest is above the threshold, so the exact top-c is among them.
+    entry lies beyond the threshold, so the exact top-c is among them.
     """
     n = score.numel()
     if n <= _SAMPLED_TOPK_MIN or count * 16 > n:
-        return torch.topk(score, count, sorted=False).indices
+        return torch.topk(score, count, largest=largest, sorted=False).indices
     sample = score[:: n // _TOPK_SAMPLE]
     rank = min(sample.numel(), 2 * count * sample.numel() // n + 16)
-    threshold = torch.topk(sample, rank, sorted=False).values.min()
-    survivors = torch.nonzero(score >= threshold).squeeze(1)
+    bound = torch.topk(sample, rank, largest=largest, sorted=False).values
+    passes = score >= bound.min() if largest else score <= bound.max()
+    survivors = torch.nonzero(passes).squeeze(1)
     if survivors.numel() < count:
-        return torch.topk(score, count, sorted=False).indices
-    return survivors[torch.topk(score[survivors], count, sorted=False).indices]
+        return torch.topk(score, count, largest=largest, sorted=False).indices
+    return survivors[torch.topk(score[survivors], count, largest=largest, sorted=False).indices]
 
 
 _SAMPLED_TOPK_MIN = 1 << 20  # below this, plain topk is fast enough
@@ -89,9 +90,9 @@ def select_candidates(
     support weights of lowest score as the group has revival candidates (all of them in an
     N:M group, which holds at most N).
     """
-    flat_grad = grad.reshape(-1)
-    w = weight.reshape(-1).float()
-    pruned = w == 0
+    # Memory: besides grad, one dense fp32 score buffer (reused for removal) and bool masks.
+    flat_grad, flat_weight = grad.reshape(-1), weight.reshape(-1)
+    pruned = flat_weight == 0
     pruned[delta_index] = False  # a delta position is in the support even when its value is 0
 
     grow_score = flat_grad.abs()
@@ -105,7 +106,10 @@ def select_candidates(
     if revival_index.numel() == 0:
         return Candidates(grow_index, grow_index.new_empty(0))
 
-    remove_score = (w * flat_grad).abs() if prune_criterion == "sensitivity" else w.abs()
+    remove_score = grow_score.copy_(flat_weight)  # growth is decided: reuse its buffer
+    if prune_criterion == "sensitivity":
+        remove_score.mul_(flat_grad)
+    remove_score.abs_()
     remove_score[pruned] = math.inf
     remove_score[delta_index] = math.inf
     remove_score[grow_index] = math.inf
@@ -114,7 +118,7 @@ def select_candidates(
         members = scope.group_members(torch.unique(scope.group_of(revival_index))).reshape(-1)
         remove_index = members[torch.isfinite(remove_score[members])]
     elif scope.kind == "layer":
-        bottom = top_indices(-remove_score, min(revival_index.numel(), remove_score.numel()))
+        bottom = top_indices(remove_score, min(revival_index.numel(), remove_score.numel()), largest=False)
         remove_index = bottom[torch.isfinite(remove_score[bottom])]
     else:
         rows = remove_score.view(-1, scope.in_features)

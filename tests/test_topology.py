@@ -129,6 +129,7 @@ def test_top_indices_finds_the_same_set_as_topk(n, count):
     from seft_trl.topology import top_indices
 
     score = torch.randn(n, generator=torch.Generator().manual_seed(n + count))
-    expected = torch.topk(score, count).indices
-    got = top_indices(score, count)
-    assert got.numel() == count and torch.equal(torch.sort(got).values, torch.sort(expected).values)
+    for largest in (True, False):
+        expected = torch.topk(score, count, largest=largest).indices
+        got = top_indices(score, count, largest=largest)
+        assert got.numel() == count and torch.equal(torch.sort(got).values, torch.sort(expected).values)
