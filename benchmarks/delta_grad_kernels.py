@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -73,30 +71,6 @@ class Case:
         return per_sampled / per_dense
 
 
-@contextmanager
-def sampled_entry_cost(value: float) -> Iterator[None]:
-    """Temporarily replace the cost rule's constant (SamplingPattern reads it at construction)."""
-    saved = kernels.SAMPLED_ENTRY_COST
-    kernels.SAMPLED_ENTRY_COST = value
-    try:
-        yield
-    finally:
-        kernels.SAMPLED_ENTRY_COST = saved
-
-
-def forced_sampled_pattern(index: torch.Tensor, out_features: int, in_features: int) -> SamplingPattern:
-    """A pattern that takes the sampled path whatever its density.
-
-    SamplingPattern only builds its CSR fields when the cost rule chooses sampling, so setting
-    ``use_dense = False`` on a dense-rule pattern would leave them missing; instead the rule is
-    switched off (cost 0) while the pattern is built.
-    """
-    with sampled_entry_cost(0):
-        pattern = SamplingPattern(index, out_features, in_features)
-    assert not pattern.use_dense
-    return pattern
-
-
 def frozen_forward_backward(x: torch.Tensor, weight: torch.Tensor, grad_output: torch.Tensor) -> None:
     """The frozen layer's forward and input-gradient product, without autograd bookkeeping."""
     F.linear(x, weight)
@@ -135,7 +109,7 @@ def measure_shape(
     cases = []
     for density in densities:
         index = random_delta_index(weight, density, args.seed + 2)
-        pattern = forced_sampled_pattern(index, out_features, in_features)
+        pattern = SamplingPattern(index, out_features, in_features, use_dense=False)
         kernels_to_time = {
             "frozen": lambda: frozen_forward_backward(x, weight, grad_output),
             "sampled": lambda: sampled_weight_gradient(grad_output, x, pattern),

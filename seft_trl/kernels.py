@@ -35,10 +35,15 @@ class SamplingPattern:
     move); the CSR structure is built over the sorted positions and results are scattered back.
     """
 
-    def __init__(self, flat_index: torch.Tensor, out_features: int, in_features: int) -> None:
+    def __init__(
+        self, flat_index: torch.Tensor, out_features: int, in_features: int, use_dense: bool | None = None
+    ) -> None:
+        """``use_dense``: None applies the cost rule; True or False forces a path (benchmarks compare both)."""
         self.flat_index = flat_index
         self.out_features, self.in_features = out_features, in_features
-        self.use_dense = flat_index.numel() * SAMPLED_ENTRY_COST >= out_features * in_features
+        if use_dense is None:
+            use_dense = flat_index.numel() * SAMPLED_ENTRY_COST >= out_features * in_features
+        self.use_dense = use_dense
         if self.use_dense or flat_index.numel() == 0:
             return
         sorted_index, self.order = torch.sort(flat_index)
