@@ -156,9 +156,6 @@ class SparsityEvolution:
         """The trainable deltas (fp32), one tensor per layer."""
         return (layer.delta for layer in self.layers.values())
 
-    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return ((f"{name}.delta", layer.delta) for name, layer in self.layers.items())
-
     @property
     def end_step(self) -> int:
         assert self.total_steps is not None

@@ -43,8 +43,10 @@ class WindowStatistics:
     """Candidates of one accumulation window and their accumulated weight gradients."""
 
     candidates: Candidates
-    pattern: SamplingPattern  # over cat(grow_index, remove_index)
     grad_sum: torch.Tensor  # fp32 [cg + cr]
+    # Over cat(delta_index, grow_index, remove_index): one sampled product serves the δ gradient
+    # and the statistics (delta positions do not change inside a window). Built on first use.
+    pattern: SamplingPattern | None = None
 
 
 class _SparseDeltaLinearFunction(torch.autograd.Function):
@@ -134,15 +136,21 @@ class SparseDeltaLinear(nn.Module):
                 self._prune_criterion,
             )
             tracked = torch.cat([candidates.grow_index, candidates.remove_index])
-            pattern = SamplingPattern(tracked, self.out_features, self.in_features)
             # Each rank holds 1/world_size of the summed first gradient, so that the sum over
             # ranks at the update counts it once.
-            self._window = WindowStatistics(candidates, pattern, grad.view(-1)[tracked] / world_size)
+            self._window = WindowStatistics(candidates, grad.view(-1)[tracked] / world_size)
             self._select_count = 0
             return grad_delta
-        if self._window is not None:
-            self._window.grad_sum += sampled_weight_gradient(g, x, self._window.pattern)
-        return sampled_weight_gradient(g, x, self._sampling_pattern())
+        window = self._window
+        if window is None:
+            return sampled_weight_gradient(g, x, self._sampling_pattern())
+        if window.pattern is None:
+            positions = torch.cat([self.delta_index, window.candidates.grow_index, window.candidates.remove_index])
+            window.pattern = SamplingPattern(positions, self.out_features, self.in_features)
+        values = sampled_weight_gradient(g, x, window.pattern)  # [k + cg + cr]
+        k = self.delta_index.numel()
+        window.grad_sum += values[k:]
+        return values[:k]
 
     # ------------------------------------------------------------------------------ weights
     @torch.no_grad()
@@ -186,9 +194,7 @@ class SparseDeltaLinear(nn.Module):
         if window[0] is not None:
             device = self.delta_index.device
             grow_index, remove_index, grad_sum = (tensor.to(device) for tensor in window)
-            tracked = torch.cat([grow_index, remove_index])
-            pattern = SamplingPattern(tracked, self.out_features, self.in_features)
-            self._window = WindowStatistics(Candidates(grow_index, remove_index), pattern, grad_sum.float())
+            self._window = WindowStatistics(Candidates(grow_index, remove_index), grad_sum.float())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
 
     # ----------------------------------------------------------------------------- topology
