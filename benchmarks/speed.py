@@ -1,0 +1,595 @@
+"""Step time and peak memory of SEFTSFTTrainer against TRL + peft LoRA, masked full fine-tuning and the floor.
+
+Four ways to train the same pruned model on the same batches, each in its own process so that its
+peak memory is its own:
+
+* ``floor``: the frozen pruned model, forward + a backward that computes input gradients only (the
+  embedding output is the only tensor that requires grad), no optimizer. Every method pays at least
+  this; SEFT aims to stay within 1.10× of it.
+* ``seft``: ``SEFTSFTTrainer`` with as many deltas as LoRA r=8 has trainable parameters on the seven
+  projections (q, k, v, o, gate, up, down).
+* ``lora``: ``trl.SFTTrainer`` with a peft ``LoraConfig(r=8, lora_alpha=16, lora_dropout=0)`` on the
+  same seven projections.
+* ``masked_full``: ``trl.SFTTrainer`` training the seven projection weights, the gradient multiplied
+  by the pruning mask and the weights re-masked after every optimizer step (dense optimizer state).
+
+All trainers use torch AdamW, gradient checkpointing off, and ``--batch`` sequences of ``--seqlen``
+tokens cut from the same text. A step is timed from ``on_step_begin`` to ``on_step_end`` (forward,
+backward, clipping, optimizer, callbacks; batches are fetched before it); the first two steps are
+warm-up and excluded. The SEFT run opens one accumulation window (the default 5 steps) at the end and
+makes one topology update at the last step, swapping the default initial drop fraction (0.2, the
+largest swap the defaults ever make); its per-update cost is extrapolated to the default cadence
+(an update every 20 steps), see the report.
+
+Models: on the CPU SmolLM2-135M-Instruct pruned with Wanda 50% (as ``make demo``; needs ``make
+assets``); on CUDA a LLaMA-shaped random model (TinyLlama-1.1B's shapes, 16 of its 22 layers) in
+bf16, pruned by magnitude (random weights have no activations worth calibrating on).
+
+    python benchmarks/speed.py                                # SmolLM2-135M, CPU, 4 × 256 tokens
+    python benchmarks/speed.py --device cuda                  # LLaMA-shaped ~0.8B, bf16, 4 × 1024 tokens
+    python benchmarks/speed.py --quick --output /tmp/speed.md # tiny random model, seconds (the test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import TrainerCallback
+
+from baselines import PROJECTIONS, lora_trainable_count, masked_full_adapter
+from common import RESULTS_DIR, cpu_snapshot, machine_description, markdown_table, others_load, synchronizer
+from common import write_report
+from seft_trl.assets import english_texts, load_smollm2
+from seft_trl.config import SparsityEvolutionConfig
+from seft_trl.pruning import prune
+from seft_trl.testing import byte_tokenizer, tiny_model
+
+# trl, peft and datasets are imported inside the functions that use them: importing trl takes
+# seconds, and the floor's process has no use for it.
+if TYPE_CHECKING:
+    from transformers import Trainer, TrainingArguments
+
+METHODS = ("floor", "seft", "lora", "masked_full")
+DESCRIPTIONS = {
+    "floor": "frozen model, forward + input-gradient-only backward, no optimizer",
+    "seft": "SEFTSFTTrainer, ordinary steps (outside accumulation windows)",
+    "lora": "SFTTrainer + peft LoRA r=8",
+    "masked_full": "SFTTrainer, projection weights trained under the pruning mask",
+}
+LORA_RANK, LORA_ALPHA = 8, 16
+WARMUP_STEPS = 2
+LEARNING_RATE = 1e-4
+DEFAULTS = SparsityEvolutionConfig()  # the cadence the extrapolation targets (update_interval, accumulation_steps)
+SEQLEN = {"tiny": 64, "smollm2": 256, "llama-large": 1024}
+MODEL_NAMES = {
+    "tiny": "tiny random LLaMA (seft_trl.testing)",
+    "smollm2": "SmolLM2-135M-Instruct",
+    "llama-large": "LLaMA-shaped random model (TinyLlama-1.1B shapes, 16 layers)",
+}
+PRUNING = {
+    "tiny": "by magnitude, 50% per layer (random weights)",
+    "smollm2": "with Wanda, 50% unstructured (32 calibration windows of 512 tokens, as the demo)",
+    "llama-large": "by magnitude, 50% per layer (random weights)",
+}
+# TinyLlama-1.1B's shapes with 16 of its 22 decoder layers: about 0.8B parameters.
+LARGE_LLAMA = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+TINY_NOTE = (
+    "**The tiny model only checks that the benchmark runs**: the trainers' fixed per-step costs dominate its "
+    "milliseconds of compute, so its ratios say nothing about real models."
+)
+README = Path(__file__).resolve().parents[1] / "README.md"
+RESULT_TAG = "SPEED_RESULT "  # marks the worker's result line among the trainers' own prints
+MIB = 2**20
+
+
+# ------------------------------------------------------------------------------ preparation (parent)
+def readme_paragraphs() -> list[str]:
+    """The repository README's paragraphs: text for the random-weight models, always available offline."""
+    return [paragraph.strip() for paragraph in README.read_text().split("\n\n") if paragraph.strip()]
+
+
+def build_model(preset: str, device: torch.device) -> tuple[nn.Module, PreTrainedTokenizerBase, list[str]]:
+    """(dense model, tokenizer, training texts) of a preset."""
+    if preset == "smollm2":
+        model, tokenizer = load_smollm2()
+        return model, tokenizer, english_texts()[0]
+    if preset == "tiny":
+        model = tiny_model("llama")
+    else:
+        torch.manual_seed(0)
+        with device:  # initialise on the GPU: ~0.8B random weights take minutes on a CPU
+            model = LlamaForCausalLM(LlamaConfig(**LARGE_LLAMA)).to(torch.bfloat16)
+    return model, byte_tokenizer(), readme_paragraphs()
+
+
+def prepare(preset: str, device: torch.device, seqlen: int, folder: Path) -> dict:
+    """Prune the preset's model once and save it with its tokenizer and the training chunks for the workers."""
+    from seft_trl.demo import training_chunks
+
+    model, tokenizer, texts = build_model(preset, device)
+    if preset == "smollm2":  # the demo's pruning
+        report = prune(model, "wanda", sparsity=0.5, calibration=texts, tokenizer=tokenizer, nsamples=32, seqlen=512)
+    else:  # random weights: no activations worth calibrating on
+        report = prune(model, "magnitude", sparsity=0.5)
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    chunks = list(training_chunks(texts, tokenizer, seqlen)["text"])
+    (folder / "chunks.json").write_text(json.dumps(chunks))
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "sparsity": report.sparsity,
+        "chunks": len(chunks),
+    }
+
+
+# ---------------------------------------------------------------------------------- workers
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step, keyed by its number (1-based); also usable without a Trainer."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.seconds: dict[int, float] = {}
+        self._start = 0.0
+
+    def begin(self) -> None:
+        self.sync()  # queued GPU work of the previous step must not count in this one
+        self._start = time.perf_counter()
+
+    def end(self, step: int) -> None:
+        self.sync()
+        self.seconds[step] = time.perf_counter() - self._start
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.begin()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.end(state.global_step)
+
+
+@dataclass
+class Run:
+    """A method ready to train: its trainable count and the call that trains it."""
+
+    trainable: int
+    train: Callable[[], object]
+    update_seconds: list[float] = field(default_factory=list)  # SEFT: each topology update, filled while training
+
+
+def trainer_arguments(args: argparse.Namespace, method: str) -> dict:
+    """SFTConfig keyword arguments shared by every trainer run."""
+    device = torch.device(args.device)
+    return dict(
+        output_dir=str(Path(args.workdir) / method),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        max_length=args.seqlen,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        activation_checkpointing=False,  # trl defaults it on; it would trade step time for memory
+        use_cpu=device.type == "cpu",
+        bf16=device.type == "cuda",
+        dataloader_drop_last=True,  # a short last batch of an epoch would be a faster step
+        logging_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+    )
+
+
+def make_trainer(trainer_cls: type[Trainer], config: TrainingArguments, model: nn.Module,
+                 tokenizer: PreTrainedTokenizerBase, chunks: list[str], callbacks: list[TrainerCallback],
+                 **kwargs) -> Trainer:
+    """A trainer of ``trainer_cls`` on the training chunks (a "text" dataset, as the demo's)."""
+    from datasets import Dataset
+
+    dataset = Dataset.from_dict({"text": chunks})
+    return trainer_cls(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                       callbacks=callbacks, **kwargs)
+
+
+def floor_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chunks: list[str], args: argparse.Namespace,
+              timer: StepTimer) -> Run:
+    model.requires_grad_(False)
+    model.train()
+    # The embedding output is the only tensor that requires grad, so backward computes input
+    # gradients through every layer and no weight gradient at all.
+    model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_())
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = torch.device(args.device)
+    batches = []
+    for start in range(0, len(chunks) - args.batch + 1, args.batch):
+        batch = tokenizer(chunks[start : start + args.batch], truncation=True, max_length=args.seqlen,
+                          padding="max_length", return_tensors="pt").to(device)
+        batches.append((batch["input_ids"], batch["attention_mask"]))
+
+    def train() -> None:
+        for step in range(args.steps):
+            input_ids, attention_mask = batches[step % len(batches)]
+            timer.begin()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids).loss
+            loss.backward()
+            timer.end(step + 1)
+
+    return Run(0, train)
+
+
+def seft_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chunks: list[str], args: argparse.Namespace,
+             timer: StepTimer) -> Run:
+    from seft_trl import SEFTConfig, SEFTSFTTrainer
+
+    config = SEFTConfig(
+        **trainer_arguments(args, "seft"),
+        seft_num_deltas=lora_trainable_count(model, LORA_RANK),
+        seft_target_modules=PROJECTIONS,
+        # One window and one update inside the short timed run: the window covers the last
+        # accumulation_steps steps and the update comes at the last step, swapping the full
+        # default drop fraction (constant schedule: a cosine would decay it over so few steps).
+        seft_update_interval=args.steps,
+        seft_accumulation_steps=DEFAULTS.accumulation_steps,
+        seft_update_end=1.0,
+        seft_drop_schedule="constant",
+    )
+    trainer = make_trainer(SEFTSFTTrainer, config, model, tokenizer, chunks, [timer])
+    run = Run(sum(layer.delta.numel() for layer in trainer.seft.layers.values()), trainer.train)
+    engine, update = trainer.seft, trainer.seft.update_topology
+
+    def timed_update():  # the engine calls self.update_topology(), so the instance attribute wins
+        timer.sync()
+        start = time.perf_counter()
+        stats = update()
+        timer.sync()
+        run.update_seconds.append(time.perf_counter() - start)
+        return stats
+
+    engine.update_topology = timed_update
+    return run
+
+
+def lora_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chunks: list[str], args: argparse.Namespace,
+             timer: StepTimer) -> Run:
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=PROJECTIONS,
+                      task_type="CAUSAL_LM")
+    config = SFTConfig(**trainer_arguments(args, "lora"))
+    trainer = make_trainer(SFTTrainer, config, model, tokenizer, chunks, [timer], peft_config=lora)
+    return Run(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad), trainer.train)
+
+
+class AfterOptimizerStep(TrainerCallback):
+    """Calls ``hook`` after every optimizer step (masked fine-tuning re-applies its mask there)."""
+
+    def __init__(self, hook: Callable[[], None]) -> None:
+        self.hook = hook
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.hook()
+
+
+def masked_full_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chunks: list[str], args: argparse.Namespace,
+                    timer: StepTimer) -> Run:
+    from trl import SFTConfig, SFTTrainer
+
+    adapter = masked_full_adapter(model)  # masked gradients, weights re-masked after every step
+    config = SFTConfig(**trainer_arguments(args, "masked_full"))
+    trainer = make_trainer(SFTTrainer, config, model, tokenizer, chunks, [timer, AfterOptimizerStep(adapter.after_step)])
+    # Only the support learns, though the optimizer holds dense state for every projection weight.
+    return Run(sum(int(torch.count_nonzero(p)) for p in adapter.parameters), trainer.train)
+
+
+RUNS = {"floor": floor_run, "seft": seft_run, "lora": lora_run, "masked_full": masked_full_run}
+
+
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart peak tracking, so that the peak is the training's and not, say, the model loading's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes in use now: allocated CUDA memory, or this process's resident set size."""
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else _status_bytes("VmRSS")
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes since :func:`reset_peak_memory`: CUDA memory allocated, or the resident set size."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_bytes("VmHWM")
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Train one method on the prepared model and print its measurements as one tagged JSON line."""
+    device = torch.device(args.device)
+    folder = Path(args.workdir)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    chunks = json.loads((folder / "chunks.json").read_text())
+    timer = StepTimer(synchronizer(device))
+    run = RUNS[args.worker](model, tokenizer, chunks, args, timer)
+
+    reset_peak_memory(device)
+    before, snapshot, start = memory_in_use(device), cpu_snapshot(), time.perf_counter()
+    run.train()
+    timer.sync()
+    result = {
+        "trainable": run.trainable,
+        "train_seconds": time.perf_counter() - start,
+        "memory_before": before,
+        "memory_peak": peak_memory(device),
+        "other_load": others_load(snapshot),
+        "step_seconds": timer.seconds,
+        "update_seconds": run.update_seconds,
+    }
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def run_worker(method: str, args: argparse.Namespace, workdir: str) -> dict:
+    """Run one method in a fresh process (its peak memory is then its own) and return its measurements."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--workdir", workdir,
+               "--device", args.device, "--steps", str(args.steps), "--seqlen", str(args.seqlen),
+               "--batch", str(args.batch), "--threads", str(args.threads)]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise SystemExit(f"The {method} worker failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
+    line = next(line for line in reversed(completed.stdout.splitlines()) if line.startswith(RESULT_TAG))
+    result = json.loads(line[len(RESULT_TAG):])
+    result["step_seconds"] = {int(step): seconds for step, seconds in result["step_seconds"].items()}
+    return result
+
+
+# ------------------------------------------------------------------------------------ report
+@dataclass
+class SeftBreakdown:
+    """SEFT's step times split by kind, and the topology share measured and extrapolated to the defaults."""
+
+    ordinary: float  # median ordinary step (s)
+    window: dict[int, float]  # step -> seconds, the update step without the update itself
+    update: float  # seconds in update_topology
+    window_extra: float  # the window's steps beyond as many ordinary steps (s)
+    train_seconds: float
+
+    @property
+    def topology_seconds(self) -> float:
+        return self.update + self.window_extra
+
+    @property
+    def share_at_defaults(self) -> float:
+        cycle = DEFAULTS.update_interval * self.ordinary + self.topology_seconds
+        return self.topology_seconds / cycle
+
+    @property
+    def amortized_step(self) -> float:
+        """Mean step time over one default update cycle (update_interval steps)."""
+        return self.ordinary + self.topology_seconds / DEFAULTS.update_interval
+
+
+def timed_steps(result: dict) -> dict[int, float]:
+    return {step: seconds for step, seconds in result["step_seconds"].items() if step > WARMUP_STEPS}
+
+
+def seft_breakdown(result: dict, steps: int) -> SeftBreakdown:
+    if len(result["update_seconds"]) != 1:
+        raise RuntimeError(f"The SEFT run made {len(result['update_seconds'])} topology updates instead of one.")
+    window_steps = range(steps - DEFAULTS.accumulation_steps + 1, steps + 1)
+    timed = timed_steps(result)
+    ordinary = statistics.median(seconds for step, seconds in timed.items() if step not in window_steps)
+    update = sum(result["update_seconds"])
+    window = {step: timed[step] - (update if step == steps else 0.0) for step in window_steps}
+    extra = sum(window.values()) - len(window) * ordinary
+    return SeftBreakdown(ordinary, window, update, extra, result["train_seconds"])
+
+
+def training_increment(result: dict) -> int:
+    return result["memory_peak"] - result["memory_before"]
+
+
+def median_step(method: str, result: dict, seft: SeftBreakdown) -> float:
+    return seft.ordinary if method == "seft" else statistics.median(timed_steps(result).values())
+
+
+def verdict(value: float, goal: float) -> str:
+    return "met" if value <= goal else "not met"
+
+
+def results_table(results: dict[str, dict], seft: SeftBreakdown, unit: str) -> str:
+    steps = {method: median_step(method, result, seft) for method, result in results.items()}
+    lora = results["lora"]
+    rows = []
+    for method, result in results.items():
+        increment = training_increment(result)
+        rows.append([
+            method,
+            DESCRIPTIONS[method],
+            f"{result['trainable']:,}",
+            f"{steps[method]:.3f}",
+            f"{steps[method] / steps['floor']:.2f}",
+            f"{steps[method] / steps['lora']:.2f}",
+            f"{result['memory_peak'] / MIB:.0f}",
+            f"{increment / MIB:.0f}",
+            f"{result['memory_peak'] / lora['memory_peak']:.2f}",
+            f"{increment / training_increment(lora):.2f}",
+            f"{result['other_load']:.2f}",
+        ])
+    headers = ["method", "what", "trainable params", "median step (s)", "× floor", "× LoRA", f"peak {unit} (MiB)",
+               "increment during training (MiB)", "peak × LoRA", "increment × LoRA", "other load (cores)"]
+    return markdown_table(headers, rows)
+
+
+def breakdown_text(seft: SeftBreakdown, steps: int) -> str:
+    window = ", ".join(f"step {step}: {seconds:.3f} s" for step, seconds in seft.window.items())
+    interval, accumulation = DEFAULTS.update_interval, DEFAULTS.accumulation_steps
+    first, last = WARMUP_STEPS + 1, steps - accumulation
+    ordinary_steps = f"step {first}" if first == last else f"steps {first} to {last}"
+    return "\n".join([
+        "## SEFT: ordinary steps, accumulation window, topology update",
+        "",
+        f"* Ordinary step (median of {ordinary_steps}): {seft.ordinary:.3f} s.",
+        f"* Window steps ({window}; the first picks candidates from one dense weight gradient per layer, the last "
+        "excludes the update itself): "
+        f"{seft.window_extra:.3f} s more than {accumulation} ordinary steps in all.",
+        f"* Topology update (`update_topology`, one call): {seft.update:.3f} s.",
+        f"* Measured in this run: the update took {seft.update / seft.train_seconds:.1%} of the training wall time "
+        f"({seft.train_seconds:.1f} s), update + window overhead {seft.topology_seconds / seft.train_seconds:.1%}; "
+        f"this run packs one update into {steps} steps, so these shares overstate the defaults.",
+        f"* Extrapolated to the defaults (an update every {interval} steps, windows of {accumulation}): "
+        f"share = (update + window overhead) / ({interval} × ordinary step + update + window overhead) = "
+        f"({seft.update:.3f} + {seft.window_extra:.3f}) / ({interval} × {seft.ordinary:.3f} + "
+        f"{seft.topology_seconds:.3f}) = **{seft.share_at_defaults:.1%}**; amortized step "
+        f"= ordinary + (update + window overhead) / {interval} = **{seft.amortized_step:.3f} s**.",
+    ])
+
+
+def goals_text(results: dict[str, dict], seft: SeftBreakdown, unit: str) -> str:
+    floor = median_step("floor", results["floor"], seft)
+    lora_step = median_step("lora", results["lora"], seft)
+    seft_result, lora = results["seft"], results["lora"]
+    peak = seft_result["memory_peak"] / lora["memory_peak"]
+    increment = training_increment(seft_result) / training_increment(lora)
+    to_floor, to_lora = seft.amortized_step / floor, seft.amortized_step / lora_step
+    return "\n".join([
+        "## Goals",
+        "",
+        f"SEFT's step time below is the amortized step at the defaults ({seft.amortized_step:.3f} s; ordinary steps "
+        f"alone: {seft.ordinary / floor:.2f}× floor, {seft.ordinary / lora_step:.2f}× LoRA).",
+        "",
+        f"* SEFT step ≤ 1.10× floor: {to_floor:.2f}× — {verdict(to_floor, 1.10)}.",
+        f"* SEFT step ≤ 0.85× LoRA (matched trainable parameters): {to_lora:.2f}× — {verdict(to_lora, 0.85)}.",
+        f"* SEFT peak memory ≤ 0.9× LoRA's: {peak:.2f}× the whole-process peak {unit} — {verdict(peak, 0.9)}; "
+        f"{increment:.2f}× the increment during training — {verdict(increment, 0.9)}.",
+        f"* Topology updates ≤ 5% of wall time at the defaults: {seft.share_at_defaults:.1%} (extrapolated) — "
+        f"{verdict(seft.share_at_defaults, 0.05)}.",
+    ])
+
+
+def contention_text(results: dict[str, dict]) -> str:
+    # common.contention_note would count the workers' CPU time as other processes' (it only
+    # subtracts the calling process's own), so each worker measures the others' load itself.
+    worst = max(result["other_load"] for result in results.values())
+    verdict_text = "the times are inflated" if worst > 0.1 else "the machine was quiet"
+    return (
+        f"Other processes kept up to {worst:.2f} of the cores busy on average while a method trained (column "
+        f"'other load': /proc/stat busy time minus the worker's CPU time): {verdict_text}."
+    )
+
+
+def report(args: argparse.Namespace, prepared: dict, results: dict[str, dict], wall: float) -> str:
+    device = torch.device(args.device)
+    seft = seft_breakdown(results["seft"], args.steps)
+    unit = "CUDA memory allocated" if device.type == "cuda" else "RSS"
+    dtype = "bf16 weights, bf16 autocast" if device.type == "cuda" else "fp32"
+    lora_count = f"{results['lora']['trainable']:,}"
+    return "\n\n".join([
+        f"# Training speed and memory: SEFT vs LoRA vs masked full fine-tuning ({MODEL_NAMES[args.model]})",
+        f"Model: {MODEL_NAMES[args.model]}, {prepared['parameters']:,} parameters, pruned {PRUNING[args.model]} "
+        f"({prepared['sparsity']:.1%} of the decoder's linear weights are zero), on {device}, {dtype}. Batches: "
+        f"{args.batch} sequences × {args.seqlen} tokens ({prepared['chunks']} training chunks). {args.steps} "
+        f"optimizer steps per method, the first {WARMUP_STEPS} excluded as warm-up; torch AdamW, lr "
+        f"{LEARNING_RATE:g} constant, gradient checkpointing off, each method in its own process.",
+        f"Matched trainable parameters: LoRA r={LORA_RANK} (alpha {LORA_ALPHA}, no dropout) on "
+        f"{', '.join(PROJECTIONS)} has {lora_count}; SEFT gets as many deltas (`seft_num_deltas`, split over the "
+        "same projections in proportion to their size). masked_full trains the nonzero entries of the same "
+        "projections (its optimizer keeps dense state). SEFT runs with update_interval = steps, "
+        f"accumulation_steps {DEFAULTS.accumulation_steps}, update_end 1.0 and a constant drop fraction "
+        f"{DEFAULTS.drop_fraction}, so its last {DEFAULTS.accumulation_steps} steps form one window ending in one "
+        "update.",
+        f"Step: on_step_begin → on_step_end of the Trainer (forward, backward, clipping, optimizer, callbacks), "
+        f"median over the timed steps; for the floor, forward + backward. Memory: peak {unit} of the method's "
+        "process while it trained (the peak is reset when training starts, so model loading does not count), and the "
+        "increase over the value at that moment.",
+        *([TINY_NOTE] if args.model == "tiny" else []),
+        results_table(results, seft, unit),
+        breakdown_text(seft, args.steps),
+        goals_text(results, seft, unit),
+        f"{machine_description(device)} Total wall time {wall:.0f} s. {contention_text(results)}",
+        f"Command: `python benchmarks/speed.py --model {args.model} --device {args.device} --steps {args.steps} "
+        f"--seqlen {args.seqlen} --batch {args.batch} --threads {args.threads}`",
+    ])
+
+
+# -------------------------------------------------------------------------------------- main
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--model", choices=sorted(SEQLEN), default=None,
+        help="default: llama-large on CUDA, else smollm2 (tiny with --quick)")
+    add("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add("--steps", type=int, default=None, help="optimizer steps per method (default 12, 8 with --quick)")
+    add("--seqlen", type=int, default=None, help="tokens per sequence (default: 64 tiny, 256 smollm2, 1024 large)")
+    add("--batch", type=int, default=4, help="sequences per step")
+    add("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core; 1 with --quick)")
+    add("--quick", action="store_true", help="the tiny random model: a check that everything runs, in seconds")
+    add("--output", type=Path, default=None, help="default: results/speed.md (results/speed_quick.md with --quick)")
+    add("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    add("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.model = args.model or ("tiny" if args.quick else "llama-large" if args.device == "cuda" else "smollm2")
+    args.steps = args.steps or (8 if args.quick else 12)
+    # The tiny model's steps take milliseconds on one thread but can take a hundred times longer
+    # on two when another process holds a core (the threads wait for each other).
+    args.threads = args.threads or (1 if args.quick else torch.get_num_threads())
+    args.seqlen = args.seqlen or SEQLEN[args.model]
+    args.output = args.output or RESULTS_DIR / ("speed_quick.md" if args.quick else "speed.md")
+    minimum = WARMUP_STEPS + DEFAULTS.accumulation_steps + 1
+    if args.steps < minimum:
+        parser.error(f"--steps must be at least {minimum}: warm-up, one ordinary step and one accumulation window.")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        worker(args)
+        return
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="seft-speed-") as workdir:
+        print(f"Pruning {args.model} once for every method ...", flush=True)
+        prepared = prepare(args.model, torch.device(args.device), args.seqlen, Path(workdir))
+        if args.device == "cuda":
+            torch.cuda.empty_cache()  # the parent's cached blocks would crowd the workers' GPU memory
+        results = {}
+        for method in METHODS:
+            results[method] = run_worker(method, args, workdir)
+            print(f"{method}: trained in {results[method]['train_seconds']:.1f} s", flush=True)
+    write_report(report(args, prepared, results, time.perf_counter() - started), args.output)
+
+
+if __name__ == "__main__":
+    main()

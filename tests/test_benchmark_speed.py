@@ -1,0 +1,40 @@
+"""benchmarks/speed.py --quick runs end to end as a process and reports every method with real numbers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+METHODS = ("floor", "seft", "lora", "masked_full")
+
+
+def table_rows(report: str) -> dict[str, dict[str, str]]:
+    """The results table's rows as {method: {header: cell}}."""
+    lines = [line for line in report.splitlines() if line.startswith("| ")]
+    headers = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [dict(zip(headers, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[1:]]
+    return {row["method"]: row for row in rows}
+
+
+def test_quick_speed_benchmark_reports_every_method(tmp_path):
+    output = tmp_path / "speed.md"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    result = subprocess.run([sys.executable, "benchmarks/speed.py", "--quick", "--output", str(output)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = output.read_text()
+    rows = table_rows(report)
+    assert set(METHODS) <= set(rows)
+    for method in METHODS:
+        row = rows[method]
+        assert float(row["median step (s)"]) > 0, row
+        assert float(row["peak RSS (MiB)"]) > 0, row
+        assert float(row["× LoRA"]) > 0, row
+        trainable = int(row["trainable params"].replace(",", ""))
+        assert trainable == 0 if method == "floor" else trainable > 0, row
+    lora = int(rows["lora"]["trainable params"].replace(",", ""))
+    assert abs(int(rows["seft"]["trainable params"].replace(",", "")) - lora) <= 7  # per-layer rounding
+    assert "## Goals" in report and "Topology updates ≤ 5%" in report
