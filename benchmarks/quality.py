@@ -23,9 +23,10 @@ SEFT's topology cadence is scaled to the short run (the defaults, interval 20 wi
 are meant for runs of thousands of steps): interval = steps // 8, window = interval // 2.
 
 Every finished run is appended to ``quality_runs.csv``, so an interrupted benchmark resumes where it
-stopped; ``--report-only`` rebuilds the Markdown and the chart from that file.
+stopped; ``--report-only`` rebuilds the Markdown and the chart from that file. The committed
+results folder already holds every run, so measure afresh into another ``--output-dir``.
 
-    python benchmarks/quality.py                  # benchmarks/results/ (make bench-quality; ~2.5 h on 2 cores)
+    python benchmarks/quality.py --output-dir DIR  # ~2.5 h on 2 cores (make bench-quality)
     python benchmarks/quality.py --quick --output-dir /tmp/q   # tiny random model, every method, seconds
 """
 
