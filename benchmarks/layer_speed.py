@@ -125,9 +125,7 @@ def seft_layer(linear: nn.Linear, density: float, seed: int) -> SparseDeltaLinea
 def arm_window(layer: SparseDeltaLinear) -> None:
     """Make the next backward the window-start step, as the engine does with its default config."""
     n_swaps = round(SWAP_FRACTION * layer.delta.numel())
-    layer.begin_window(
-        n_swaps=n_swaps, candidate_factor=CANDIDATE_FACTOR, regrow_pruned=True, prune_criterion="sensitivity"
-    )
+    layer.begin_window(n_swaps, CANDIDATE_FACTOR)
 
 
 def peft_lora(linear: nn.Linear, rank: int) -> nn.Module:

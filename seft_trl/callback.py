@@ -59,6 +59,7 @@ class SEFTCallback(TrainerCallback):
             "seft/grown": float(sum(s.grown for s in stats)),
             "seft/revived": float(sum(s.revived for s in stats)),
             "seft/removed": float(sum(s.removed for s in stats)),
+            "seft/refused": float(sum(s.refused for s in stats)),
             "seft/sparsity": 1.0 - nonzeros / numel,
             "seft/delta_norm": self.engine.delta_norm,
         }

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from .config import SparsityEvolutionConfig
-from .layer import SparseDeltaLinear, UpdateStats
-from .optim_state import check_optimizer_supported, reset_optimizer_slots, unwrap_optimizer
+from .layer import SparseDeltaLinear, TopologyCriteria, UpdateStats
+from .optim_state import check_optimizer_supported, reset_optimizer_slots, seed_optimizer_slots, unwrap_optimizer
 from .patterns import Scope, SparsityPattern, detect_pattern, satisfies
 from .topology import drop_fraction_at, is_update_step
 
@@ -132,11 +132,12 @@ class SparsityEvolution:
 
         # All checks passed: now change the model.
         model.requires_grad_(False)
+        self.criteria = TopologyCriteria.from_config(config)
         self.layers: dict[str, SparseDeltaLinear] = {}
         for ordinal, (name, linear) in enumerate(targets.items()):
             scope = Scope.for_layer(self.pattern, config.sparsity_scope, linear.in_features)
             index = _initial_delta_index(linear.weight, counts[name], seed=config.seed * 1_000_003 + ordinal)
-            layer = SparseDeltaLinear(linear, index, scope)
+            layer = SparseDeltaLinear(linear, index, scope, self.criteria)
             model.set_submodule(name, layer)
             self.layers[name] = layer
         self.model, self.config = model, config
@@ -181,9 +182,10 @@ class SparsityEvolution:
         self.detach()
         self.optimizer, self.total_steps, self.step_count = inner, total_steps, start_step
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        reduce = torch.distributed.all_reduce if distributed and torch.distributed.get_world_size() > 1 else None
+        world_size = torch.distributed.get_world_size() if distributed else 1
         for layer in self.layers.values():
-            layer.stats_all_reduce = reduce
+            layer.stats_all_reduce = torch.distributed.all_reduce if world_size > 1 else None
+            layer.world_size = world_size
         if step_hook:
             self._hook = inner.register_step_post_hook(lambda *_: self.after_optimizer_step())
         self._arm_window()
@@ -197,6 +199,8 @@ class SparsityEvolution:
         """Count one optimizer step; unless it was ``skipped``, write W' and run the update when due."""
         self.step_count += 1
         self.last_update = {}
+        for layer in self.layers.values():
+            layer.close_step(skipped)
         if not skipped:
             for layer in self.layers.values():
                 layer.materialize()
@@ -221,12 +225,10 @@ class SparsityEvolution:
         for layer in self.layers.values():
             n_swaps = round(fraction * layer.delta.numel())
             if n_swaps > 0:
-                layer.begin_window(
-                    n_swaps, self.config.candidate_factor, self.config.regrow_pruned, self.config.prune_criterion
-                )
+                layer.begin_window(n_swaps, self.config.candidate_factor)
 
     def update_topology(self) -> dict[str, UpdateStats]:
-        """Drop, grow and adapt in every layer now; resets the optimizer state of moved slots.
+        """Drop, grow and adapt in every layer now; seeds (or resets) the optimizer state of moved slots.
 
         Skipped as a whole (with a warning) when any layer's window statistics are not finite,
         as after an fp16 overflow: a decision on NaN scores would be arbitrary.
@@ -235,13 +237,17 @@ class SparsityEvolution:
         if not all(finite):
             warnings.warn(f"Topology update at step {self.step_count} skipped: non-finite gradient statistics.")
             for layer in self.layers.values():
-                layer.update_topology(0, self.config.drop_mode)  # discards the window
+                layer.update_topology(0)  # discards the window
             return {}
         fraction = self.drop_fraction(self.step_count)
         stats = {}
         for name, layer in self.layers.items():
-            stats[name], moved_slots = layer.update_topology(round(fraction * layer.delta.numel()), self.config.drop_mode)
-            if self.optimizer is not None:
+            stats[name], moved_slots, (mean, mean_sq) = layer.update_topology(round(fraction * layer.delta.numel()))
+            if self.optimizer is None:
+                continue
+            if self.config.seed_moments:
+                seed_optimizer_slots(self.optimizer, layer.delta, moved_slots, mean, mean_sq)
+            else:
                 reset_optimizer_slots(self.optimizer, layer.delta, moved_slots)
         self.last_update = stats
         return stats

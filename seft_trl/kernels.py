@@ -74,6 +74,15 @@ def dense_weight_gradient(grad_output: torch.Tensor, x: torch.Tensor) -> torch.T
     return grad
 
 
+def token_square_sums(t: torch.Tensor) -> torch.Tensor:
+    """fp32 Σ over tokens of t²: [T, features] -> [features], over token chunks (the curvature factors)."""
+    total = torch.zeros(t.shape[1], dtype=torch.float32, device=t.device)
+    for start in range(0, t.shape[0], TOKEN_CHUNK):
+        chunk = t[start : start + TOKEN_CHUNK].float()
+        total += (chunk * chunk).sum(0)
+    return total
+
+
 def sampled_weight_gradient(
     grad_output: torch.Tensor, x: torch.Tensor, pattern: SamplingPattern
 ) -> torch.Tensor:

@@ -8,8 +8,9 @@ positions (:mod:`seft_trl.kernels`); the dense weight gradient is only formed on
 accumulation window, to choose topology candidates.
 
 State per layer is O(k): δ (fp32), the flat positions, the fp32 base values, the budget, and
-during a window the candidate positions with their accumulated gradients. No mask is stored;
-the support (nonzero weights ∪ delta positions) is recomputed from the weight when needed.
+during a window the candidate positions with their gradient statistics and the O(out + in)
+curvature factors. No mask is stored; the support (nonzero weights ∪ delta positions) is
+recomputed from the weight when needed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import SamplingPattern, dense_weight_gradient, sampled_weight_gradient
+from .config import SparsityEvolutionConfig
+from .criteria import (
+    GROWTH_CRITERIA,
+    REMOVAL_CRITERIA,
+    SWAP_TESTS,
+    GrowthScore,
+    RemovalScore,
+    SwapTest,
+    curvature_at,
+    lookup,
+    newton_gain,
+    taylor_removal_cost,
+)
+from .kernels import SamplingPattern, dense_weight_gradient, sampled_weight_gradient, token_square_sums
 from .patterns import Scope
 from .topology import Candidates, SwapPlan, plan_swap, select_candidates
 
@@ -34,19 +48,68 @@ class UpdateStats:
     grown: int
     revived: int
     removed: int
+    refused: int  # ranked swaps the swap test turned down
     support: int
     budget: int
 
 
 @dataclass
+class TopologyCriteria:
+    """The criteria of one run's updates (resolved from the config's names by the engine)."""
+
+    growth: GrowthScore
+    removal: RemovalScore
+    swap_test: SwapTest | None
+    regrow_pruned: bool
+    drop_mode: str
+
+    @classmethod
+    def from_config(cls, config: SparsityEvolutionConfig) -> "TopologyCriteria":
+        return cls(
+            growth=lookup(GROWTH_CRITERIA, "growth_criterion", config.growth_criterion),
+            removal=lookup(REMOVAL_CRITERIA, "removal_criterion", config.removal_criterion),
+            swap_test=None if config.swap_test == "none" else lookup(SWAP_TESTS, "swap_test", config.swap_test),
+            regrow_pruned=config.regrow_pruned,
+            drop_mode=config.drop_mode,
+        )
+
+
+@dataclass
 class WindowStatistics:
-    """Candidates of one accumulation window and their accumulated weight gradients."""
+    """Candidates of one accumulation window and the gradient statistics gathered over it.
+
+    Gradient entries run over ``cat(delta slots [k], grow candidates [cg], remove candidates
+    [cr])``. Within an optimizer step the micro-batches add into ``step_sum``, ``step_row_sq`` and
+    ``step_col_sq``; closing the step sums them over ranks and adds them, and the step's square,
+    into the window's totals, so the totals count whole steps: a skipped step leaves no trace.
+    ``optimizer_dot`` and ``raw_sq`` relate this layer's gradient scale to the optimizer's (loss
+    scaling, clipping, averaging over ranks): Σ_s ⟨δ.grad, raw δ gradient⟩ and Σ_s ‖raw‖².
+    """
 
     candidates: Candidates
-    grad_sum: torch.Tensor  # fp32 [cg + cr]
+    step_sum: torch.Tensor  # fp32 [k + cg + cr]
+    step_row_sq: torch.Tensor  # fp32 [out]: Σ_t g[t, r]² of this step
+    step_col_sq: torch.Tensor  # fp32 [in]: Σ_t x[t, c]² of this step
+    grad_sum: torch.Tensor  # fp32 [k + cg + cr]: Σ over closed steps of the step's gradient
+    grad_sq_sum: torch.Tensor  # fp32 [k + cg + cr]: Σ over closed steps of its square
+    row_sq: torch.Tensor  # fp32 [out]
+    col_sq: torch.Tensor  # fp32 [in]
+    counters: torch.Tensor  # fp64 [3]: closed steps, optimizer_dot, raw_sq
     # Over cat(delta_index, grow_index, remove_index): one sampled product serves the δ gradient
     # and the statistics (delta positions do not change inside a window). Built on first use.
     pattern: SamplingPattern | None = None
+
+    TENSORS = ("step_sum", "step_row_sq", "step_col_sq", "grad_sum", "grad_sq_sum", "row_sq", "col_sq", "counters")
+
+    @property
+    def steps(self) -> int:
+        return int(self.counters[0])
+
+    @property
+    def optimizer_scale(self) -> float:
+        """Least-squares factor from this layer's raw gradient to the optimizer's (1 when unknown)."""
+        dot, raw_sq = float(self.counters[1]), float(self.counters[2])
+        return dot / raw_sq if raw_sq > 0 else 1.0
 
 
 class _SparseDeltaLinearFunction(torch.autograd.Function):
@@ -80,7 +143,10 @@ class SparseDeltaLinear(nn.Module):
     and, in row scope, ``row_budget``.
     """
 
-    def __init__(self, base: nn.Linear, delta_index: torch.Tensor, scope: Scope) -> None:
+    def __init__(
+        self, base: nn.Linear, delta_index: torch.Tensor, scope: Scope, criteria: TopologyCriteria | None = None
+    ) -> None:
+        """``criteria``: how this layer's updates decide (default: those of the default config)."""
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
@@ -100,10 +166,10 @@ class SparseDeltaLinear(nn.Module):
         self._pattern_key: tuple[int, int] | None = None  # (storage, version) of delta_index it was built for
         self._window: WindowStatistics | None = None
         self._select_count = 0  # > 0: the next backward selects this many growth candidates
-        self._regrow_pruned = True
-        self._prune_criterion = "sensitivity"
+        self.criteria = criteria or TopologyCriteria.from_config(SparsityEvolutionConfig())
         # Sums a statistics tensor over data-parallel ranks in place (set by the engine under DDP).
         self.stats_all_reduce: Callable[[torch.Tensor], object] | None = None
+        self.world_size = 1
 
     # ----------------------------------------------------------------------- forward / backward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,27 +186,7 @@ class SparseDeltaLinear(nn.Module):
     def _delta_gradient(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """δ gradient [k] from grad_output [T, out] and input [T, in]; feeds the window statistics."""
         if self._select_count > 0:
-            grad = dense_weight_gradient(g, x)  # [out, in]: the one dense product of the window
-            grad_delta = grad.view(-1)[self.delta_index]  # this rank's own gradient, before any reduction
-            world_size = 1
-            if self.stats_all_reduce is not None:  # every rank must pick the same candidates
-                self.stats_all_reduce(grad)
-                world_size = torch.distributed.get_world_size()
-            candidates = select_candidates(
-                grad,
-                self.weight,
-                self.delta_index,
-                self.scope,
-                self._select_count,
-                self._regrow_pruned,
-                self._prune_criterion,
-            )
-            tracked = torch.cat([candidates.grow_index, candidates.remove_index])
-            # Each rank holds 1/world_size of the summed first gradient, so that the sum over
-            # ranks at the update counts it once.
-            self._window = WindowStatistics(candidates, grad.view(-1)[tracked] / world_size)
-            self._select_count = 0
-            return grad_delta
+            return self._open_window(g, x)
         window = self._window
         if window is None:
             return sampled_weight_gradient(g, x, self._sampling_pattern())
@@ -148,9 +194,42 @@ class SparseDeltaLinear(nn.Module):
             positions = torch.cat([self.delta_index, window.candidates.grow_index, window.candidates.remove_index])
             window.pattern = SamplingPattern(positions, self.out_features, self.in_features)
         values = sampled_weight_gradient(g, x, window.pattern)  # [k + cg + cr]
-        k = self.delta_index.numel()
-        window.grad_sum += values[k:]
-        return values[:k]
+        window.step_sum += values
+        window.step_row_sq += token_square_sums(g)
+        window.step_col_sq += token_square_sums(x)
+        return values[: self.delta_index.numel()]
+
+    def _open_window(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The window's first backward: one dense gradient to choose the candidates from."""
+        grad = dense_weight_gradient(g, x)  # [out, in]: the one dense product of the window
+        grad_delta = grad.view(-1)[self.delta_index]  # this rank's own gradient, before any reduction
+        row_sq, col_sq = token_square_sums(g), token_square_sums(x)
+        if self.stats_all_reduce is not None:  # every rank must pick the same candidates
+            for tensor in (grad, row_sq, col_sq):
+                self.stats_all_reduce(tensor)
+        criteria = self.criteria
+        candidates = select_candidates(
+            grad, self.weight, self.delta_index, self.scope, self._select_count,
+            criteria.regrow_pruned, criteria.growth, criteria.removal, row_sq, col_sq,
+        )
+        tracked = torch.cat([candidates.grow_index, candidates.remove_index])
+        # The reduced parts count 1/world_size on each rank, so that the sums over ranks when the
+        # step closes (and at the update) count them once; the δ part is still this rank's own.
+        share = 1.0 / self.world_size
+        step_sum = torch.cat([grad_delta, grad.view(-1)[tracked] * share])
+        self._window = WindowStatistics(
+            candidates,
+            step_sum=step_sum,
+            step_row_sq=row_sq * share,
+            step_col_sq=col_sq * share,
+            grad_sum=torch.zeros_like(step_sum),
+            grad_sq_sum=torch.zeros_like(step_sum),
+            row_sq=torch.zeros_like(row_sq),
+            col_sq=torch.zeros_like(col_sq),
+            counters=torch.zeros(3, dtype=torch.float64, device=step_sum.device),
+        )
+        self._select_count = 0
+        return grad_delta
 
     # ------------------------------------------------------------------------------ weights
     @torch.no_grad()
@@ -176,92 +255,155 @@ class SparseDeltaLinear(nn.Module):
 
     # ------------------------------------------------------------------- checkpoint / resume
     # An open accumulation window is part of the training state: a checkpoint taken inside a
-    # window must resume with the same candidates and accumulated gradients. Its tensors change
-    # size from window to window, so they are saved and restored here rather than as buffers.
-    _WINDOW_KEYS = ("window_grow_index", "window_remove_index", "window_grad_sum")
+    # window must resume with the same candidates and statistics. Its tensors change size from
+    # window to window, so they are saved and restored here rather than as buffers.
+    _INDEX_KEYS = ("window_grow_index", "window_remove_index")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._window is not None:
-            candidates = self._window.candidates
-            tensors = (candidates.grow_index, candidates.remove_index, self._window.grad_sum)
-            for key, tensor in zip(self._WINDOW_KEYS, tensors):
-                destination[prefix + key] = tensor.clone()
+            window = self._window
+            destination[prefix + "window_grow_index"] = window.candidates.grow_index.clone()
+            destination[prefix + "window_remove_index"] = window.candidates.remove_index.clone()
+            for name in WindowStatistics.TENSORS:
+                destination[prefix + "window_" + name] = getattr(window, name).clone()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
-        window = [state_dict.pop(prefix + key, None) for key in self._WINDOW_KEYS]
+        keys = self._INDEX_KEYS + tuple("window_" + name for name in WindowStatistics.TENSORS)
+        saved = {key: state_dict.pop(prefix + key, None) for key in keys}
         self._window = None
-        if window[0] is not None:
+        if saved["window_grow_index"] is not None:
+            missing = [key for key, value in saved.items() if value is None]
+            if missing:
+                raise ValueError(
+                    f"{prefix}: the checkpoint's open topology window lacks {', '.join(missing)} (written by an older "
+                    "seft_trl). Resume from a checkpoint taken outside an accumulation window, or with that version."
+                )
             device = self.delta_index.device
-            grow_index, remove_index, grad_sum = (tensor.to(device) for tensor in window)
-            self._window = WindowStatistics(Candidates(grow_index, remove_index), grad_sum.float())
+            candidates = Candidates(saved["window_grow_index"].to(device), saved["window_remove_index"].to(device))
+            # A loader may cast floating-point entries to the model's dtype: restore the window's own.
+            tensors = {
+                name: saved["window_" + name].to(device, torch.float64 if name == "counters" else torch.float32)
+                for name in WindowStatistics.TENSORS
+            }
+            self._window = WindowStatistics(candidates, **tensors)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
 
     # ----------------------------------------------------------------------------- topology
-    def begin_window(self, n_swaps: int, candidate_factor: float, regrow_pruned: bool, prune_criterion: str) -> None:
+    def begin_window(self, n_swaps: int, candidate_factor: float) -> None:
         """Arm the next backward to pick candidates for an update that swaps ``n_swaps`` deltas."""
         self._window = None
         self._select_count = max(1, round(candidate_factor * n_swaps))
-        self._regrow_pruned, self._prune_criterion = regrow_pruned, prune_criterion
+
+    @torch.no_grad()
+    def close_step(self, skipped: bool = False) -> None:
+        """End of an optimizer step: fold its statistics into the window's (or drop them if ``skipped``).
+
+        Called after the optimizer has stepped and before the gradients are cleared, so ``δ.grad``
+        is what the optimizer used; comparing it with this layer's own gradient gives the factor
+        between the two scales that the moment seeds need.
+        """
+        window = self._window
+        if window is None:
+            return
+        if not skipped:
+            if self.stats_all_reduce is not None:
+                self.stats_all_reduce(window.step_sum)
+            if self.delta.grad is not None:
+                # fp64 copies: a reduction over a slice can depend on its memory alignment, which
+                # would make a resumed run differ from an uninterrupted one in the last bits.
+                raw, used = window.step_sum[: self.delta_index.numel()].double(), self.delta.grad.double()
+                window.counters[1] += float((used * raw).sum())
+                window.counters[2] += float((raw * raw).sum())
+            window.grad_sum += window.step_sum
+            window.grad_sq_sum.addcmul_(window.step_sum, window.step_sum)
+            window.row_sq += window.step_row_sq
+            window.col_sq += window.step_col_sq
+            window.counters[0] += 1
+        for tensor in (window.step_sum, window.step_row_sq, window.step_col_sq):
+            tensor.zero_()
 
     @torch.no_grad()
     def finalize_window(self) -> bool:
-        """Sum the window statistics over ranks; False when they are not finite."""
+        """Sum the curvature factors over ranks; False when the statistics are not finite."""
         if self._window is None:
             return True
         if self.stats_all_reduce is not None:
-            self.stats_all_reduce(self._window.grad_sum)
-        return bool(torch.isfinite(self._window.grad_sum).all())
+            for tensor in (self._window.row_sq, self._window.col_sq):
+                self.stats_all_reduce(tensor)
+        window = self._window
+        return all(bool(torch.isfinite(t).all()) for t in (window.grad_sum, window.grad_sq_sum, window.row_sq, window.col_sq))
 
     @torch.no_grad()
-    def update_topology(self, n_target: int, drop_mode: str) -> tuple[UpdateStats, torch.Tensor]:
-        """Swap up to ``n_target`` deltas; returns the stats and the delta slots whose meaning changed."""
+    def update_topology(self, n_target: int) -> tuple[UpdateStats, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Swap up to ``n_target`` deltas.
+
+        Returns the stats, the delta slots whose position changed, and for them the mean and
+        mean square of the gradient at their new positions in the optimizer's scale (moment seeds).
+        """
         window, self._window, self._select_count = self._window, None, 0
-        if window is None or n_target == 0:
-            return self._stats(0, 0, 0), self.delta_index.new_empty(0)
+        empty = self.delta_index.new_empty(0)
+        if window is None or n_target == 0 or window.steps == 0:
+            return self._stats(0, 0, 0, 0), empty, (self.delta.new_empty(0), self.delta.new_empty(0))
         plan = self._plan(window, n_target)
-        self._apply_plan(plan, drop_mode)
-        return self._stats(plan.grow_index.numel(), plan.revived, plan.remove_index.numel()), plan.drop_slots
+        self._apply_plan(plan)
+        k, steps, scale = self.delta_index.numel(), window.steps, window.optimizer_scale
+        grown = k + plan.grow_candidate
+        seeds = (window.grad_sum[grown] * (scale / steps), window.grad_sq_sum[grown] * (scale * scale / steps))
+        stats = self._stats(plan.grow_index.numel(), plan.revived, plan.remove_index.numel(), plan.refused)
+        return stats, plan.drop_slots, seeds
 
     def _plan(self, window: WindowStatistics, n_target: int) -> SwapPlan:
+        criteria = self.criteria
         grow_index, remove_index = window.candidates.grow_index, window.candidates.remove_index
-        grow_sum, remove_sum = window.grad_sum.split([grow_index.numel(), remove_index.numel()])
-        weight = self.weight.view(-1)
+        k, cg = self.delta_index.numel(), grow_index.numel()
+        positions = torch.cat([self.delta_index, grow_index, remove_index])
+        steps = window.steps
+        mean, mean_sq = window.grad_sum / steps, window.grad_sq_sum / steps
+        # Per-step curvature in the units of the summed per-rank losses (criteria module docstring).
+        curvature = curvature_at(positions, window.row_sq, window.col_sq, 1.0 / (self.world_size * steps * steps))
+        gain = newton_gain(mean, mean_sq, steps, curvature)
+        weight = self.weight.view(-1)[positions].float()
+
+        forgone = gain[:k]  # a dropped delta stops training: it gives up its own predicted gain
+        if criteria.drop_mode == "revert":  # and reverting its value changes the loss by -δ·g + ½δ²h
+            delta = self.delta.detach()
+            forgone = forgone - delta * mean[:k] + 0.5 * delta * delta * curvature[:k]
+        removal = slice(k + cg, None)
         support = self.support_mask()
-        group_slack = (
-            self.scope.group_budget(self.support_budget, self.row_budget) - self.scope.group_support(support)
-        ).clamp(min=0)
+        group_budget = self.scope.group_budget(self.support_budget, self.row_budget)
+        group_slack = (group_budget - self.scope.group_support(support)).clamp(min=0)
         grow_group = self.scope.group_of(grow_index)
-        remove_weight = weight[remove_index].float()
-        if self._prune_criterion == "sensitivity":
-            remove_score = (remove_weight * remove_sum).abs()
-        else:
-            remove_score = remove_weight.abs()
         return plan_swap(
             delta_magnitude=self.delta.detach().abs(),
+            drop_forgone=forgone,
             grow_index=grow_index,
-            grow_score=grow_sum.abs(),
+            grow_score=criteria.growth(mean[k : k + cg]),
+            grow_gain=gain[k : k + cg],
             grow_revives=~support.view(-1)[grow_index],
             grow_group=grow_group,
             grow_slack=group_slack[grow_group],
+            layer_slack=max(0, int(self.support_budget) - int(support.sum())),
             remove_index=remove_index,
-            remove_score=remove_score,
+            remove_score=criteria.removal(weight[removal], mean[removal], curvature[removal]),
+            remove_cost=taylor_removal_cost(weight[removal], mean[removal], curvature[removal]),
             remove_group=self.scope.group_of(remove_index),
             n_target=n_target,
+            swap_test=criteria.swap_test,
         )
 
-    def _apply_plan(self, plan: SwapPlan, drop_mode: str) -> None:
+    def _apply_plan(self, plan: SwapPlan) -> None:
         weight = self.weight.view(-1)
         slots = plan.drop_slots
-        if drop_mode == "revert":
+        if self.criteria.drop_mode == "revert":
             weight[self.delta_index[slots]] = self.delta_base[slots].to(weight.dtype)
         weight[plan.remove_index] = 0
         self.delta_index[slots] = plan.grow_index
         self.delta_base[slots] = weight[plan.grow_index].float()
         self.delta.data[slots] = 0.0
 
-    def _stats(self, swapped: int, revived: int, removed: int) -> UpdateStats:
-        return UpdateStats(swapped, swapped, revived, removed, self.support_size(), int(self.support_budget))
+    def _stats(self, swapped: int, revived: int, removed: int, refused: int) -> UpdateStats:
+        return UpdateStats(swapped, swapped, revived, removed, refused, self.support_size(), int(self.support_budget))
 
     def extra_repr(self) -> str:
         return (

@@ -1,19 +1,22 @@
 """Topology decisions of sparsity evolution, as pure functions on tensors.
 
-One update (every ``update_interval`` optimizer steps) swaps n delta positions:
+One update (every ``update_interval`` optimizer steps) moves up to n delta slots:
 
 * **drop** the n deltas with the smallest ``|δ|``;
-* **grow** n new positions, outside the delta set, with the largest accumulated ``|grad|``;
-  a grown position whose weight is zero is a *revival* of a pruned weight;
+* **grow** n new positions, outside the delta set, ranked by the growth criterion (largest
+  accumulated ``|grad|``); a grown position whose weight is zero is a *revival* of a pruned weight;
 * **adapt**: each revival is paid for inside its scope group (layer, row or N:M group), first
-  from the group's unused budget (slack), then by removing the non-delta support weight with
-  the lowest accumulated sensitivity ``|w·grad|`` (or ``|w|``). A revival that cannot be paid
-  for is not grown, and then fewer deltas are dropped, so the number of deltas never changes.
+  from unused budget (slack: the group's, and for N:M also the layer's, so that a layer never
+  holds more nonzeros than it started with), then by removing the support weight of lowest
+  removal score (:mod:`seft_trl.criteria`). A revival that cannot be paid for is not grown;
+* **test**: with a swap test, candidates are ranked by net benefit, the predicted gain of the
+  grown delta minus the predicted cost of the weight removed to pay for it, and a pair moves only
+  where that exceeds what the dropped delta would still have gained. Fewer pairs than n may move
+  (none, when nothing is worth it); the number of deltas never changes.
 
 Candidates are chosen from one dense gradient at the start of the accumulation window
-(:func:`select_candidates`) and ranked at the update by the gradient accumulated over the
-window (:func:`plan_swap`). Ties break towards the lower flat index, so decisions are
-deterministic.
+(:func:`select_candidates`) and decided at the update from the statistics accumulated over the
+window (:func:`plan_swap`). Ties break towards the lower index, so decisions are deterministic.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .criteria import GrowthScore, RemovalScore, SwapTest
 from .patterns import Scope
 
 
@@ -73,6 +77,11 @@ class Candidates:
     remove_index: torch.Tensor  # [cr]
 
 
+# Rows of the dense removal score computed at once: bounds the temporaries of a criterion to
+# about this many elements whatever the layer's size.
+_SCORE_CHUNK = 1 << 22
+
+
 def select_candidates(
     grad: torch.Tensor,
     weight: torch.Tensor,
@@ -80,36 +89,43 @@ def select_candidates(
     scope: Scope,
     count: int,
     regrow_pruned: bool,
-    prune_criterion: str,
+    growth: GrowthScore,
+    removal: RemovalScore,
+    row_sq: torch.Tensor,
+    col_sq: torch.Tensor,
 ) -> Candidates:
     """Growth and removal candidates from one dense gradient.
 
-    grad: fp32 [out, in]; weight: [out, in] (the effective weight); delta_index: [k].
-    Growth: the ``count`` non-delta positions with the largest |grad| (pruned positions only
-    when ``regrow_pruned``). Removal: in each scope group, as many non-delta, non-candidate
-    support weights of lowest score as the group has revival candidates (all of them in an
-    N:M group, which holds at most N).
+    grad: fp32 [out, in]; weight: [out, in] (the effective weight); delta_index: [k]; row_sq [out]
+    and col_sq [in]: the curvature factors of the same micro-batch (see :mod:`seft_trl.criteria`).
+    Growth: the ``count`` non-delta positions of highest growth score (pruned positions only when
+    ``regrow_pruned``). Removal: in each scope group, as many non-delta, non-candidate support
+    weights of lowest removal score as the group has revival candidates (all of them in an N:M
+    group, which holds at most N).
     """
     # Memory: besides grad, one dense fp32 score buffer (reused for removal) and bool masks.
     flat_grad, flat_weight = grad.reshape(-1), weight.reshape(-1)
     pruned = flat_weight == 0
     pruned[delta_index] = False  # a delta position is in the support even when its value is 0
 
-    grow_score = flat_grad.abs()
-    grow_score[delta_index] = -1.0
+    grow_score = growth(flat_grad).float()
+    grow_score[delta_index] = -math.inf
     if not regrow_pruned:
-        grow_score[pruned] = -1.0
+        grow_score[pruned] = -math.inf
     top = top_indices(grow_score, min(count, grow_score.numel()))
-    grow_index = torch.sort(top[grow_score[top] >= 0]).values
+    grow_index = torch.sort(top[torch.isfinite(grow_score[top])]).values
 
     revival_index = grow_index[pruned[grow_index]]
     if revival_index.numel() == 0:
         return Candidates(grow_index, grow_index.new_empty(0))
 
-    remove_score = grow_score.copy_(flat_weight)  # growth is decided: reuse its buffer
-    if prune_criterion == "sensitivity":
-        remove_score.mul_(flat_grad)
-    remove_score.abs_()
+    remove_score = grow_score.view(grad.shape)  # growth is decided: reuse its buffer
+    rows = max(1, _SCORE_CHUNK // grad.shape[1])
+    for start in range(0, grad.shape[0], rows):
+        part = slice(start, start + rows)
+        curvature = row_sq[part, None] * col_sq[None, :]
+        remove_score[part] = removal(weight[part].float(), grad[part], curvature)
+    remove_score = remove_score.view(-1)
     remove_score[pruned] = math.inf
     remove_score[delta_index] = math.inf
     remove_score[grow_index] = math.inf
@@ -121,24 +137,27 @@ def select_candidates(
         bottom = top_indices(remove_score, min(revival_index.numel(), remove_score.numel()), largest=False)
         remove_index = bottom[torch.isfinite(remove_score[bottom])]
     else:
-        rows = remove_score.view(-1, scope.in_features)
-        per_row = torch.bincount(revival_index // scope.in_features, minlength=rows.shape[0])
-        bottom = torch.topk(rows, int(per_row.max()), dim=1, largest=False)
+        by_row = remove_score.view(-1, scope.in_features)
+        per_row = torch.bincount(revival_index // scope.in_features, minlength=by_row.shape[0])
+        bottom = torch.topk(by_row, int(per_row.max()), dim=1, largest=False)
         keep = torch.isfinite(bottom.values)
-        keep &= torch.arange(bottom.values.shape[1], device=rows.device) < per_row.unsqueeze(1)
-        row_ids = torch.arange(rows.shape[0], device=rows.device).unsqueeze(1).expand_as(keep)
+        keep &= torch.arange(bottom.values.shape[1], device=by_row.device) < per_row.unsqueeze(1)
+        row_ids = torch.arange(by_row.shape[0], device=by_row.device).unsqueeze(1).expand_as(keep)
         remove_index = row_ids[keep] * scope.in_features + bottom.indices[keep]
     return Candidates(grow_index, torch.sort(remove_index).values)
 
 
 @dataclass
 class SwapPlan:
-    """What one update changes in one layer."""
+    """What one update changes in one layer. Pairs are aligned: slot ``drop_slots[p]`` moves to
+    ``grow_index[p]``, whose window statistics are those of growth candidate ``grow_candidate[p]``."""
 
-    drop_slots: torch.Tensor  # [n] delta slots that give up their position
-    grow_index: torch.Tensor  # [n] new flat positions, paired with drop_slots
+    drop_slots: torch.Tensor  # [n] delta slots that give up their position (sorted)
+    grow_index: torch.Tensor  # [n] their new flat positions
+    grow_candidate: torch.Tensor  # [n] index into the growth candidates
     revived: int  # how many grown positions were pruned (weight 0)
-    remove_index: torch.Tensor  # [m] support weights set to zero to pay for revivals
+    remove_index: torch.Tensor  # [m] support weights set to zero to pay for revivals (sorted)
+    refused: int  # ranked pairs the swap test turned down
 
 
 def _rank_within_groups(groups: torch.Tensor) -> torch.Tensor:
@@ -152,59 +171,95 @@ def _rank_within_groups(groups: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-def _count_in(sorted_values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """How often each query occurs in ``sorted_values``."""
-    return torch.searchsorted(sorted_values, queries, right=True) - torch.searchsorted(sorted_values, queries)
+def _assign_payments(
+    revives: torch.Tensor,
+    group: torch.Tensor,
+    slack: torch.Tensor,
+    layer_slack: int,
+    remove_rank: torch.Tensor,
+    remove_group: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How each revival (in priority order) is paid: its group's unused budget, or one removal.
+
+    Slack is spent first, per group while the group has some and in all while the layer has some
+    (an N:M group under N may only fill up while the layer stays within its starting count). The
+    others take their group's removal candidates in increasing ``remove_rank``, one each.
+    Returns ``feasible`` bool [c] and ``payment`` int64 [c]: the removal candidate paying for each
+    growth candidate, -1 where none is needed (a non-revival, or slack).
+    """
+    rank = torch.zeros_like(group)
+    rank[revives] = _rank_within_groups(group[revives])
+    wants_slack = revives & (rank < slack)
+    uses_slack = wants_slack & (torch.cumsum(wants_slack.long(), 0) <= layer_slack)
+    needs_removal = revives & ~uses_slack
+    removal_rank = torch.zeros_like(group)
+    removal_rank[needs_removal] = _rank_within_groups(group[needs_removal])
+
+    by_rank = torch.sort(remove_rank, stable=True).indices
+    by_group = by_rank[torch.sort(remove_group[by_rank], stable=True).indices]
+    sorted_groups = remove_group[by_group]
+    first = torch.searchsorted(sorted_groups, group)
+    available = torch.searchsorted(sorted_groups, group, right=True) - first
+    feasible = ~needs_removal | (removal_rank < available)
+    payment = torch.full_like(group, -1)
+    paid = needs_removal & feasible
+    if bool(paid.any()):
+        payment[paid] = by_group[first[paid] + removal_rank[paid]]
+    return feasible, payment
 
 
 def plan_swap(
     delta_magnitude: torch.Tensor,
+    drop_forgone: torch.Tensor,
     grow_index: torch.Tensor,
     grow_score: torch.Tensor,
+    grow_gain: torch.Tensor,
     grow_revives: torch.Tensor,
     grow_group: torch.Tensor,
     grow_slack: torch.Tensor,
+    layer_slack: int,
     remove_index: torch.Tensor,
     remove_score: torch.Tensor,
+    remove_cost: torch.Tensor,
     remove_group: torch.Tensor,
     n_target: int,
+    swap_test: SwapTest | None,
 ) -> SwapPlan:
     """Decide one update; see the module docstring.
 
-    delta_magnitude: |δ| per slot [k]. Growth candidates [cg] (sorted by index): accumulated
-    score, whether the position is pruned, its scope group and that group's slack (budget minus
-    support). Removal candidates [cr] (sorted by index): score and group.
+    Per delta slot [k]: ``|δ|`` and what dropping it gives up (its own predicted gain). Per growth
+    candidate [cg]: growth score, predicted gain, whether it revives a pruned weight, its scope
+    group and that group's slack; ``layer_slack``: the layer's starting count minus its support.
+    Per removal candidate [cr]: removal score (lower goes first), predicted cost, group.
+    ``swap_test`` None ranks by growth score and swaps every feasible pair; a test ranks by net
+    benefit (gain − cost of the removal that pays) and keeps the pairs it accepts.
     """
-    # Growth candidates in decreasing score; ties keep index order (stable sort).
     order = torch.sort(grow_score, descending=True, stable=True).indices
-    index, revives, group, slack = grow_index[order], grow_revives[order], grow_group[order], grow_slack[order]
+    feasible, payment = _assign_payments(
+        grow_revives[order], grow_group[order], grow_slack[order], layer_slack, remove_score, remove_group
+    )
+    candidate, payment = order[feasible], payment[feasible]
+    if swap_test is not None:
+        cost = torch.zeros_like(grow_gain[candidate])
+        paid = payment >= 0
+        cost[paid] = remove_cost[payment[paid]]
+        benefit = grow_gain[candidate] - cost
+        by_benefit = torch.sort(benefit, descending=True, stable=True).indices[:n_target]
+        candidate, payment, benefit = candidate[by_benefit], payment[by_benefit], benefit[by_benefit]
+    candidate, payment = candidate[:n_target], payment[:n_target]
+    drop_slots = torch.sort(delta_magnitude, stable=True).indices[: candidate.numel()]
+    refused = 0
+    if swap_test is not None:
+        accept = swap_test(benefit, drop_forgone[drop_slots])
+        refused = int((~accept).sum())
+        candidate, payment, drop_slots = candidate[accept], payment[accept], drop_slots[accept]
 
-    # A revival is feasible while its group can still pay: slack first, then removal candidates.
-    capacity = slack + _count_in(torch.sort(remove_group).values, group)
-    rank = torch.zeros_like(index)
-    rank[revives] = _rank_within_groups(group[revives])
-    accepted = torch.nonzero(~revives | (rank < capacity)).squeeze(1)[:n_target]
-    index, revives, group, slack = index[accepted], revives[accepted], group[accepted], slack[accepted]
-
-    # Removals: per group, revivals beyond the slack, lowest score first (ties: lower index).
-    revived_groups, inverse, revived_counts = torch.unique(group[revives], return_inverse=True, return_counts=True)
-    group_slack = torch.zeros_like(revived_counts).scatter_(0, inverse, slack[revives])
-    needed = (revived_counts - group_slack).clamp(min=0)
-    removed = remove_index.new_empty(0)
-    if revived_groups.numel() > 0:
-        by_score = torch.sort(remove_score, stable=True).indices
-        by_group = by_score[torch.sort(remove_group[by_score], stable=True).indices]
-        groups = remove_group[by_group]
-        position = torch.searchsorted(revived_groups, groups).clamp(max=revived_groups.numel() - 1)
-        needed_here = torch.where(revived_groups[position] == groups, needed[position], 0)
-        removed = remove_index[by_group[_rank_within_groups(groups) < needed_here]]
-    assert removed.numel() == int(needed.sum()), "every revival must be paid for"
-
-    n = index.numel()
-    drop_slots = torch.sort(torch.sort(delta_magnitude, stable=True).indices[:n]).values
+    by_slot = torch.sort(drop_slots).indices
     return SwapPlan(
-        drop_slots=drop_slots,
-        grow_index=torch.sort(index).values,
-        revived=int(revives.sum()),
-        remove_index=torch.sort(removed).values,
+        drop_slots=drop_slots[by_slot],
+        grow_index=grow_index[candidate[by_slot]],
+        grow_candidate=candidate[by_slot],
+        revived=int(grow_revives[candidate].sum()),
+        remove_index=torch.sort(remove_index[payment[payment >= 0]]).values,
+        refused=refused,
     )

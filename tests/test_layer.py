@@ -89,16 +89,28 @@ def test_window_start_backward_gives_same_delta_gradient_and_tracks_candidates()
     layer(x).backward(g)
     ordinary = layer.delta.grad.clone()
     layer.delta.grad = None
-    layer.begin_window(n_swaps=10, candidate_factor=4.0, regrow_pruned=True, prune_criterion="sensitivity")
+    layer.begin_window(10, 4.0)
     layer(x).backward(g)
     torch.testing.assert_close(layer.delta.grad, ordinary, rtol=1e-5, atol=1e-5)
     window = layer._window
     assert window is not None and window.candidates.grow_index.numel() == 40
     dense = dense_weight_gradient(g, x).view(-1)
-    tracked = torch.cat([window.candidates.grow_index, window.candidates.remove_index])
-    torch.testing.assert_close(window.grad_sum, dense[tracked])
+    tracked = torch.cat([layer.delta_index, window.candidates.grow_index, window.candidates.remove_index])
+    torch.testing.assert_close(window.step_sum, dense[tracked])
     # A second backward in the window accumulates at the same positions without a new selection.
     layer(x).backward(g)
+    torch.testing.assert_close(window.step_sum, 2 * dense[tracked], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(window.step_col_sq, 2 * (x * x).sum(0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(window.step_row_sq, 2 * (g * g).sum(0), rtol=1e-5, atol=1e-4)
+    # Closing the step moves it into the window's totals, with its square.
+    layer.close_step()
+    assert window.steps == 1 and window.step_sum.abs().sum() == 0
+    torch.testing.assert_close(window.grad_sum, 2 * dense[tracked], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(window.grad_sq_sum, (2 * dense[tracked]) ** 2, rtol=1e-4, atol=1e-3)
+    # A skipped step (fp16 overflow) leaves no trace.
+    layer(x).backward(g)
+    layer.close_step(skipped=True)
+    assert window.steps == 1
     torch.testing.assert_close(window.grad_sum, 2 * dense[tracked], rtol=1e-4, atol=1e-4)
 
 
@@ -116,3 +128,51 @@ def test_first_layer_without_input_grad_still_trains_delta():
     layer = make_layer(bias=False)
     layer(torch.randn(4, 80)).sum().backward()
     assert layer.delta.grad is not None and layer.delta.grad.abs().sum() > 0
+
+
+def test_closing_a_step_learns_the_optimizers_gradient_scale():
+    layer = make_layer(density=0.02)
+    x, g = torch.randn(64, 80), torch.randn(64, 48)
+    layer.begin_window(4, 4.0)
+    for _ in range(2):
+        layer(x).backward(g)
+        layer.delta.grad.mul_(0.25)  # what gradient clipping (or averaging over 4 ranks) does
+        layer.close_step()
+        layer.delta.grad = None
+    assert layer._window.optimizer_scale == pytest.approx(0.25, rel=1e-5)
+
+
+def one_revival_layer(kept_weight: float) -> SparseDeltaLinear:
+    """1 × 4 weight [1, 0, kept, 0] with its delta at position 0, budget 2.
+
+    The inputs make position 1 (pruned) the only gradient worth growing, with predicted gain
+    m²/2h = 0.5, and position 2 the only weight that can pay for it, at cost ½w²h = 8·w².
+    """
+    linear = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, 0.0, kept_weight, 0.0]]))
+    return SparseDeltaLinear(linear, torch.tensor([0]), Scope("layer", 4))
+
+
+@pytest.mark.parametrize("kept_weight,revives", [(1.0, False), (0.1, True)])
+def test_swap_test_revives_only_where_the_gain_exceeds_the_cost(kept_weight, revives):
+    layer = one_revival_layer(kept_weight)
+    x = torch.zeros(8, 4)
+    x[:, 1] = 1.0  # in step with the output gradient: a steady gradient at the pruned position 1
+    x[:, 2] = torch.tensor([1.0, -1.0] * 4)  # uncorrelated with it: position 2's gradient is 0
+    g = torch.full((8, 1), 0.5)
+    layer.begin_window(1, 1.0)
+    for _ in range(2):
+        layer(x).backward(g)
+        layer.close_step()
+    assert layer._window.candidates.grow_index.tolist() == [1]
+    assert layer._window.candidates.remove_index.tolist() == [2]
+    assert layer.finalize_window()
+    stats, moved, _ = layer.update_topology(1)
+    assert stats.support <= stats.budget == 2
+    if revives:
+        assert stats.revived == stats.removed == 1 and layer.delta_index.tolist() == [1]
+        assert layer.weight[0, 2] == 0 and moved.tolist() == [0]
+    else:
+        assert stats.revived == stats.removed == 0 and stats.refused == 1 and layer.delta_index.tolist() == [0]
+        assert layer.weight[0, 2] == kept_weight and moved.numel() == 0

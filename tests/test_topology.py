@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from seft_trl.criteria import GROWTH_CRITERIA, REMOVAL_CRITERIA, SWAP_TESTS
 from seft_trl.patterns import Scope, SparsityPattern, detect_pattern, satisfies
 from seft_trl.topology import drop_fraction_at, is_update_step, plan_swap, select_candidates
 
@@ -29,18 +30,24 @@ def plan(**overrides):
         grow_revives=L([False, True, True, False]),
         grow_group=L([0, 0, 0, 0]),
         grow_slack=L([0, 0, 0, 0]),
+        layer_slack=1000,
         remove_index=L([200, 201, 202]),
         remove_score=L([0.3, 0.1, 0.2]),
         remove_group=L([0, 0, 0]),
         n_target=3,
+        swap_test=None,
     )
     args.update(overrides)
+    n_grow, n_remove, k = len(args["grow_index"]), len(args["remove_index"]), len(args["delta_magnitude"])
+    args.setdefault("grow_gain", torch.ones(n_grow))
+    args.setdefault("remove_cost", torch.zeros(n_remove))
+    args.setdefault("drop_forgone", torch.zeros(k))
     return plan_swap(**args)
 
 
 def test_plan_grows_top_scores_drops_smallest_and_pays_each_revival():
     p = plan()
-    assert p.grow_index.tolist() == [101, 102, 103]  # scores 4, 3, 2
+    assert sorted(p.grow_index.tolist()) == [101, 102, 103]  # scores 4, 3, 2
     assert p.drop_slots.tolist() == [1, 3, 5]  # |δ| 0.1, 0.0, 0.2
     assert p.revived == 2
     assert p.remove_index.tolist() == [201, 202]  # lowest scores 0.1, 0.2
@@ -54,7 +61,7 @@ def test_plan_uses_slack_before_removing():
 def test_unpayable_revival_is_skipped_and_fewer_deltas_move():
     p = plan(remove_index=L([200]), remove_score=L([0.3]), remove_group=L([0]), n_target=4)
     # Only one revival can be paid: 101 (score 4) is grown, 102 is not; both non-revivals are.
-    assert p.grow_index.tolist() == [100, 101, 103]
+    assert sorted(p.grow_index.tolist()) == [100, 101, 103]
     assert p.drop_slots.numel() == 3 and p.remove_index.tolist() == [200]
 
 
@@ -68,9 +75,55 @@ def test_payment_stays_inside_the_group():
     assert p.remove_index.tolist() == [200, 201]  # 101 (group 1) pays with 201 (lower score in group 1), 102 with 200
 
 
+def test_nm_groups_below_n_fill_only_while_the_layer_has_slack():
+    # Two 2:4 groups hold one weight each (slack 1 each) but the layer is at its starting count.
+    common = dict(grow_revives=L([True, True, True, True]), grow_group=L([0, 1, 0, 1]), grow_slack=L([1, 1, 1, 1]),
+                  remove_group=L([0, 1, 1]), n_target=4)
+    p = plan(layer_slack=0, **common)
+    # Every revival must then be paid by a removal in its own group: group 0 once, group 1 twice.
+    assert p.revived == p.remove_index.numel() == 3
+    p = plan(layer_slack=1, **common)  # one unit of layer slack: the first revival (101) is free
+    assert p.revived == 3 and p.remove_index.numel() == 2 and 101 in p.grow_index.tolist()
+
+
+def test_swap_test_refuses_a_revival_whose_cost_exceeds_its_gain():
+    one_revival = dict(grow_index=L([100]), grow_score=L([5.0]), grow_revives=L([True]), grow_group=L([0]),
+                       grow_slack=L([0]), remove_index=L([200]), remove_score=L([0.0]), remove_group=L([0]),
+                       n_target=1, swap_test=SWAP_TESTS["taylor"])
+    refused = plan(grow_gain=L([1.0]), remove_cost=L([2.0]), **one_revival)
+    assert refused.grow_index.numel() == 0 and refused.remove_index.numel() == 0 and refused.refused == 1
+    accepted = plan(grow_gain=L([2.0]), remove_cost=L([1.0]), **one_revival)
+    assert accepted.grow_index.tolist() == [100] and accepted.remove_index.tolist() == [200] and accepted.revived == 1
+    # ... and what the dropped delta would still have gained counts against the swap.
+    forgone = torch.full((6,), 1.5)
+    assert plan(grow_gain=L([2.0]), remove_cost=L([1.0]), drop_forgone=forgone, **one_revival).grow_index.numel() == 0
+
+
+def test_swap_test_ranks_by_net_benefit_and_pairs_the_cheapest_removal():
+    p = plan(
+        grow_score=L([4.0, 3.0, 2.0, 1.0]),  # the growth criterion's order ...
+        grow_gain=L([1.0, 3.0, 2.0, 0.5]),
+        grow_revives=L([True, False, True, False]),
+        remove_score=L([0.3, 0.1, 0.2]),
+        remove_cost=L([0.3, 0.1, 0.2]),
+        n_target=2,
+        swap_test=SWAP_TESTS["taylor"],
+    )
+    # ... but net benefit decides: 101 (3.0, free) and 102 (2.0 - 0.2), not 100 (1.0 - 0.1).
+    assert sorted(p.grow_index.tolist()) == [101, 102]
+    assert p.revived == 1 and p.remove_index.tolist() == [202]
+
+
 def test_ties_break_towards_lower_index():
     p = plan(grow_score=L([1.0, 1.0, 1.0, 1.0]), grow_revives=L([False] * 4), delta_magnitude=torch.zeros(6))
-    assert p.grow_index.tolist() == [100, 101, 102] and p.drop_slots.tolist() == [0, 1, 2]
+    assert sorted(p.grow_index.tolist()) == [100, 101, 102] and p.drop_slots.tolist() == [0, 1, 2]
+
+
+SENSITIVITY = GROWTH_CRITERIA["gradient"], REMOVAL_CRITERIA["sensitivity"]
+
+
+def flat_curvature(weight):
+    return torch.ones(weight.shape[0]), torch.ones(weight.shape[1])
 
 
 def test_select_candidates_layer_scope_excludes_deltas_and_respects_regrow_flag():
@@ -80,7 +133,7 @@ def test_select_candidates_layer_scope_excludes_deltas_and_respects_regrow_flag(
     grad = torch.randn(8, 16)
     delta_index = torch.nonzero(weight.view(-1)).squeeze(1)[:10]
     scope = Scope("layer", 16)
-    c = select_candidates(grad, weight, delta_index, scope, 20, True, "sensitivity")
+    c = select_candidates(grad, weight, delta_index, scope, 20, True, *SENSITIVITY, *flat_curvature(weight))
     assert not set(c.grow_index.tolist()) & set(delta_index.tolist())
     expected = grad.abs().view(-1).clone()
     expected[delta_index] = -1
@@ -90,7 +143,7 @@ def test_select_candidates_layer_scope_excludes_deltas_and_respects_regrow_flag(
     assert (weight.view(-1)[c.remove_index] != 0).all()
     assert not set(c.remove_index.tolist()) & (set(delta_index.tolist()) | set(c.grow_index.tolist()))
 
-    no_regrow = select_candidates(grad, weight, delta_index, scope, 20, False, "sensitivity")
+    no_regrow = select_candidates(grad, weight, delta_index, scope, 20, False, *SENSITIVITY, *flat_curvature(weight))
     assert (weight.view(-1)[no_regrow.grow_index] != 0).all() and no_regrow.remove_index.numel() == 0
 
 
@@ -101,7 +154,8 @@ def test_select_candidates_row_and_nm_scopes_pay_in_their_group():
     grad = torch.randn(6, 16)
     delta_index = L([2, 3, 18])
     for scope in (Scope("row", 16), Scope("nm", 16, 2, 4)):
-        c = select_candidates(grad, weight, delta_index, scope, 12, True, "magnitude")
+        magnitude = GROWTH_CRITERIA["gradient"], REMOVAL_CRITERIA["magnitude"]
+        c = select_candidates(grad, weight, delta_index, scope, 12, True, *magnitude, *flat_curvature(weight))
         revival_groups = scope.group_of(c.grow_index[weight.view(-1)[c.grow_index] == 0])
         for group in scope.group_of(c.remove_index).unique():
             assert group in revival_groups

@@ -43,7 +43,7 @@ def test_an_sft_script_runs_unchanged_apart_from_the_class_names(tmp_path):
     losses = [entry["loss"] for entry in seft.state.log_history if "loss" in entry]
     assert losses[-1] < losses[0]
     logged = set().union(*seft.state.log_history)
-    for key in ("drop_fraction", "grown", "revived", "removed", "sparsity", "delta_norm", "final_sparsity"):
+    for key in ("drop_fraction", "grown", "revived", "removed", "refused", "sparsity", "delta_norm", "final_sparsity"):
         assert f"seft/{key}" in logged
     updates = [entry for entry in seft.state.log_history if "seft/grown" in entry]
     assert [entry["step"] for entry in updates] == [2, 4]  # every 2 steps; at step 6 the cosine fraction is 0
