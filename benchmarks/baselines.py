@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seft_trl import SparsityEvolution, SparsityEvolutionConfig
+from seft_trl.patterns import satisfies
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -136,20 +137,73 @@ def masked_full_adapter(model: nn.Module) -> Adapter:
     return Adapter([linear.weight for linear in linears], finish, after_step=after_step)
 
 
+class NonzeroBudgetError(RuntimeError):
+    """SEFT left a layer with more nonzeros than pruning did, or broke the N:M pattern."""
+
+
+class NonzeroGuard:
+    """Checks that SEFT keeps every target layer within the nonzeros it held right after pruning.
+
+    The engine enforces its own budget (support = nonzeros ∪ delta positions); this is the benchmark's
+    independent check of the claim that matters to a user: the repaired model is as sparse as the
+    pruned one. Nonzeros are counted after every optimizer step, since the weight is rewritten at every
+    step; the N:M pattern only at topology updates and at the end, since only updates move the
+    support. ``max_growth`` is the largest (nonzeros - nonzeros after pruning) seen in any layer.
+    """
+
+    def __init__(self, seft: SparsityEvolution) -> None:
+        self.seft = seft
+        self.start = {name: self._nonzeros(layer) for name, layer in seft.layers.items()}
+        self.max_growth: int | None = None  # over the steps checked so far
+
+    @staticmethod
+    def _nonzeros(layer: nn.Module) -> int:
+        return int(torch.count_nonzero(layer.weight))
+
+    def after_step(self) -> None:
+        for name, layer in self.seft.layers.items():
+            growth = self._nonzeros(layer) - self.start[name]
+            self.max_growth = growth if self.max_growth is None else max(self.max_growth, growth)
+            if growth > 0:
+                raise NonzeroBudgetError(
+                    f"Step {self.seft.step_count}: layer {name!r} holds {self.start[name] + growth:,} nonzeros, "
+                    f"{growth:,} more than the {self.start[name]:,} it held after pruning."
+                )
+        if self.seft.last_update:
+            self.check_pattern()
+
+    def check_pattern(self) -> None:
+        pattern = self.seft.pattern
+        if not pattern.is_nm:
+            return
+        for name, layer in self.seft.layers.items():
+            if not satisfies(layer.weight, pattern):
+                raise NonzeroBudgetError(f"Step {self.seft.step_count}: layer {name!r} no longer holds {pattern}.")
+
+
 def seft_adapter(model: nn.Module, config: SparsityEvolutionConfig) -> Adapter:
     """SEFT through the engine (``drop_fraction=0`` gives fixed-support sparse deltas).
 
-    ``notes["revived"]`` counts the pruned weights revived over the run (as many were removed).
+    ``notes["revived"]`` counts the pruned weights revived over the run (as many were removed);
+    ``notes["nonzero_growth"]`` is the :class:`NonzeroGuard`'s maximum growth over the steps (<= 0
+    when the budget held); a violation raises :class:`NonzeroBudgetError` at once.
     """
     seft = SparsityEvolution(model, config)
+    guard = NonzeroGuard(seft)
     notes = {"revived": 0.0}
 
     def after_step() -> None:  # the engine's optimizer hook has just run this step's update, if any
         notes["revived"] += sum(stats.revived for stats in seft.last_update.values())
+        guard.after_step()
+        notes["nonzero_growth"] = float(guard.max_growth)  # set after the first step
+
+    def finish() -> nn.Module:
+        guard.check_pattern()
+        return seft.merge()
 
     return Adapter(
         list(seft.parameters()),
-        seft.merge,
+        finish,
         after_step=after_step,
         attach=lambda optimizer, steps: seft.attach(optimizer, total_steps=steps),
         notes=notes,

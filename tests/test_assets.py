@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import bz2
+from xml.sax.saxutils import escape
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_model
 from seft_trl import assets
-from seft_trl.assets import english_texts, load_smollm2, package_dir, plain_copy
+from seft_trl.assets import english_texts, load_smollm2, package_dir, plain_copy, wikipedia_texts, wikitext_to_prose
 from seft_trl.saving import save_checkpoint
 from seft_trl.testing import byte_tokenizer
 
@@ -51,3 +54,49 @@ def test_plain_copy_drops_the_gguf_record_so_the_model_saves_and_reloads(tmp_pat
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
     for name, tensor in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
+MARKUP = """{{Infobox person|name=Ada {{nowrap|Lovelace}}}}
+'''Ada Lovelace''' ({{IPA|ˈeɪdə}}; 10 December 1815 – 27 November 1852) was an [[England|English]] [[mathematician]] and writer.<ref>{{cite book|title=A}}</ref>
+{| class="wikitable"
+|-
+| a table cell || with many words that are not prose at all here
+|}
+== Early life ==
+[[File:Ada.jpg|thumb|A portrait of [[Ada Lovelace|Ada]] in 1836 with many words]]
+* She worked on ''Charles Babbage's'' proposed [http://example.org mechanical general-purpose computer], the Analytical Engine.<!-- a comment -->
+Short line.
+[[Category:Mathematicians]]
+[[de:Ada Lovelace]]
+== References ==
+Babbage, Charles: a long reference line that is prose-like but belongs to the back matter of the article.
+"""
+
+
+def test_wikitext_to_prose_keeps_the_text_and_drops_the_markup():
+    assert wikitext_to_prose(MARKUP) == (
+        "Ada Lovelace (10 December 1815 – 27 November 1852) was an English mathematician and writer.\n"
+        "She worked on Charles Babbage's proposed mechanical general-purpose computer, the Analytical Engine."
+    )
+
+
+def _page(title: str, text: str, namespace: int = 0, redirect: bool = False) -> str:
+    marker = '<redirect title="Ada" />' if redirect else ""
+    return (f"<page><title>{title}</title><ns>{namespace}</ns>{marker}"
+            f"<revision><text>{escape(text)}</text></revision></page>")
+
+
+def test_wikipedia_texts_streams_main_articles_and_splits_by_order(tmp_path):
+    article = "Article {} is a plain paragraph of English prose with more than eight words."
+    pages = [_page("Ada", MARKUP), _page("Redirect", "#REDIRECT [[Ada]]", redirect=True),
+             _page("Wikipedia:About", article.format("meta"), namespace=4)]
+    pages += [_page(f"A{i}", article.format(i)) for i in range(1, 11)]
+    xml = '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">' + "".join(pages) + "</mediawiki>"
+    dump = tmp_path / "dump.xml.bz2"
+    dump.write_bytes(bz2.compress(xml.encode()))
+    train, validation, test = wikipedia_texts(dump)
+    assert test == [article.format(9)] and validation == [article.format(4)]  # the 10th and 5th of 11 articles
+    assert train[0].startswith("Ada Lovelace") and len(train) == 9
+    assert wikipedia_texts(dump) == (train, validation, test)
+    with pytest.raises(FileNotFoundError, match="make assets"):
+        wikipedia_texts(tmp_path / "missing.xml.bz2")

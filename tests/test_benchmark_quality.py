@@ -1,30 +1,58 @@
-"""benchmarks/quality.py --quick: every method trains, merges and is measured on a tiny random model."""
+"""benchmarks/quality.py --quick in both regimes, and the benchmark's own checks: run log and nonzero guard."""
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from conftest import prune_linears
+from seft_trl import SparsityEvolutionConfig
+from seft_trl.testing import tiny_model
+
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "quality.py"
-SPARSE_METHODS = {"lora*", "masked_lora", "spp", "masked_full", "fixed_deltas", "seft",
-                  "seft_no_revival", "seft_magnitude", "seft_revert"}
+sys.path.insert(0, str(SCRIPT.parent))  # the benchmark modules import each other by bare name
+
+from baselines import NonzeroBudgetError, seft_adapter  # noqa: E402
+from quality_runs import RunResult, append_run, read_runs  # noqa: E402
+
+# Every short method but seft_revert, which stays out to show how a run outside --methods is reported.
+SHORT_METHODS = ["lora", "masked_lora", "spp", "masked_full", "fixed_deltas", "seft", "seft_no_revival",
+                 "seft_no_swap_test", "seft_zero_moments", "seft_magnitude"]
+LONG_BASELINES = ["lora", "masked_lora", "spp", "masked_full"]
+LONG_METHODS = [*LONG_BASELINES, "fixed_deltas", "seft", "seft_no_revival", "seft_no_swap_test", "seft_drop0.4"]
+ENGINE_METHODS = {"fixed_deltas", "seft", "seft_no_revival", "seft_no_swap_test", "seft_drop0.4"}
+PATTERNS = {"50%": 0.5, "2:4": 0.5, "70%": 0.7}
 
 
-def test_quality_quick_runs_every_method_and_keeps_sparsity(tmp_path: Path) -> None:
+def run_quality(output: Path, *options: str) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--output-dir", str(tmp_path)],
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--output-dir", str(output), *options],
                           cwd=SCRIPT.parents[1], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    with (tmp_path / "quality_runs.csv").open() as handle:
-        runs = {(row["pattern"], row["method"]): row for row in csv.DictReader(handle)}
-    for pattern, target in (("50%", 0.5), ("2:4", 0.5), ("70%", 0.7)):
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_quality_quick_runs_every_method_and_keeps_sparsity(tmp_path: Path) -> None:
+    run_quality(tmp_path, "--methods", ",".join(SHORT_METHODS))
+
+    runs = {(row["pattern"], row["method"]): row for row in csv_rows(tmp_path / "quality_runs.csv")}
+    sparse_methods = set(SHORT_METHODS) - {"lora"} | {"lora*"}
+    assert float(runs[("unpruned", "dense")]["sparsity"]) < 0.05
+    for pattern, target in PATTERNS.items():
         pruned = runs[(pattern, "pruned")]
         assert float(pruned["sparsity"]) >= target - 0.01
-        for method in SPARSE_METHODS:
+        for method in sparse_methods:
             row = runs[(pattern, method)]
             assert row["sparsity_kept"] == "True", (pattern, method)
             assert float(row["sparsity"]) >= float(pruned["sparsity"]) - 1e-9, (pattern, method)
@@ -36,9 +64,94 @@ def test_quality_quick_runs_every_method_and_keeps_sparsity(tmp_path: Path) -> N
         assert int(runs[(pattern, "seft")]["revived"]) > 0
         assert int(runs[(pattern, "seft_no_revival")]["revived"]) == 0
         # Every method trains the same number of parameters except masked full fine-tuning.
-        counts = {int(runs[(pattern, m)]["trainable"]) for m in SPARSE_METHODS - {"masked_full"}}
+        counts = {int(runs[(pattern, m)]["trainable"]) for m in sparse_methods - {"masked_full"}}
         assert len(counts) == 1 and int(runs[(pattern, "masked_full")]["trainable"]) > counts.pop()
 
     report = (tmp_path / "quality.md").read_text()
-    assert "## Goal" in report and "| 2:4 | seft |" in report
+    assert "## Goal" in report and "| 2:4 | seft |" in report and "gap recovered" in report
+    assert "| 50% | seft_revert | pending |" in report  # not in --methods: shown, never invented
     assert (tmp_path / "quality.png").stat().st_size > 1000
+
+
+def test_quality_quick_long_regime_runs_baselines_first_then_resumes(tmp_path: Path) -> None:
+    # Session 1: only the engine-independent baselines; the headline seeds wait for fixed_deltas.
+    run_quality(tmp_path, "--regime", "long", "--methods", ",".join(LONG_BASELINES))
+    first = csv_rows(tmp_path / "quality_long_runs.csv")
+    assert {row["method"] for row in first} == {"dense", "pruned", "lora", "lora*", *LONG_BASELINES}
+    assert {row["seed"] for row in first} == {"0"}
+    assert "| 50% | seft | pending |" in (tmp_path / "quality_long.md").read_text()
+
+    # Session 2: everything of today's engine; the first session's rows are reused, not rerun.
+    run_quality(tmp_path, "--regime", "long", "--methods", ",".join(LONG_METHODS))
+    rows = csv_rows(tmp_path / "quality_long_runs.csv")
+    assert rows[: len(first)] == first
+    keys = [(row["pattern"], row["method"], row["lr"], row["seed"]) for row in rows]
+    assert len(keys) == len(set(keys))
+    runs = {(row["pattern"], row["method"], row["seed"]): row for row in rows}
+    for pattern, target in PATTERNS.items():
+        assert float(runs[(pattern, "pruned", "0")]["sparsity"]) >= target - 0.01
+        for method in ENGINE_METHODS:
+            if method == "seft_drop0.4" and pattern != "50%":
+                assert (pattern, method, "0") not in runs  # the long plan runs most ablations at 50% only
+                continue
+            row = runs[(pattern, method, "0")]
+            assert row["sparsity_kept"] == "True" and int(row["nonzero_growth"]) <= 0, (pattern, method)
+        assert int(runs[(pattern, "seft", "0")]["revived"]) > 0  # the scaled quick cadence updates the topology
+        assert runs[(pattern, "masked_lora", "0")]["nonzero_growth"] == ""  # only SEFT-engine runs are checked
+        # Two seeds for SEFT and for the best-validation sparsity-preserving baseline.
+        seeded = {method for (p, method, seed) in runs if p == pattern and seed == "1"}
+        assert "seft" in seeded and len(seeded) == 2 and seeded - {"seft"} <= {"lora*", *LONG_METHODS}
+
+    report = (tmp_path / "quality_long.md").read_text()
+    for heading in ("## Setup", "## Goal: SEFT beats every", "## Goal: SEFT beats the same deltas",
+                    "## Learning-rate grid", "## Ablations"):
+        assert heading in report
+    assert "| unpruned | dense |" in report and "(n=2)" in report and "one epoch" in report
+    assert "| 50% | seft_zero_moments | seed_moments=False | pending |" in report
+    assert "| 2:4 | seft_drop0.4 |" not in report
+    assert (tmp_path / "quality_long.png").stat().st_size > 1000
+
+
+def sparse_run(pattern: str) -> tuple:
+    """A tiny pruned LLaMA under SEFT with the benchmark's enforced nonzero guard."""
+    model = prune_linears(tiny_model("llama"), pattern=pattern)
+    adapter = seft_adapter(model, SparsityEvolutionConfig(density=0.05, seed=0))
+    return model, adapter
+
+
+def test_nonzero_guard_stops_a_run_whose_layer_gains_a_nonzero() -> None:
+    model, adapter = sparse_run("layer")
+    adapter.after_step()
+    assert adapter.notes["nonzero_growth"] == 0
+    weight = model.model.layers[0].mlp.down_proj.weight
+    with torch.no_grad():
+        weight.view(-1)[torch.nonzero(weight.view(-1) == 0)[0]] = 1.0
+    with pytest.raises(NonzeroBudgetError, match="mlp.down_proj.*1 more than"):
+        adapter.after_step()
+
+
+def test_nonzero_guard_checks_the_nm_pattern_when_the_model_is_merged() -> None:
+    model, adapter = sparse_run("2:4")
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    with torch.no_grad():  # move one nonzero into a full group: the count holds, the 2:4 pattern does not
+        groups = weight.view(-1, 4)
+        groups[0, (groups[0] == 0).nonzero()[0]] = 1.0
+        groups[1, groups[1].nonzero()[0]] = 0.0
+    adapter.after_step()  # no topology update at this step: nonzeros are counted, the pattern is not
+    with pytest.raises(NonzeroBudgetError, match="q_proj.*no longer holds 2:4"):
+        adapter.finish()
+
+
+def test_run_log_reads_old_rows_with_defaults_and_rewrites_them_under_the_new_header(tmp_path: Path) -> None:
+    log = tmp_path / "runs.csv"
+    old_header = "pattern,method,lr,seed,val_ppl,test_ppl,sparsity,sparsity_kept,trainable,revived,final_loss,train_s"
+    log.write_text(old_header + "\n50%,seft,0.003,0,42.5,46.1,0.5,True,2442240,329280,3.9,92.0\n")
+    old = read_runs(log)[("50%", "seft", 0.003, 0)]
+    assert old.test_ppl == 46.1 and old.nonzero_growth is None and math.isnan(old.wall_s)
+
+    new = RunResult("unpruned", "dense", 0.0, 0, 30.0, 31.1, 0.0, False, 0, 0, math.nan, 0.0, wall_s=12.0)
+    append_run(log, new)
+    assert log.read_text().splitlines()[0] == old_header + ",wall_s,nonzero_growth"
+    runs = read_runs(log)
+    assert runs[old.key].revived == 329280 and math.isnan(runs[old.key].wall_s) and runs[old.key].nonzero_growth is None
+    assert runs[new.key].wall_s == 12.0 and runs[new.key].nonzero_growth is None

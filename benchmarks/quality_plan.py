@@ -1,0 +1,336 @@
+"""The quality benchmark's regimes, shared training loop, and the runs' bookkeeping and plan.
+
+A :class:`Regime` is a plan (budget, learning-rate grids, ablations, files); a :class:`Benchmark`
+holds one regime's runs: it reads them from the run log, runs a missing one when ``--methods``
+allows it (raising :class:`~quality_runs.Pending` otherwise), and orders the runs so that the
+decisions later runs depend on come first. See quality.py for the methods and the protocol.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+from baselines import (
+    Adapter,
+    PROJECTIONS,
+    low_rank_adapter,
+    lora_trainable_count,
+    masked_full_adapter,
+    peft_lora_adapter,
+    seft_adapter,
+)
+from quality_runs import Pending, RunResult, append_run, read_runs
+from quality_workloads import Workload
+from seft_trl import SparsityEvolutionConfig
+from seft_trl.evaluation import perplexity
+from seft_trl.pruning import prune
+from seft_trl.report import SparsityReport, sparsity_report
+
+PATTERNS = {"50%": ("unstructured", 0.5), "2:4": ("2:4", None), "70%": ("unstructured", 0.7)}
+FIRST_PATTERN = next(iter(PATTERNS))  # where learning rates are chosen
+UNPRUNED = "unpruned"  # the pattern column of the dense row
+EVALUATION_ONLY = ("dense", "pruned")
+SPARSE_BASELINES = ("lora*", "masked_lora", "spp", "fixed_deltas", "masked_full")
+BASE_METHODS = ("dense", "pruned", "lora", "lora*", "masked_lora", "spp", "masked_full", "fixed_deltas", "seft")
+
+
+@dataclass(frozen=True)
+class Regime:
+    """One benchmark plan: its budget, learning-rate grids, ablations and files."""
+
+    name: str
+    steps: int
+    seqlen: int
+    grids: dict[str, tuple[float, ...]]  # per tuned method (lora* shares lora's); chosen at FIRST_PATTERN
+    grid_factor: float  # spacing of the points added while the best one is at an edge
+    max_grid_extensions: int
+    ablations: dict[str, dict[str, object]]  # SEFT with these engine options changed, at SEFT's learning rate
+    ablations_everywhere: tuple[str, ...]  # the ablations also run at 2:4 and 70% (all run at FIRST_PATTERN)
+    stem: str  # <stem>.md, <stem>.png, <stem>_runs.csv
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return (*BASE_METHODS, *self.ablations)
+
+    @property
+    def tuned(self) -> tuple[str, ...]:
+        """The methods with a learning-rate grid of their own."""
+        return (*self.grids, "lora*")
+
+    def ablations_at(self, pattern: str) -> list[str]:
+        return [name for name in self.ablations if pattern == FIRST_PATTERN or name in self.ablations_everywhere]
+
+    def seft_options(self, method: str) -> dict[str, object] | None:
+        """The engine options of a SEFT-engine method (beyond the cadence); None for the other methods."""
+        if method == "fixed_deltas":
+            return {"drop_fraction": 0.0}
+        if method == "seft":
+            return {}
+        return self.ablations.get(method)
+
+
+SHORT_LOW_RANK_GRID = (4e-4, 1e-3, 2.5e-3)
+SHORT_ABLATIONS = {
+    "seft_no_swap_test": {"swap_test": "none"},
+    "seft_zero_moments": {"seed_moments": False},
+    "seft_no_revival": {"regrow_pruned": False},
+    "seft_magnitude": {"removal_criterion": "magnitude"},
+    "seft_revert": {"drop_mode": "revert"},
+}
+SHORT = Regime(
+    name="short", steps=32, seqlen=128,
+    grids={"lora": SHORT_LOW_RANK_GRID, "masked_lora": SHORT_LOW_RANK_GRID, "spp": SHORT_LOW_RANK_GRID,
+           "masked_full": (2e-5, 5e-5, 1.25e-4), "fixed_deltas": (2e-4, 5e-4, 1.25e-3), "seft": (2e-4, 5e-4, 1.25e-3)},
+    grid_factor=2.5, max_grid_extensions=2, ablations=SHORT_ABLATIONS, ablations_everywhere=tuple(SHORT_ABLATIONS),
+    stem="quality",
+)
+# Centred below the short regime's optima: 8× the steps usually wants a lower rate.
+LONG_GRID = (1.5e-3, 3e-3, 6e-3)
+LONG = Regime(
+    name="long", steps=256, seqlen=256,
+    grids={"lora": LONG_GRID, "masked_lora": LONG_GRID, "spp": (3e-3, 6e-3, 1.2e-2),
+           "masked_full": (6e-5, 1.25e-4, 2.5e-4), "fixed_deltas": LONG_GRID, "seft": LONG_GRID},
+    grid_factor=2.0, max_grid_extensions=3,
+    ablations={
+        "seft_no_revival": {"regrow_pruned": False},
+        "seft_no_swap_test": {"swap_test": "none"},
+        "seft_zero_moments": {"seed_moments": False},
+        "seft_interval10": {"update_interval": 10},
+        "seft_interval60": {"update_interval": 60},
+        "seft_drop0.1": {"drop_fraction": 0.1},
+        "seft_drop0.4": {"drop_fraction": 0.4},
+    },
+    ablations_everywhere=("seft_no_revival", "seft_no_swap_test", "seft_zero_moments"),
+    stem="quality_long",
+)
+REGIMES = {regime.name: regime for regime in (SHORT, LONG)}
+
+
+# --------------------------------------------------------------------------------------- running
+def train(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], lr: float) -> list[float]:
+    """The loop every method shares; returns the training losses."""
+    optimizer = torch.optim.AdamW(adapter.parameters, lr=lr, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, len(batches) // 16), len(batches))
+    adapter.attach(optimizer, len(batches))
+    model.train()
+    losses = []
+    for batch in batches:
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(adapter.parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        adapter.after_step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def make_adapter(method: str, model: nn.Module, work: Workload, seed: int, regime: Regime) -> tuple[Adapter, int]:
+    """The method's adapter on ``model`` and its trainable parameter count."""
+    torch.manual_seed(seed)
+    count = lora_trainable_count(model, work.rank)
+    if method == "lora":
+        return peft_lora_adapter(model, work.rank, 2 * work.rank), count
+    if method == "masked_lora":
+        return low_rank_adapter(model, work.rank, 2 * work.rank, "masked_add"), count
+    if method == "spp":
+        return low_rank_adapter(model, work.rank, 2 * work.rank, "scale"), count
+    if method == "masked_full":
+        adapter = masked_full_adapter(model)
+        return adapter, sum(int(torch.count_nonzero(p)) for p in adapter.parameters)
+    # The options are plain dicts, checked by the engine only when a run is built: an ablation of an
+    # option the engine does not have yet fails here, when it is run, and nowhere else.
+    options = {**work.cadence, **regime.seft_options(method)}
+    config = SparsityEvolutionConfig(num_deltas=count, target_modules=PROJECTIONS, seed=seed, **options)
+    return seft_adapter(model, config), count
+
+
+def kept(before: SparsityReport, after: SparsityReport) -> bool:
+    """No layer holds more nonzeros than after pruning, and an N:M pattern still holds."""
+    per_layer = all(a.nonzeros <= b.nonzeros for a, b in zip(after.layers, before.layers))
+    return per_layer and after.pattern_holds
+
+
+class Benchmark:
+    """The runs of one regime: read from its log, run when missing and allowed, and the plan that orders them."""
+
+    def __init__(self, regime: Regime, work: Workload, runs_path: Path, seeds: int, quick: bool,
+                 runnable: frozenset[str]) -> None:
+        self.regime, self.work, self.runs_path, self.seeds, self.quick = regime, work, runs_path, seeds, quick
+        self.runnable = runnable  # methods that may run now; any other missing run is Pending
+        self.runs = read_runs(runs_path)
+        self.pruned: dict[str, tuple[nn.Module, SparsityReport]] = {}
+
+    def pruned_copy(self, pattern: str) -> tuple[nn.Module, SparsityReport]:
+        if pattern not in self.pruned:
+            model = self.work.load_model()
+            spec, sparsity = PATTERNS[pattern]
+            started = time.perf_counter()
+            report = self.wanda(model, pattern)
+            print(f"[{pattern}] Wanda {spec} {sparsity or ''}: sparsity {report.sparsity:.2%} "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+            self.pruned[pattern] = (model, report)
+        model, report = self.pruned[pattern]
+        return copy.deepcopy(model), report
+
+    def wanda(self, model: nn.Module, pattern: str) -> SparsityReport:
+        spec, sparsity = PATTERNS[pattern]
+        return prune(model, "wanda", sparsity=sparsity, pattern=spec, calibration=self.work.calibration_texts,
+                     tokenizer=self.work.tokenizer, target_modules=PROJECTIONS, **self.work.calibration)
+
+    def evaluate(self, model: nn.Module) -> tuple[float, float]:
+        work = self.work
+        return tuple(perplexity(model, None, ids, seqlen=work.eval_seqlen, progress=False)
+                     for ids in (work.val_ids, work.test_ids))
+
+    def result(self, pattern: str, method: str, lr: float, seed: int = 0) -> RunResult:
+        """The run's result, from the log or by running it now; Pending when it may not run now."""
+        key = (pattern, method, lr, seed)
+        if key not in self.runs:
+            trained = "lora" if method == "lora*" else method  # a LoRA run yields both lora and lora*
+            if trained not in self.runnable:
+                raise Pending(key)
+            for run in self.execute(pattern, trained, lr, seed):
+                self.runs[run.key] = run
+                append_run(self.runs_path, run)
+        return self.runs[key]
+
+    def execute(self, pattern: str, method: str, lr: float, seed: int) -> list[RunResult]:
+        if method == "dense":
+            return [self.evaluate_only(self.work.load_model(), pattern, method, None)]
+        model, before = self.pruned_copy(pattern)
+        if method == "pruned":
+            return [self.evaluate_only(model, pattern, method, before)]
+        return self.train_run(model, before, pattern, method, lr, seed)
+
+    def evaluate_only(self, model: nn.Module, pattern: str, method: str, pruned: SparsityReport | None) -> RunResult:
+        started = time.perf_counter()
+        val, test = self.evaluate(model)
+        sparsity = pruned.sparsity if pruned else sparsity_report(model).sparsity
+        print(f"[{pattern}] {method}: val {val:8.2f}  test {test:8.2f}", flush=True)
+        return RunResult(pattern=pattern, method=method, lr=0.0, seed=0, val_ppl=val, test_ppl=test,
+                         sparsity=sparsity, sparsity_kept=pruned is not None, trainable=0, revived=0,
+                         final_loss=float("nan"), train_s=0.0, wall_s=time.perf_counter() - started)
+
+    def train_run(self, model: nn.Module, before: SparsityReport, pattern: str, method: str, lr: float,
+                  seed: int) -> list[RunResult]:
+        started = time.perf_counter()
+        adapter, count = make_adapter(method, model, self.work, seed, self.regime)
+        losses = train(model, adapter, self.work.batches(seed), lr)
+        train_s = time.perf_counter() - started
+        model = adapter.finish()
+        final_loss = statistics.mean(losses[-max(1, len(losses) // 8):])
+        variants = [(method, model)]
+        if method == "lora":
+            variants.append(("lora*", copy.deepcopy(model)))
+            self.wanda(variants[1][1], pattern)
+        growth = adapter.notes.get("nonzero_growth")
+        measured = []
+        for name, variant in variants:
+            after = sparsity_report(variant, pattern=PATTERNS[pattern][0])
+            measured.append((name, *self.evaluate(variant), after))
+        wall_s = time.perf_counter() - started
+        results = []
+        for name, val, test, after in measured:
+            results.append(RunResult(
+                pattern=pattern, method=name, lr=lr, seed=seed, val_ppl=val, test_ppl=test, sparsity=after.sparsity,
+                sparsity_kept=kept(before, after), trainable=count, revived=int(adapter.notes.get("revived", 0)),
+                final_loss=final_loss, train_s=train_s, wall_s=wall_s,
+                nonzero_growth=None if growth is None or name == "lora*" else int(growth),
+            ))
+            print(f"[{pattern}] {name:17s} lr {lr:.2e} seed {seed}: val {val:8.2f}  test {test:8.2f}  "
+                  f"sparsity {after.sparsity:.2%} kept {results[-1].sparsity_kept}  ({train_s:.0f} s train, "
+                  f"{wall_s:.0f} s run)", flush=True)
+        return results
+
+    # -------------------------------------------------------------------------- choices
+    def grid(self, method: str) -> list[float]:
+        """The method's grid at FIRST_PATTERN, extended while its best point is at an edge.
+
+        A best learning rate at the edge of a grid only says the optimum lies beyond it; extending
+        keeps every method tuned as well as the others, whichever way its optimum lies.
+        """
+        regime = self.regime
+        base = sorted(regime.grids["lora" if method == "lora*" else method])
+        if self.quick:
+            return base[1:2]
+        grid = base
+        for _ in range(regime.max_grid_extensions):
+            best = min(grid, key=lambda lr: self.result(FIRST_PATTERN, method, lr).val_ppl)
+            if best == grid[-1]:
+                grid.append(float(f"{grid[-1] * regime.grid_factor:.3g}"))
+            elif best == grid[0]:
+                grid.insert(0, float(f"{grid[0] / regime.grid_factor:.3g}"))
+            else:
+                break
+        return grid
+
+    def best_lr(self, method: str) -> float:
+        """The lowest validation perplexity at FIRST_PATTERN, seed 0, over the method's grid."""
+        return min(self.grid(method), key=lambda lr: self.result(FIRST_PATTERN, method, lr).val_ppl)
+
+    def lr_of(self, method: str) -> float:
+        if method in EVALUATION_ONLY:
+            return 0.0
+        return self.best_lr("seft" if method in self.regime.ablations else method)
+
+    def best_baseline(self, pattern: str) -> str:
+        """The sparsity-preserving baseline with the best validation perplexity at ``pattern`` (seed 0)."""
+        return min(SPARSE_BASELINES, key=lambda m: self.result(pattern, m, self.lr_of(m)).val_ppl)
+
+    def seed_runs(self, pattern: str, method: str) -> list[RunResult]:
+        """Every seed's run of ``method`` at ``pattern`` at its chosen rate (Pending while the rate is)."""
+        lr = self.lr_of(method)
+        return [run for (p, m, r, _), run in sorted(self.runs.items()) if (p, m, r) == (pattern, method, lr)]
+
+    # ----------------------------------------------------------------------------- plan
+    def run_plan(self) -> None:
+        """Grids at FIRST_PATTERN, then the other patterns, the extra seeds and the ablations.
+
+        The order puts the decisions later runs depend on (learning rates, the headline baseline)
+        first, and the ablations last; a step that waits on a method outside ``--methods`` is skipped.
+        """
+        self.result(UNPRUNED, "dense", 0.0)
+        self.result(FIRST_PATTERN, "pruned", 0.0)
+        for method in self.planned(self.regime.tuned):
+            self.attempt(f"the {method} grid", lambda: self.best_lr(method))
+        for pattern in list(PATTERNS)[1:]:
+            self.result(pattern, "pruned", 0.0)
+            for method in self.planned(self.regime.tuned):
+                self.attempt(f"{method} at {pattern}", lambda: self.result(pattern, method, self.lr_of(method)))
+        for pattern in PATTERNS:
+            self.attempt(f"the extra seeds at {pattern}", lambda: self.extra_seeds(pattern))
+        for pattern in PATTERNS:
+            for method in self.planned(self.regime.ablations_at(pattern)):
+                self.attempt(f"{method} at {pattern}", lambda: self.result(pattern, method, self.lr_of(method)))
+
+    def planned(self, methods: tuple[str, ...] | list[str]) -> list[str]:
+        return [m for m in methods if ("lora" if m == "lora*" else m) in self.runnable]
+
+    def extra_seeds(self, pattern: str) -> None:
+        """Seeds 1.. of SEFT and of the pattern's best baseline (which needs every baseline's seed 0)."""
+        for method in self.planned(["seft"]):
+            for seed in range(1, self.seeds):
+                self.result(pattern, method, self.lr_of(method), seed)
+        baseline = self.best_baseline(pattern)
+        for method in self.planned([baseline]):
+            for seed in range(1, self.seeds):
+                self.result(pattern, method, self.lr_of(method), seed)
+
+    @staticmethod
+    def attempt(what: str, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Pending as missing:
+            print(f"skipped {what}: it needs {missing}, which is outside --methods", flush=True)

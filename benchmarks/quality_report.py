@@ -1,0 +1,300 @@
+"""The quality benchmark's report: Markdown tables and a chart, built from the run log only.
+
+Every number comes from a logged run; a result the plan needs but the log does not hold yet is
+written as "pending", never estimated. The same layout serves both regimes.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import torch
+
+from common import machine_description, markdown_table
+from quality_plan import BASE_METHODS, FIRST_PATTERN, LONG, PATTERNS, SPARSE_BASELINES, UNPRUNED, Benchmark
+from quality_runs import Pending, RunResult
+from seft_trl import SparsityEvolutionConfig
+
+PENDING = "pending"
+RUN_COLUMNS = ["pattern", "method", "lr", "trainable", "val ppl (seed 0)", "test ppl", "gap recovered", "sparsity",
+               "sparsity kept", "revived", "nnz growth", "train s", "run s"]
+T = TypeVar("T")
+
+
+def known(lookup: Callable[[], T]) -> T | None:
+    """``lookup()``, or None when it needs a run that is pending."""
+    try:
+        return lookup()
+    except Pending:
+        return None
+
+
+def spread(values: list[float], digits: int = 2, unit: str = "") -> str:
+    """Mean ± half-range over seeds (a single value as it is)."""
+    mean = f"{statistics.mean(values):.{digits}f}{unit}"
+    if len(values) == 1:
+        return mean
+    return f"{mean} ± {(max(values) - min(values)) / 2:.{digits}f}{unit} (n={len(values)})"
+
+
+def runs_of(bench: Benchmark, pattern: str, method: str) -> list[RunResult]:
+    """Every seed of ``method`` at ``pattern`` at its chosen rate; [] while pending."""
+    return known(lambda: bench.seed_runs(pattern, method)) or []
+
+
+def gap_recovered(bench: Benchmark, pattern: str, test_ppl: float) -> float | None:
+    """(ln ppl_pruned − ln ppl) / (ln ppl_pruned − ln ppl_dense) on the test split; None while pending.
+
+    In log space because perplexity is exp(mean NLL): the fraction of the NLL gap closed.
+    """
+    dense = runs_of(bench, UNPRUNED, "dense")
+    pruned = runs_of(bench, pattern, "pruned")
+    if not (dense and pruned):
+        return None
+    bottom, top = math.log(pruned[0].test_ppl), math.log(dense[0].test_ppl)
+    return (bottom - math.log(test_ppl)) / (bottom - top)
+
+
+def gap_cell(bench: Benchmark, pattern: str, runs: list[RunResult]) -> str:
+    gaps = [gap_recovered(bench, pattern, run.test_ppl) for run in runs]
+    if any(gap is None for gap in gaps):
+        return PENDING
+    return spread([100 * gap for gap in gaps], digits=1, unit="%")
+
+
+# ------------------------------------------------------------------------------------------ tables
+def run_row(bench: Benchmark, pattern: str, method: str) -> list[str]:
+    runs = runs_of(bench, pattern, method)
+    if not runs:
+        return [pattern, method] + [PENDING] * (len(RUN_COLUMNS) - 2)
+    first = runs[0]
+    growth = [run.nonzero_growth for run in runs if run.nonzero_growth is not None]
+    walls = [run.wall_s for run in runs if not math.isnan(run.wall_s)]
+    return [
+        pattern, method, f"{first.lr:g}" if first.lr else "-", f"{first.trainable:,}", f"{first.val_ppl:.2f}",
+        spread([run.test_ppl for run in runs]), "-" if method == "dense" else gap_cell(bench, pattern, runs),
+        f"{statistics.mean(run.sparsity for run in runs):.2%}",
+        "-" if method == "dense" else "yes" if all(run.sparsity_kept for run in runs) else "**no**",
+        f"{first.revived:,}" if method.startswith("seft") else "-",
+        f"{max(growth):,}" if growth else "-",
+        f"{statistics.mean(run.train_s for run in runs):.0f}",
+        f"{statistics.mean(walls):.0f}" if walls else "-",
+    ]
+
+
+def all_run_rows(bench: Benchmark) -> list[list[str]]:
+    """The dense row, then per pattern every method the plan runs there."""
+    rows = [run_row(bench, UNPRUNED, "dense")]
+    for pattern in PATTERNS:
+        methods = [m for m in BASE_METHODS if m != "dense"] + bench.regime.ablations_at(pattern)
+        rows += [run_row(bench, pattern, method) for method in methods]
+    return rows
+
+
+def heldout_ppls(bench: Benchmark, pattern: str, method: str) -> list[float]:
+    """Test perplexity of every seed; [] while pending."""
+    return [run.test_ppl for run in runs_of(bench, pattern, method)]
+
+
+def goal_rows(bench: Benchmark) -> list[list[str]]:
+    """SEFT against the sparsity-preserving baseline with the best test perplexity, per pattern."""
+    rows = []
+    for pattern in PATTERNS:
+        seft = heldout_ppls(bench, pattern, "seft")
+        done = {m: values for m in SPARSE_BASELINES if (values := heldout_ppls(bench, pattern, m))}
+        if not done:
+            rows.append([pattern, spread(seft) if seft else PENDING, PENDING, PENDING])
+            continue
+        best = min(done, key=lambda m: statistics.mean(done[m]))
+        cell = f"{best}: {spread(done[best])}"
+        if len(done) < len(SPARSE_BASELINES):
+            cell += f" (best of {len(done)} of {len(SPARSE_BASELINES)} so far)"
+        complete = seft and len(done) == len(SPARSE_BASELINES)
+        rows.append([pattern, spread(seft) if seft else PENDING, cell,
+                     verdict(seft, done[best]) if complete else PENDING])
+    return rows
+
+
+def fixed_support_rows(bench: Benchmark) -> list[list[str]]:
+    """SEFT against the same sparse deltas on a fixed support: what topology evolution itself adds."""
+    rows = []
+    for pattern in PATTERNS:
+        seft, fixed = heldout_ppls(bench, pattern, "seft"), heldout_ppls(bench, pattern, "fixed_deltas")
+        rows.append([pattern, spread(seft) if seft else PENDING, spread(fixed) if fixed else PENDING,
+                     verdict(seft, fixed) if seft and fixed else PENDING])
+    return rows
+
+
+def verdict(seft: list[float], baseline: list[float]) -> str:
+    return "met" if statistics.mean(seft) < statistics.mean(baseline) else "**not met**"
+
+
+def grid_rows(bench: Benchmark) -> list[list[str]]:
+    """Every logged point of each method's grid at FIRST_PATTERN, the chosen one in bold."""
+    rows = []
+    for method in bench.regime.tuned:
+        points = sorted((lr, run.val_ppl) for (pattern, m, lr, seed), run in bench.runs.items()
+                        if (pattern, m, seed) == (FIRST_PATTERN, method, 0))
+        best = known(lambda: bench.best_lr(method))
+        cells = [f"**{lr:g}: {val:.2f}**" if lr == best else f"{lr:g}: {val:.2f}" for lr, val in points]
+        if best is None:
+            cells.append("grid pending")
+        rows.append([method, "; ".join(cells)])
+    return rows
+
+
+def ablation_rows(bench: Benchmark) -> list[list[str]]:
+    rows = []
+    for pattern in PATTERNS:
+        seft = heldout_ppls(bench, pattern, "seft")
+        for name in bench.regime.ablations_at(pattern):
+            runs = runs_of(bench, pattern, name)
+            change = ", ".join(f"{key}={value}" for key, value in bench.regime.ablations[name].items())
+            if not runs:
+                rows.append([pattern, name, change] + [PENDING] * 4)
+                continue
+            tests = [run.test_ppl for run in runs]
+            versus = f"{statistics.mean(tests) / statistics.mean(seft) - 1:+.1%}" if seft else PENDING
+            rows.append([pattern, name, change, spread(tests), versus, gap_cell(bench, pattern, runs),
+                         f"{runs[0].revived:,}"])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- setup
+def setup_lines(bench: Benchmark) -> list[str]:
+    """The protocol, as the benchmark ran it: corpus, budget, cadence, learning rates, seeds, checks."""
+    work = bench.work
+    epoch = ("one epoch: no sequence is repeated within a run" if work.steps * work.batch_size <= len(work.train_ids)
+             else "the text repeats in later epochs")
+    return [
+        f"- Text: {work.corpus}; {work.train_ids.numel():,} training tokens in {len(work.train_ids):,} sequences of "
+        f"{work.seqlen}.",
+        f"- Pruning: Wanda with {work.calibration['nsamples']} calibration windows of {work.calibration['seqlen']} "
+        "tokens from the training articles, on the 7 projections of every decoder layer.",
+        f"- Fine-tuning: {work.steps} steps × {work.batch_size} sequences × {work.seqlen} tokens = {work.tokens:,} "
+        f"training tokens ({epoch}), the same batches in the same order for every method (seed s: order s); "
+        "AdamW, weight decay 0, warm-up then cosine decay, gradient clipping 1.0; plain causal-LM loss.",
+        f"- Trainable parameters: {lora_count(bench)} (LoRA r={work.rank} on q/k/v/o/gate/up/down) for every method "
+        "but masked full fine-tuning, which trains every surviving projection weight.",
+        cadence_line(bench),
+        grid_line(bench),
+        f"- Seeds: SEFT and the sparsity-preserving baseline with the best validation perplexity of each pattern "
+        f"run with {bench.seeds} seed(s) (a seed sets the data order and the initialisation); ± is the half-range.",
+        f"- Perplexity: non-overlapping windows of {work.eval_seqlen} tokens; validation = {len(work.val_ids):,} "
+        f"tokens, {work.val_source} (used only to pick the learning rate and the headline baseline); "
+        f"test = {len(work.test_ids):,} tokens, {work.test_source}.",
+        "- Gap recovered: (ln ppl_pruned − ln ppl_method) / (ln ppl_pruned − ln ppl_dense) on the test split: "
+        "0% is the pruned model, 100% the dense one.",
+        "- Sparsity kept: no layer has more nonzeros than after pruning and the N:M pattern holds.",
+        "- Nonzero check (SEFT-engine runs): after every optimizer step each target layer's nonzeros are counted "
+        "(the N:M pattern is checked at each topology update and at the end); nnz growth = the largest "
+        "(nonzeros − nonzeros after pruning) of any layer over the run, and a positive value stops the run. "
+        "'-': another method, or a run logged before the check existed.",
+    ]
+
+
+def lora_count(bench: Benchmark) -> str:
+    runs = runs_of(bench, FIRST_PATTERN, "lora")
+    return f"{runs[0].trainable:,}" if runs else PENDING
+
+
+def cadence_line(bench: Benchmark) -> str:
+    defaults = SparsityEvolutionConfig(num_deltas=1)
+    decay = (f"drop fraction {defaults.drop_fraction} with {defaults.drop_schedule} decay, frozen after "
+             f"{defaults.update_end:.0%} of the run")
+    if bench.work.cadence:
+        interval, window = bench.work.cadence["update_interval"], bench.work.cadence["accumulation_steps"]
+        return (f"- SEFT cadence scaled to the run: update every {interval} steps, gradient window of {window} "
+                f"step(s), other options at their defaults ({decay}).")
+    return (f"- SEFT cadence: the engine's defaults, update every {defaults.update_interval} steps, gradient window "
+            f"of {defaults.accumulation_steps} steps, {decay}; the benchmark sets only num_deltas, target_modules "
+            "and seed.")
+
+
+def grid_line(bench: Benchmark) -> str:
+    regime = bench.regime
+    grids = "; ".join(f"{method} {', '.join(f'{lr:g}' for lr in grid)}" for method, grid in regime.grids.items())
+    return (f"- Learning rates: a grid per method at {FIRST_PATTERN} ({grids}), extended by a factor "
+            f"{regime.grid_factor:g} (at most {regime.max_grid_extensions} times) while the best validation "
+            f"perplexity is at an edge; reused at the other patterns. lora* has its own choice on lora's runs; "
+            "ablations reuse SEFT's rate.")
+
+
+# ------------------------------------------------------------------------------------------ output
+def write_results(bench: Benchmark, folder: Path, wall_s: float, note: str) -> None:
+    """Write <stem>.md and <stem>.png into ``folder`` from ``bench``'s run log."""
+    regime, work = bench.regime, bench.work
+    command = "python benchmarks/quality.py" + (" --regime long" if regime is LONG else "")
+    train_min = sum(run.train_s for run in bench.runs.values()) / 60
+    text = "\n".join([
+        f"# Repair quality{', long regime' if regime is LONG else ''}: SEFT vs sparsity-preserving baselines "
+        f"({work.model_name})",
+        "",
+        f"Generated by `{command}`. {machine_description(torch.device('cpu'))} Training time summed over the "
+        f"{len(bench.runs)} logged runs: {train_min:.0f} min (pruning and evaluation come on top); this invocation "
+        f"took {wall_s / 60:.0f} min.",
+        "",
+        "## Setup",
+        *setup_lines(bench),
+        "",
+        "## Goal: SEFT beats every sparsity-preserving baseline (test perplexity, mean ± half-range over seeds)",
+        "",
+        markdown_table(["pattern", "SEFT", "best sparsity-preserving baseline", "goal"], goal_rows(bench)),
+        "",
+        "## Goal: SEFT beats the same deltas on a fixed support (what topology evolution adds)",
+        "",
+        markdown_table(["pattern", "SEFT", "fixed_deltas", "goal"], fixed_support_rows(bench)),
+        "",
+        "## All runs (test perplexity: mean ± half-range over seeds when repeated)",
+        "",
+        markdown_table(RUN_COLUMNS, all_run_rows(bench)),
+        "",
+        f"## Learning-rate grid at {FIRST_PATTERN} (validation perplexity, seed 0; chosen in bold)",
+        "",
+        markdown_table(["method", "learning rate: validation perplexity"], grid_rows(bench)),
+        "",
+        "## Ablations (SEFT with one option changed, at SEFT's learning rate; vs SEFT: test perplexity)",
+        "",
+        markdown_table(["pattern", "ablation", "change", "test ppl", "vs SEFT", "gap recovered", "revived"],
+                       ablation_rows(bench)),
+        "",
+        f"![test perplexity by method]({regime.stem}.png)",
+        "",
+        note,
+    ])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{regime.stem}.md").write_text(text + "\n")
+    plot(bench, folder / f"{regime.stem}.png")
+    print(text)
+    print(f"\nWritten to {folder}/{regime.stem}.md, {regime.stem}.png, {regime.stem}_runs.csv")
+
+
+def plot(bench: Benchmark, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in bench.regime.methods if m != "dense" and any(runs_of(bench, p, m) for p in PATTERNS)]
+    fig, ax = plt.subplots(figsize=(11 + len(methods) // 6, 4))
+    width = 0.8 / len(PATTERNS)
+    for i, pattern in enumerate(PATTERNS):
+        means, errors = [], []
+        for method in methods:
+            tests = heldout_ppls(bench, pattern, method) or [math.nan]
+            means.append(statistics.mean(tests))
+            errors.append((max(tests) - min(tests)) / 2)
+        ax.bar([j + i * width for j in range(len(methods))], means, width, yerr=errors, label=f"Wanda {pattern}")
+    dense = heldout_ppls(bench, UNPRUNED, "dense")
+    if dense:
+        ax.axhline(dense[0], color="black", linestyle="--", linewidth=1, label="dense (unpruned)")
+    ax.set_xticks([j + width for j in range(len(methods))], methods, rotation=30, ha="right")
+    title = f"Repair of a pruned {bench.work.model_name}" + (" (long regime)" if bench.regime is LONG else "")
+    ax.set(yscale="log", ylabel="held-out perplexity (log)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,108 @@
+"""The quality benchmark's run log: one CSV row per finished run, read back to resume and to report.
+
+Each regime keeps its own file. Columns added after a file was first written (``wall_s``,
+``nonzero_growth``) read back with their defaults, and the first row appended with the new code
+rewrites the file under the new header, so one file never mixes two headers.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+RunKey = tuple[str, str, float, int]  # (pattern, method, lr, seed)
+
+
+class Pending(Exception):
+    """A result that is neither in the run log nor allowed to be run now (``--report-only``, ``--methods``)."""
+
+    def __init__(self, key: RunKey) -> None:
+        pattern, method, lr, seed = key
+        super().__init__(f"{method} at {pattern} (lr {lr:g}, seed {seed})")
+        self.key = key
+
+
+@dataclass
+class RunResult:
+    """One row of the run log."""
+
+    pattern: str
+    method: str
+    lr: float
+    seed: int
+    val_ppl: float
+    test_ppl: float
+    sparsity: float
+    sparsity_kept: bool
+    trainable: int
+    revived: int
+    final_loss: float
+    train_s: float
+    wall_s: float = math.nan  # the whole run: adapter, training, merge, evaluation
+    # SEFT-engine methods: max over steps and layers of (nonzeros - nonzeros after pruning); <= 0 when kept.
+    nonzero_growth: int | None = None
+
+    @property
+    def key(self) -> RunKey:
+        return (self.pattern, self.method, self.lr, self.seed)
+
+
+def _parse(row: dict[str, str | None]) -> RunResult:
+    """A CSV row as a RunResult; a missing or empty cell takes the field's default."""
+    values = {}
+    for field in fields(RunResult):
+        text = row.get(field.name)
+        if text is None or text == "":
+            continue
+        if field.name == "sparsity_kept":
+            values[field.name] = text == "True"
+        elif field.name in ("seed", "trainable", "revived", "nonzero_growth"):
+            values[field.name] = int(text)
+        elif field.name in ("pattern", "method"):
+            values[field.name] = text
+        else:
+            values[field.name] = float(text)
+    return RunResult(**values)
+
+
+def read_runs(path: Path) -> dict[RunKey, RunResult]:
+    if not path.exists():
+        return {}
+    with path.open() as handle:
+        runs = [_parse(row) for row in csv.DictReader(handle)]
+    return {run.key: run for run in runs}
+
+
+def append_run(path: Path, run: RunResult) -> None:
+    """Append one row (header first if the file is new); a crash loses at most the current run.
+
+    A file written before a column existed is first rewritten with the current header (atomically,
+    through a temporary file), its old rows filled with the defaults.
+    """
+    header = [field.name for field in fields(RunResult)]
+    if path.exists():
+        with path.open() as handle:
+            if next(csv.reader(handle), header) != header:
+                _rewrite(path, list(read_runs(path).values()), header)
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header)
+        if new:
+            writer.writeheader()
+        writer.writerow(_cells(run))
+
+
+def _rewrite(path: Path, runs: list[RunResult], header: list[str]) -> None:
+    temporary = path.with_suffix(".tmp")
+    with temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(_cells(run) for run in runs)
+    os.replace(temporary, path)
+
+
+def _cells(run: RunResult) -> dict[str, object]:
+    return {name: "" if value is None else value for name, value in asdict(run).items()}
