@@ -31,14 +31,15 @@ class SparsityEvolutionConfig:
       the whole window; 4× the number of swaps leaves room for that re-ranking while
       keeping the statistics O(swaps) per layer.
     * ``removal_criterion="taylor"``, ``swap_test="taylor"``: a revival removes the
-      weight whose predicted loss increase ``½w²h − wg`` is lowest, and a swap happens
+      weight whose predicted loss increase ``½w²h`` (+ ``−wg`` where positive) is lowest, and a swap happens
       only where the grown delta's predicted gain exceeds that cost plus what the
       dropped delta would still have gained (:mod:`seft_trl.criteria`). Ranking alone
       (``|w·g|``, no test) revived weights that Wanda kept for good reason: in our
       short benchmark SEFT lost to not evolving at all, most at 2:4.
-    * ``seed_moments=True``: a moved slot starts with Adam moments fitted to its
-      window statistics instead of zeros, which the global bias correction would turn
-      into steps of several times the learning rate (:mod:`seft_trl.optim_state`).
+    * ``seed_moments=True``: a moved slot starts with a second moment fitted to its
+      window's mean-square gradient instead of zero, which the global bias correction
+      would turn into steps of several times the learning rate; its first moment starts
+      at zero, so it ramps up (:mod:`seft_trl.optim_state`).
     """
 
     density: float | None = field(
@@ -88,7 +89,7 @@ class SparsityEvolutionConfig:
         default="taylor",
         metadata={
             "help": f"Which weights are removed to pay for revived ones: {', '.join(REMOVAL_CRITERIA)} "
-            "(lowest ½w²h − w·grad, |w·grad| or |w|)."
+            "(lowest ½w²h + max(0, −w·grad), |w·grad| or |w|)."
         },
     )
     swap_test: str = field(
@@ -101,8 +102,8 @@ class SparsityEvolutionConfig:
     seed_moments: bool = field(
         default=True,
         metadata={
-            "help": "Seed the Adam moments of a moved delta from its window statistics (else zero them, which the "
-            "global bias correction turns into oversized steps)."
+            "help": "Seed the Adam second moment of a moved delta from its window statistics (else zero it, which "
+            "the global bias correction turns into oversized steps); the first moment starts at zero."
         },
     )
     sparsity_scope: Literal["layer", "row"] = field(

@@ -14,8 +14,9 @@ the same estimate on both sides:
   (O(out + in) statistics per layer; exact when the loss is the mean over the tokens seen);
 * **gain** of growing a delta at a position with mean gradient ``m``: ``m² / (2h)``, the loss drop
   of the Newton step there, with ``m²`` debiased by the window's sampling noise;
-* **cost** of removing (zeroing) weight ``w``: ``½ w² h − w m`` (optimal brain damage plus the
-  first-order term), which is what Wanda's kept weights are protected by and ``|w·g|`` ignores.
+* **cost** of removing (zeroing) weight ``w``: ``½ w² h`` (optimal brain damage: what Wanda's
+  kept weights are protected by and ``|w·g|`` ignores) plus the first-order term ``−w m`` where it
+  is a cost; it is never credited as a gain (see :func:`taylor_removal_cost`).
 """
 
 from __future__ import annotations
@@ -40,8 +41,15 @@ def _gradient_growth(grad: torch.Tensor) -> torch.Tensor:
 
 
 def taylor_removal_cost(weight: torch.Tensor, grad: torch.Tensor, curvature: torch.Tensor) -> torch.Tensor:
-    """Predicted loss increase of setting ``weight`` to zero: ½ w² h − w g."""
-    return 0.5 * weight * weight * curvature - weight * grad
+    """Predicted loss increase of setting ``weight`` to zero: ½ w² h, plus −w g where that is a cost.
+
+    The first-order term is never credited as a gain. Where the gradient points towards zero, the
+    plain expansion ½ w² h − w g calls removing a large weight a win; but an update removes tens of
+    thousands of weights at once, a jump the size of the weights whose joint effect a diagonal model
+    cannot see. Measured on Wanda-50% SmolLM2, ranking removals by the plain expansion took the
+    training loss from 4.2 to 5.9 at the first update (|w·g| ranking: 4.0).
+    """
+    return 0.5 * weight * weight * curvature + torch.relu(-weight * grad)
 
 
 def _sensitivity_removal(weight: torch.Tensor, grad: torch.Tensor, curvature: torch.Tensor) -> torch.Tensor:

@@ -242,11 +242,11 @@ class SparsityEvolution:
         fraction = self.drop_fraction(self.step_count)
         stats = {}
         for name, layer in self.layers.items():
-            stats[name], moved_slots, (mean, mean_sq) = layer.update_topology(round(fraction * layer.delta.numel()))
+            stats[name], moved_slots, mean_sq = layer.update_topology(round(fraction * layer.delta.numel()))
             if self.optimizer is None:
                 continue
             if self.config.seed_moments:
-                seed_optimizer_slots(self.optimizer, layer.delta, moved_slots, mean, mean_sq)
+                seed_optimizer_slots(self.optimizer, layer.delta, moved_slots, mean_sq)
             else:
                 reset_optimizer_slots(self.optimizer, layer.delta, moved_slots)
         self.last_update = stats

@@ -335,23 +335,23 @@ class SparseDeltaLinear(nn.Module):
         return all(bool(torch.isfinite(t).all()) for t in (window.grad_sum, window.grad_sq_sum, window.row_sq, window.col_sq))
 
     @torch.no_grad()
-    def update_topology(self, n_target: int) -> tuple[UpdateStats, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def update_topology(self, n_target: int) -> tuple[UpdateStats, torch.Tensor, torch.Tensor]:
         """Swap up to ``n_target`` deltas.
 
-        Returns the stats, the delta slots whose position changed, and for them the mean and
-        mean square of the gradient at their new positions in the optimizer's scale (moment seeds).
+        Returns the stats, the delta slots whose position changed, and for them the mean-square
+        gradient at their new positions in the optimizer's scale (the second-moment seeds).
         """
         window, self._window, self._select_count = self._window, None, 0
         empty = self.delta_index.new_empty(0)
         if window is None or n_target == 0 or window.steps == 0:
-            return self._stats(0, 0, 0, 0), empty, (self.delta.new_empty(0), self.delta.new_empty(0))
+            return self._stats(0, 0, 0, 0), empty, self.delta.new_empty(0)
         plan = self._plan(window, n_target)
         self._apply_plan(plan)
         k, steps, scale = self.delta_index.numel(), window.steps, window.optimizer_scale
         grown = k + plan.grow_candidate
-        seeds = (window.grad_sum[grown] * (scale / steps), window.grad_sq_sum[grown] * (scale * scale / steps))
+        mean_sq = window.grad_sq_sum[grown] * (scale * scale / steps)
         stats = self._stats(plan.grow_index.numel(), plan.revived, plan.remove_index.numel(), plan.refused)
-        return stats, plan.drop_slots, seeds
+        return stats, plan.drop_slots, mean_sq
 
     def _plan(self, window: WindowStatistics, n_target: int) -> SwapPlan:
         criteria = self.criteria

@@ -3,16 +3,22 @@
 A slot that moves to a new weight position must not inherit the moments of the old one. Zeroing
 them is not enough for Adam: the bias correction is global (one step count per tensor), so a slot
 zeroed at step t0 is corrected as if it had t0 steps of history and, fed a steady gradient, steps
-2.5–6× too far for about a hundred steps once t0 is past a few hundred. :func:`seed_optimizer_slots`
-instead writes the state the slot would have after t steps of gradients with the window's mean and
-mean square at its new position, ``m = (1 − β1^t)·mean`` and ``v = (1 − β2^t)·mean_sq``, so its
-bias-corrected moments are those statistics from its first step on. What each optimizer gets:
+2.5–6× too far for about a hundred steps once t0 is past a few hundred: its second moment is
+corrected as if long established while holding only a few gradients. :func:`seed_optimizer_slots`
+gives the slot the second moment it would hold after t steps of the window's mean-square gradient
+at its new position, ``v = (1 − β2^t)·mean_sq``, so the step's scale fits from the first step, and
+starts its first moment at zero, so its direction is earned: the step ramps up over ~10 steps
+(half of an established slot's after 7) and never exceeds it. Seeding the first moment from the
+window's mean as well was measured worse: growth selects positions for a large window gradient,
+so that mean is inflated. Two steps after one update of Wanda-50% SmolLM2 (400k moved slots),
+validation perplexity was 57.0 with both moments seeded, 51.3 with the first at zero, 50.9 with
+both zeroed and 51.6 without evolution. What each optimizer gets:
 
 ============================================  ===========================================================
 optimizer                                     moved slot
 ============================================  ===========================================================
-torch Adam / AdamW (for-loop, foreach, fused)  seeded ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``)
-bitsandbytes Adam/AdamW 32-bit and paged       seeded ``state1`` / ``state2``
+torch Adam / AdamW (for-loop, foreach, fused)  seeded ``exp_avg_sq`` (and ``max_exp_avg_sq``), zero ``exp_avg``
+bitsandbytes Adam/AdamW 32-bit and paged       seeded ``state2``, zero ``state1``
 bitsandbytes Adam/AdamW 8-bit and paged        seeded: the nearest code in the block's existing scale
 torchao AdamW8bit / AdamW4bit / AdamWFp8      seeded: the nearest code in the block's existing scale
 torch SGD, other bitsandbytes optimizers       zero state (no bias correction to fit)
@@ -115,10 +121,9 @@ def _is_adam(optimizer: torch.optim.Optimizer) -> bool:
     return _is_torchao(type(optimizer)) and "Adam" in type(optimizer).__name__
 
 
-def _step_and_betas(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter) -> tuple[float, float, float]:
+def _step_and_beta2(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter) -> tuple[float, float]:
     group = next(group for group in optimizer.param_groups if any(p is param for p in group["params"]))
-    beta1, beta2 = group["betas"][:2]
-    return float(optimizer.state[param]["step"]), float(beta1), float(beta2)
+    return float(optimizer.state[param]["step"]), float(group["betas"][1])
 
 
 def _moment_buffers(optimizer: torch.optim.Optimizer, state: dict) -> list[tuple[str, torch.Tensor, dict]]:
@@ -134,13 +139,11 @@ def _moment_buffers(optimizer: torch.optim.Optimizer, state: dict) -> list[tuple
 
 
 @torch.no_grad()
-def seed_optimizer_slots(
-    optimizer, param: torch.nn.Parameter, slots: torch.Tensor, mean: torch.Tensor, mean_sq: torch.Tensor
-) -> None:
-    """Give ``param[slots]`` the Adam state of a slot that always saw gradients of ``mean`` / ``mean_sq``.
+def seed_optimizer_slots(optimizer, param: torch.nn.Parameter, slots: torch.Tensor, mean_sq: torch.Tensor) -> None:
+    """Give ``param[slots]`` a second moment fitted to ``mean_sq`` and a zero first moment (module docstring).
 
-    ``mean`` and ``mean_sq`` [s] are in the optimizer's gradient scale. Optimizers without Adam's
-    bias correction get zero state (see the module docstring); no state yet means nothing to write.
+    ``mean_sq`` [s] is the mean-square gradient at the new positions, in the optimizer's gradient
+    scale. Optimizers without Adam's bias correction get zero state; no state yet: nothing to write.
     """
     inner = unwrap_optimizer(optimizer)
     if not _is_adam(inner):
@@ -150,8 +153,8 @@ def seed_optimizer_slots(
     state = inner.state.get(param)
     if not state or slots.numel() == 0:
         return
-    step, beta1, beta2 = _step_and_betas(inner, param)
-    seeds = {"first": (1.0 - beta1**step) * mean, "second": (1.0 - beta2**step) * mean_sq}
+    step, beta2 = _step_and_beta2(inner, param)
+    seeds = {"first": torch.zeros_like(mean_sq), "second": (1.0 - beta2**step) * mean_sq}
     for role, buffer, quantization in _moment_buffers(inner, state):
         _write(buffer, slots, seeds[role], **quantization)
 

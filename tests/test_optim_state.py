@@ -112,7 +112,7 @@ def test_topology_update_writes_only_the_moved_slots(optimizer_name, seed_moment
                 value = qmap[value.long()]
             if seed_moments and key in ("exp_avg_sq", "state2"):  # seeded from a nonzero window gradient
                 assert (value[moved] > 0).any()
-            elif not seed_moments:
+            else:  # the first moment of a moved slot, and every moment without seeding, starts at zero
                 assert (value[moved] == 0).all()
         assert (layer.delta[moved] == 0).all()
 
@@ -121,8 +121,8 @@ def steady_steps_after_a_move(optimizer_cls, seed: bool, move_at: int = 1000, **
     """|Δθ| per step of a slot moved at ``move_at`` over those of an established slot, both fed one steady gradient.
 
     Slots 0..511 are established and always see gradient g; slot 512..1023 see another gradient
-    before the move (their old position) and g after it, from which the window statistics are
-    (g, g²). Returns the ratio moved/established for 40 steps after the move [40].
+    before the move (their old position) and g after it, whose window mean square is g². Returns
+    the ratio moved/established for 40 steps after the move [40].
     """
     param = torch.nn.Parameter(torch.zeros(1024))
     optimizer = optimizer_cls([param], lr=1e-3, weight_decay=0.0, **kwargs)
@@ -134,7 +134,7 @@ def steady_steps_after_a_move(optimizer_cls, seed: bool, move_at: int = 1000, **
         optimizer.step()
     moved = torch.arange(512, 1024)
     if seed:
-        seed_optimizer_slots(optimizer, param, moved, g[moved], g[moved] ** 2)
+        seed_optimizer_slots(optimizer, param, moved, g[moved] ** 2)
     else:
         reset_optimizer_slots(optimizer, param, moved)
     ratios = []
@@ -161,27 +161,36 @@ def test_a_seeded_slot_steps_like_an_established_one_after_a_late_move(optimizer
 
 def test_optimizers_without_bias_correction_get_zero_state():
     param, optimizer = stepped(torch.optim.SGD, momentum=0.9)
-    seed_optimizer_slots(optimizer, param, SLOTS, torch.ones(SLOTS.numel()), torch.ones(SLOTS.numel()))
+    seed_optimizer_slots(optimizer, param, SLOTS, torch.ones(SLOTS.numel()))
     assert (optimizer.state[param]["momentum_buffer"][SLOTS] == 0).all()
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_torchao_low_bit_state_reset(bits):
+TORCHAO_SLOTS = torch.tensor([0, 1, 2, 255, 256, 4097, 8191])
+
+
+def torchao_stepped(bits: int, steps: int):
+    """A torchao low-bit AdamW after ``steps`` steps, its state dequantized, and the untouched-slot mask."""
     from torchao.optim import AdamW4bit, AdamW8bit
 
     torch.manual_seed(0)
     param = torch.nn.Parameter(torch.randn(8192))  # torchao quantizes tensors of >= 4096 elements
     optimizer = (AdamW8bit if bits == 8 else AdamW4bit)([param], lr=1e-2)
-    for _ in range(2):
+    for _ in range(steps):
         param.grad = torch.randn(8192)
         optimizer.step()
     state = optimizer.state[param]
-    before = {key: state[key].dequantize().clone() for key in ("exp_avg", "exp_avg_sq")}
     assert state["exp_avg"].codes.numel() == 8192 * bits // 8  # really the low-bit path
-    slots = torch.tensor([0, 1, 2, 255, 256, 4097, 8191])
-    reset_optimizer_slots(optimizer, param, slots)
+    before = {key: state[key].dequantize().clone() for key in ("exp_avg", "exp_avg_sq")}
     others = torch.ones(8192, dtype=torch.bool)
-    others[slots] = False
+    others[TORCHAO_SLOTS] = False
+    return param, optimizer, before, others
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_torchao_low_bit_state_reset(bits):
+    param, optimizer, before, others = torchao_stepped(bits, steps=2)
+    state, slots = optimizer.state[param], TORCHAO_SLOTS
+    reset_optimizer_slots(optimizer, param, slots)
     for key, old in before.items():
         new = state[key].dequantize()
         assert torch.equal(new[others], old[others]), key
@@ -194,23 +203,12 @@ def test_torchao_low_bit_state_reset(bits):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_torchao_low_bit_seed_writes_the_nearest_code_and_nothing_else(bits):
-    from torchao.optim import AdamW4bit, AdamW8bit
-
-    torch.manual_seed(0)
-    param = torch.nn.Parameter(torch.randn(8192))
-    optimizer = (AdamW8bit if bits == 8 else AdamW4bit)([param], lr=1e-2)
-    for _ in range(3):
-        param.grad = torch.randn(8192)
-        optimizer.step()
-    state = optimizer.state[param]
-    before = {key: state[key].dequantize().clone() for key in ("exp_avg", "exp_avg_sq")}
-    slots = torch.tensor([0, 1, 2, 255, 256, 4097, 8191])
+    param, optimizer, before, others = torchao_stepped(bits, steps=3)
+    state, slots = optimizer.state[param], TORCHAO_SLOTS
     mean = before["exp_avg"][slots].flip(0)  # values the blocks can represent
-    seed_optimizer_slots(optimizer, param, slots, mean, mean * mean)
-    others = torch.ones(8192, dtype=torch.bool)
-    others[slots] = False
+    seed_optimizer_slots(optimizer, param, slots, mean * mean)
     step = float(state["step"])
-    for key, target in (("exp_avg", (1 - 0.9**step) * mean), ("exp_avg_sq", (1 - 0.999**step) * mean * mean)):
+    for key, target in (("exp_avg", torch.zeros_like(mean)), ("exp_avg_sq", (1 - 0.999**step) * mean * mean)):
         new = state[key].dequantize()
         assert torch.equal(new[others], before[key][others]), key
         block = state[key].scale.repeat_interleave(state[key].block_size)[slots]
