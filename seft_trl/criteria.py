@@ -66,21 +66,17 @@ def _taylor_swap_test(benefit: torch.Tensor, forgone: torch.Tensor) -> torch.Ten
     return benefit > forgone
 
 
-def _no_swap_test(benefit: torch.Tensor, forgone: torch.Tensor) -> torch.Tensor:
-    """Every ranked pair swaps (the behaviour of rank-only rules)."""
-    return torch.ones_like(benefit, dtype=torch.bool)
-
-
 GROWTH_CRITERIA: dict[str, GrowthScore] = {"gradient": _gradient_growth}
 REMOVAL_CRITERIA: dict[str, RemovalScore] = {
     "taylor": taylor_removal_cost,
     "sensitivity": _sensitivity_removal,
     "magnitude": _magnitude_removal,
 }
-SWAP_TESTS: dict[str, SwapTest] = {"taylor": _taylor_swap_test, "none": _no_swap_test}
+# "none": no test; candidates rank by growth score alone and every feasible pair swaps.
+SWAP_TESTS: dict[str, SwapTest | None] = {"taylor": _taylor_swap_test, "none": None}
 
 
-def lookup(registry: dict[str, Callable], kind: str, name: str) -> Callable:
+def lookup(registry: dict[str, Callable | None], kind: str, name: str) -> Callable | None:
     """The function registered as ``name``; an unknown name is an error, never a fallback."""
     if name not in registry:
         raise ValueError(f"Unknown {kind} {name!r}: choose one of {', '.join(sorted(registry))}.")

@@ -68,7 +68,7 @@ class TopologyCriteria:
         return cls(
             growth=lookup(GROWTH_CRITERIA, "growth_criterion", config.growth_criterion),
             removal=lookup(REMOVAL_CRITERIA, "removal_criterion", config.removal_criterion),
-            swap_test=None if config.swap_test == "none" else lookup(SWAP_TESTS, "swap_test", config.swap_test),
+            swap_test=lookup(SWAP_TESTS, "swap_test", config.swap_test),
             regrow_pruned=config.regrow_pruned,
             drop_mode=config.drop_mode,
         )
@@ -313,8 +313,8 @@ class SparseDeltaLinear(nn.Module):
                 # fp64 copies: a reduction over a slice can depend on its memory alignment, which
                 # would make a resumed run differ from an uninterrupted one in the last bits.
                 raw, used = window.step_sum[: self.delta_index.numel()].double(), self.delta.grad.double()
-                window.counters[1] += float((used * raw).sum())
-                window.counters[2] += float((raw * raw).sum())
+                window.counters[1] += (used * raw).sum()  # stays on the device: no sync per step
+                window.counters[2] += (raw * raw).sum()
             window.grad_sum += window.step_sum
             window.grad_sq_sum.addcmul_(window.step_sum, window.step_sum)
             window.row_sq += window.step_row_sq
@@ -363,13 +363,13 @@ class SparseDeltaLinear(nn.Module):
         # Per-step curvature in the units of the summed per-rank losses (criteria module docstring).
         curvature = curvature_at(positions, window.row_sq, window.col_sq, 1.0 / (self.world_size * steps * steps))
         gain = newton_gain(mean, mean_sq, steps, curvature)
-        weight = self.weight.view(-1)[positions].float()
 
         forgone = gain[:k]  # a dropped delta stops training: it gives up its own predicted gain
         if criteria.drop_mode == "revert":  # and reverting its value changes the loss by -δ·g + ½δ²h
             delta = self.delta.detach()
             forgone = forgone - delta * mean[:k] + 0.5 * delta * delta * curvature[:k]
         removal = slice(k + cg, None)
+        weight = self.weight.view(-1)[remove_index].float()
         support = self.support_mask()
         group_budget = self.scope.group_budget(self.support_budget, self.row_budget)
         group_slack = (group_budget - self.scope.group_support(support)).clamp(min=0)
@@ -385,8 +385,8 @@ class SparseDeltaLinear(nn.Module):
             grow_slack=group_slack[grow_group],
             layer_slack=max(0, int(self.support_budget) - int(support.sum())),
             remove_index=remove_index,
-            remove_score=criteria.removal(weight[removal], mean[removal], curvature[removal]),
-            remove_cost=taylor_removal_cost(weight[removal], mean[removal], curvature[removal]),
+            remove_score=criteria.removal(weight, mean[removal], curvature[removal]),
+            remove_cost=taylor_removal_cost(weight, mean[removal], curvature[removal]),
             remove_group=self.scope.group_of(remove_index),
             n_target=n_target,
             swap_test=criteria.swap_test,
