@@ -38,7 +38,8 @@ class Adapter:
     parameters: list[nn.Parameter]
     finish: Callable[[], nn.Module]
     after_step: Callable[[], None] = lambda: None
-    attach: Callable[[torch.optim.Optimizer, int], None] = lambda optimizer, steps: None
+    # (optimizer, total steps, steps already done: > 0 when a run resumes from a checkpoint)
+    attach: Callable[[torch.optim.Optimizer, int, int], None] = lambda optimizer, steps, done: None
     notes: dict[str, float] = field(default_factory=dict)
 
 
@@ -195,7 +196,8 @@ def seft_adapter(model: nn.Module, config: SparsityEvolutionConfig) -> Adapter:
     def after_step() -> None:  # the engine's optimizer hook has just run this step's update, if any
         notes["revived"] += sum(stats.revived for stats in seft.last_update.values())
         guard.after_step()
-        notes["nonzero_growth"] = float(guard.max_growth)  # set after the first step
+        # Set after the first step; a resumed run's notes hold the steps before the checkpoint.
+        notes["nonzero_growth"] = float(max(guard.max_growth, notes.get("nonzero_growth", -math.inf)))
 
     def finish() -> nn.Module:
         guard.check_pattern()
@@ -205,6 +207,6 @@ def seft_adapter(model: nn.Module, config: SparsityEvolutionConfig) -> Adapter:
         list(seft.parameters()),
         finish,
         after_step=after_step,
-        attach=lambda optimizer, steps: seft.attach(optimizer, total_steps=steps),
+        attach=lambda optimizer, steps, done: seft.attach(optimizer, total_steps=steps, start_step=done),
         notes=notes,
     )

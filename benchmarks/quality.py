@@ -29,7 +29,8 @@ Two regimes (``--regime``), each with its own run log, report and chart:
   run; the short results' Xeon was ~2.7× faster), so it spans many sessions.
 
 Every finished run is appended to ``<stem>_runs.csv`` (``quality_runs.csv``,
-``quality_long_runs.csv``), so an interrupted benchmark resumes where it stopped; ``--methods``
+``quality_long_runs.csv``), so an interrupted benchmark resumes where it stopped, and the run in progress is checkpointed
+every ``--checkpoint-every`` steps under ``partial/`` (and at ``--stop-after``), so it resumes mid-run; ``--methods``
 restricts what may run, ``--report-only`` rebuilds the Markdown and the chart from the file (a run
 not there yet is shown as pending). The committed results folder already holds every short run,
 so measure afresh into another ``--output-dir``.
@@ -48,6 +49,7 @@ from pathlib import Path
 
 from common import RESULTS_DIR, contention_note, cpu_snapshot
 from quality_plan import EVALUATION_ONLY, LONG, REGIMES, SHORT, Benchmark, Regime
+from quality_runs import OutOfTime
 from quality_report import write_results
 from quality_workloads import Workload, lee_workload, quick_workload, wikipedia_workload
 
@@ -94,6 +96,10 @@ def main() -> None:
     add("--report-only", action="store_true", help="rebuild the report and the chart from the run log")
     add("--output-dir", default=str(RESULTS_DIR))
     add("--remark", default="", help="a sentence for the report's end, e.g. what disturbed the wall times")
+    add("--stop-after", type=float, default=None, metavar="SECONDS",
+        help="pause after this long: the run in progress is checkpointed and the next invocation resumes it")
+    add("--checkpoint-every", type=int, default=16, metavar="STEPS",
+        help="save the run in progress this often, so even a killed benchmark loses little")
     args = parser.parse_args()
     regime = REGIMES[args.regime]
     if args.quick and regime is SHORT:
@@ -104,9 +110,14 @@ def main() -> None:
     started, snapshot = time.perf_counter(), cpu_snapshot()
 
     work = build_workload(args, regime)
-    bench = Benchmark(regime, work, folder / f"{regime.stem}_runs.csv", args.seeds, args.quick, runnable)
+    deadline = None if args.stop_after is None else time.monotonic() + args.stop_after
+    bench = Benchmark(regime, work, folder / f"{regime.stem}_runs.csv", args.seeds, args.quick, runnable,
+                      deadline=deadline, checkpoint_every=args.checkpoint_every)
     if runnable:
-        bench.run_plan()
+        try:
+            bench.run_plan()
+        except OutOfTime as paused:
+            print(f"--stop-after reached: {paused}; run the same command again to resume.", flush=True)
         bench.runnable = frozenset()  # the report reads the log; it never starts a run
     write_results(bench, folder, time.perf_counter() - started, f"{args.remark} {contention_note(snapshot)}".strip())
 

@@ -28,7 +28,7 @@ from baselines import (
     peft_lora_adapter,
     seft_adapter,
 )
-from quality_runs import Pending, RunResult, append_run, read_runs
+from quality_runs import OutOfTime, Pending, RunCheckpoint, RunKey, RunResult, append_run, read_runs
 from quality_workloads import Workload
 from seft_trl import SparsityEvolutionConfig
 from seft_trl.evaluation import perplexity
@@ -116,14 +116,28 @@ REGIMES = {regime.name: regime for regime in (SHORT, LONG)}
 
 
 # --------------------------------------------------------------------------------------- running
-def train(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], lr: float) -> list[float]:
-    """The loop every method shares; returns the training losses."""
+def train(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], lr: float,
+          checkpoint: RunCheckpoint | None = None) -> tuple[list[float], float]:
+    """The loop every method shares; returns the training losses and the seconds it trained.
+
+    With a ``checkpoint``, a saved state is resumed first (its seconds count), the state is saved
+    every ``checkpoint.every`` steps, and past the deadline it is saved and :class:`OutOfTime` raised.
+    """
     optimizer = torch.optim.AdamW(adapter.parameters, lr=lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, len(batches) // 16), len(batches))
-    adapter.attach(optimizer, len(batches))
+    losses, start, earlier_s = [], 0, 0.0
+    saved = checkpoint.load() if checkpoint else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        adapter.notes.update(saved["notes"])
+        losses, start, earlier_s = saved["losses"], saved["steps"], saved["train_s"]
+        print(f"  resumed at step {start} of {len(batches)}", flush=True)
+    adapter.attach(optimizer, len(batches), start)
+    began = time.perf_counter()
     model.train()
-    losses = []
-    for batch in batches:
+    for done, batch in enumerate(batches[start:], start=start + 1):
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(adapter.parameters, 1.0)
@@ -132,8 +146,14 @@ def train(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], lr: f
         optimizer.zero_grad(set_to_none=True)
         adapter.after_step()
         losses.append(loss.item())
+        if checkpoint and checkpoint.due(done, len(batches)):
+            checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "notes": dict(adapter.notes), "losses": losses,
+                             "steps": done, "train_s": earlier_s + time.perf_counter() - began})
+            if checkpoint.out_of_time():
+                raise OutOfTime(f"stopped after step {done} of {len(batches)}")
     model.eval()
-    return losses
+    return losses, earlier_s + time.perf_counter() - began
 
 
 def make_adapter(method: str, model: nn.Module, work: Workload, seed: int, regime: Regime) -> tuple[Adapter, int]:
@@ -166,9 +186,11 @@ class Benchmark:
     """The runs of one regime: read from its log, run when missing and allowed, and the plan that orders them."""
 
     def __init__(self, regime: Regime, work: Workload, runs_path: Path, seeds: int, quick: bool,
-                 runnable: frozenset[str]) -> None:
+                 runnable: frozenset[str], deadline: float | None = None, checkpoint_every: int = 16) -> None:
         self.regime, self.work, self.runs_path, self.seeds, self.quick = regime, work, runs_path, seeds, quick
         self.runnable = runnable  # methods that may run now; any other missing run is Pending
+        self.deadline = deadline  # time.monotonic() after which no run starts and the current one pauses
+        self.checkpoint_every = checkpoint_every
         self.runs = read_runs(runs_path)
         self.pruned: dict[str, tuple[nn.Module, SparsityReport]] = {}
 
@@ -201,10 +223,19 @@ class Benchmark:
             trained = "lora" if method == "lora*" else method  # a LoRA run yields both lora and lora*
             if trained not in self.runnable:
                 raise Pending(key)
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                raise OutOfTime(f"{method} at {pattern} (lr {lr:g}, seed {seed}) not started")
             for run in self.execute(pattern, trained, lr, seed):
                 self.runs[run.key] = run
                 append_run(self.runs_path, run)
+            self.checkpoint((pattern, trained, lr, seed)).remove()
         return self.runs[key]
+
+    def checkpoint(self, key: RunKey) -> RunCheckpoint:
+        """Where the run ``key`` keeps its state while it trains: ``partial/`` beside the run log."""
+        pattern, method, lr, seed = key
+        name = f"{self.regime.name}_{pattern.replace(':', '-').replace('%', 'pct')}_{method}_{lr:g}_{seed}.pt"
+        return RunCheckpoint(self.runs_path.parent / "partial" / name, self.checkpoint_every, self.deadline)
 
     def execute(self, pattern: str, method: str, lr: float, seed: int) -> list[RunResult]:
         if method == "dense":
@@ -227,8 +258,9 @@ class Benchmark:
                   seed: int) -> list[RunResult]:
         started = time.perf_counter()
         adapter, count = make_adapter(method, model, self.work, seed, self.regime)
-        losses = train(model, adapter, self.work.batches(seed), lr)
-        train_s = time.perf_counter() - started
+        setup_s = time.perf_counter() - started
+        losses, train_s = train(model, adapter, self.work.batches(seed), lr, self.checkpoint((pattern, method, lr, seed)))
+        trained = time.perf_counter()
         model = adapter.finish()
         final_loss = statistics.mean(losses[-max(1, len(losses) // 8):])
         variants = [(method, model)]
@@ -240,7 +272,7 @@ class Benchmark:
         for name, variant in variants:
             after = sparsity_report(variant, pattern=PATTERNS[pattern][0])
             measured.append((name, *self.evaluate(variant), after))
-        wall_s = time.perf_counter() - started
+        wall_s = setup_s + train_s + time.perf_counter() - trained  # a resumed run's earlier training included
         results = []
         for name, val, test, after in measured:
             results.append(RunResult(

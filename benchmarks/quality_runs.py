@@ -2,7 +2,9 @@
 
 Each regime keeps its own file. Columns added after a file was first written (``wall_s``,
 ``nonzero_growth``) read back with their defaults, and the first row appended with the new code
-rewrites the file under the new header, so one file never mixes two headers.
+rewrites the file under the new header, so one file never mixes two headers. A run in progress
+is checkpointed beside the log (:class:`RunCheckpoint`), so even an hour-long run survives the end
+of a session.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import csv
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+import torch
 
 RunKey = tuple[str, str, float, int]  # (pattern, method, lr, seed)
 
@@ -106,3 +111,41 @@ def _rewrite(path: Path, runs: list[RunResult], header: list[str]) -> None:
 
 def _cells(run: RunResult) -> dict[str, object]:
     return {name: "" if value is None else value for name, value in asdict(run).items()}
+
+
+class OutOfTime(Exception):
+    """The benchmark's ``--stop-after`` deadline passed; the run in progress was checkpointed."""
+
+
+@dataclass
+class RunCheckpoint:
+    """One run's training state, saved every ``every`` steps and at the deadline, so it resumes mid-run.
+
+    A long-regime run takes about an hour: without this, a session that ends inside a run loses it.
+    The state is everything the shared loop changes (model and optimizer state, schedule, losses, the
+    adapter's notes), so a resumed run computes what the uninterrupted one would have. The file is
+    replaced atomically and removed once the run is in the log.
+    """
+
+    path: Path
+    every: int
+    deadline: float | None = None  # time.monotonic() after which the loop saves and stops
+
+    def load(self) -> dict | None:
+        return torch.load(self.path, weights_only=False) if self.path.exists() else None
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".tmp")
+        torch.save(state, temporary)
+        os.replace(temporary, self.path)
+
+    def due(self, done: int, total: int) -> bool:
+        """Save after ``done`` of ``total`` steps? (Never after the last: the run is then complete.)"""
+        return done < total and (done % self.every == 0 or self.out_of_time())
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

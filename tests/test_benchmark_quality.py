@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import prune_linears
+from conftest import prune_linears, random_batch
 from seft_trl import SparsityEvolutionConfig
 from seft_trl.testing import tiny_model
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "quality.py"
 sys.path.insert(0, str(SCRIPT.parent))  # the benchmark modules import each other by bare name
 
-from baselines import NonzeroBudgetError, seft_adapter  # noqa: E402
-from quality_runs import RunResult, append_run, read_runs  # noqa: E402
+from baselines import NonzeroBudgetError, masked_full_adapter, peft_lora_adapter, seft_adapter  # noqa: E402
+from quality_plan import train  # noqa: E402
+from quality_runs import OutOfTime, RunCheckpoint, RunResult, append_run, read_runs  # noqa: E402
 
 # Every short method but seft_revert, which stays out to show how a run outside --methods is reported.
 SHORT_METHODS = ["lora", "masked_lora", "spp", "masked_full", "fixed_deltas", "seft", "seft_no_revival",
@@ -155,3 +156,37 @@ def test_run_log_reads_old_rows_with_defaults_and_rewrites_them_under_the_new_he
     runs = read_runs(log)
     assert runs[old.key].revived == 329280 and math.isnan(runs[old.key].wall_s) and runs[old.key].nonzero_growth is None
     assert runs[new.key].wall_s == 12.0 and runs[new.key].nonzero_growth is None
+
+
+RESUMABLE_ADAPTERS = {
+    # interval 2, window 2: the pause after step 1 falls inside an open accumulation window
+    "seft": lambda model: seft_adapter(model, SparsityEvolutionConfig(
+        density=0.05, update_interval=2, accumulation_steps=2, update_end=1.0, seed=0)),
+    "lora": lambda model: peft_lora_adapter(model, rank=4, alpha=8),
+    "masked_full": masked_full_adapter,
+}
+
+
+@pytest.mark.parametrize("method", sorted(RESUMABLE_ADAPTERS))
+def test_a_run_paused_at_the_deadline_resumes_mid_run_to_the_uninterrupted_result(method: str, tmp_path: Path) -> None:
+    batches = [random_batch(2, 16, seed=step) for step in range(6)]
+
+    def run(checkpoint: RunCheckpoint | None) -> tuple[list[float], dict, dict]:
+        model = prune_linears(tiny_model("llama"))
+        adapter = RESUMABLE_ADAPTERS[method](model)
+        losses, _ = train(model, adapter, batches, 1e-2, checkpoint)
+        return losses, adapter.finish().state_dict(), adapter.notes
+
+    whole_losses, whole_weights, whole_notes = run(None)
+    path = tmp_path / "partial" / "run.pt"
+    with pytest.raises(OutOfTime, match="after step 1 of 6"):
+        run(RunCheckpoint(path, every=4, deadline=-math.inf))  # the deadline has passed: one step, then pause
+    assert torch.load(path, weights_only=False)["steps"] == 1
+    losses, weights, notes = run(RunCheckpoint(path, every=4))
+    assert losses == whole_losses
+    assert weights.keys() == whole_weights.keys()
+    assert all(torch.equal(weights[key], whole_weights[key]) for key in weights)
+    assert notes == whole_notes
+    if method == "seft":
+        assert notes["revived"] > 0  # the resumed window led to an update that revived weights
+    assert torch.load(path, weights_only=False)["steps"] == 4  # the periodic save; the last step saves nothing
