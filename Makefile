@@ -48,10 +48,13 @@ bench-quality: assets
 	$(PY) benchmarks/quality.py --output-dir benchmark-output/quality
 
 # The long regime (256 steps × 4 × 256 tokens of Wikipedia, the engine's default cadence): about 50
-# runs of half an hour or more each on 2 cores, so it spans many sessions; rerun the target to resume.
-# METHODS=lora,masked_lora,spp,masked_full restricts what may run (e.g. the baselines first).
+# runs of an hour each on 2 cores, so it spans many sessions; rerun the target to resume (a run in
+# progress resumes from its last checkpoint, taken every 16 steps).
+# METHODS=lora,masked_lora,spp,masked_full restricts what may run (e.g. the baselines first);
+# STOP_AFTER=SECONDS pauses cleanly (checkpoint, report) after that long.
 bench-quality-long: assets
-	$(PY) benchmarks/quality.py --regime long --output-dir benchmark-output/quality-long $(if $(METHODS),--methods $(METHODS))
+	$(PY) benchmarks/quality.py --regime long --output-dir benchmark-output/quality-long \
+		$(if $(METHODS),--methods $(METHODS)) $(if $(STOP_AFTER),--stop-after $(STOP_AFTER))
 
 bench-speed: assets
 	$(PY) benchmarks/speed.py
