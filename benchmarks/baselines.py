@@ -183,13 +183,17 @@ class NonzeroGuard:
 
 
 def seft_adapter(model: nn.Module, config: SparsityEvolutionConfig) -> Adapter:
-    """SEFT through the engine (``drop_fraction=0`` gives fixed-support sparse deltas).
+    """SEFT through the engine (``drop_fraction=0`` gives fixed-support sparse deltas)."""
+    return engine_adapter(SparsityEvolution(model, config))
+
+
+def engine_adapter(seft: SparsityEvolution) -> Adapter:
+    """An engine already injected into its model, as an adapter of the shared loop.
 
     ``notes["revived"]`` counts the pruned weights revived over the run (as many were removed);
     ``notes["nonzero_growth"]`` is the :class:`NonzeroGuard`'s maximum growth over the steps (<= 0
     when the budget held); a violation raises :class:`NonzeroBudgetError` at once.
     """
-    seft = SparsityEvolution(model, config)
     guard = NonzeroGuard(seft)
     notes = {"revived": 0.0}
 

@@ -117,11 +117,12 @@ REGIMES = {regime.name: regime for regime in (SHORT, LONG)}
 
 # --------------------------------------------------------------------------------------- running
 def train(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], lr: float,
-          checkpoint: RunCheckpoint | None = None) -> tuple[list[float], float]:
+          checkpoint: RunCheckpoint | None = None, stop: int | None = None) -> tuple[list[float], float]:
     """The loop every method shares; returns the training losses and the seconds it trained.
 
     With a ``checkpoint``, a saved state is resumed first (its seconds count), the state is saved
     every ``checkpoint.every`` steps, and past the deadline it is saved and :class:`OutOfTime` raised.
+    ``stop`` trains only the first ``stop`` steps of the run's schedule (a probe of its beginning).
     """
     optimizer = torch.optim.AdamW(adapter.parameters, lr=lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, len(batches) // 16), len(batches))
@@ -137,7 +138,7 @@ def train(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], lr: f
     adapter.attach(optimizer, len(batches), start)
     began = time.perf_counter()
     model.train()
-    for done, batch in enumerate(batches[start:], start=start + 1):
+    for done, batch in enumerate(batches[start:stop], start=start + 1):
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(adapter.parameters, 1.0)
@@ -176,6 +177,13 @@ def make_adapter(method: str, model: nn.Module, work: Workload, seed: int, regim
     return seft_adapter(model, config), count
 
 
+def wanda(model: nn.Module, pattern: str, work: Workload) -> SparsityReport:
+    """Prune ``model`` in place to ``pattern`` (a PATTERNS key) with Wanda, calibrated on the training text."""
+    spec, sparsity = PATTERNS[pattern]
+    return prune(model, "wanda", sparsity=sparsity, pattern=spec, calibration=work.calibration_texts,
+                 tokenizer=work.tokenizer, target_modules=PROJECTIONS, **work.calibration)
+
+
 def kept(before: SparsityReport, after: SparsityReport) -> bool:
     """No layer holds more nonzeros than after pruning, and an N:M pattern still holds."""
     per_layer = all(a.nonzeros <= b.nonzeros for a, b in zip(after.layers, before.layers))
@@ -207,9 +215,7 @@ class Benchmark:
         return copy.deepcopy(model), report
 
     def wanda(self, model: nn.Module, pattern: str) -> SparsityReport:
-        spec, sparsity = PATTERNS[pattern]
-        return prune(model, "wanda", sparsity=sparsity, pattern=spec, calibration=self.work.calibration_texts,
-                     tokenizer=self.work.tokenizer, target_modules=PROJECTIONS, **self.work.calibration)
+        return wanda(model, pattern, self.work)
 
     def evaluate(self, model: nn.Module) -> tuple[float, float]:
         work = self.work

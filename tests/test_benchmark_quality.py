@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
@@ -190,3 +191,15 @@ def test_a_run_paused_at_the_deadline_resumes_mid_run_to_the_uninterrupted_resul
     if method == "seft":
         assert notes["revived"] > 0  # the resumed window led to an update that revived weights
     assert torch.load(path, weights_only=False)["steps"] == 4  # the periodic save; the last step saves nothing
+
+
+def test_swap_probe_measures_every_update_and_none_for_fixed_support() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "swap_probe.py"), "--quick", '{"drop_fraction": 0.0}', "{}"],
+                          cwd=SCRIPT.parents[1], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fixed, seft = [json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert fixed["updates"] == [] and math.isfinite(fixed["held_loss"])
+    assert [u["step"] for u in seft["updates"]] == [2, 4]  # quick cadence: every 2 steps until 80% of 8
+    assert all(u["grown"] > 0 and math.isfinite(u["loss_after"] - u["loss_before"]) for u in seft["updates"])
+    assert sum(u["revived"] for u in seft["updates"]) > 0
