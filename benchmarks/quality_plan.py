@@ -229,12 +229,13 @@ class Benchmark:
             trained = "lora" if method == "lora*" else method  # a LoRA run yields both lora and lora*
             if trained not in self.runnable:
                 raise Pending(key)
-            if self.deadline is not None and time.monotonic() > self.deadline:
+            checkpoint = self.checkpoint((pattern, trained, lr, seed))
+            if checkpoint.out_of_time():
                 raise OutOfTime(f"{method} at {pattern} (lr {lr:g}, seed {seed}) not started")
             for run in self.execute(pattern, trained, lr, seed):
                 self.runs[run.key] = run
                 append_run(self.runs_path, run)
-            self.checkpoint((pattern, trained, lr, seed)).remove()
+            checkpoint.remove()
         return self.runs[key]
 
     def checkpoint(self, key: RunKey) -> RunCheckpoint:
