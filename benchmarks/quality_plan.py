@@ -9,6 +9,7 @@ decisions later runs depend on come first. See quality.py for the methods and th
 from __future__ import annotations
 
 import copy
+import hashlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -26,11 +27,12 @@ from baselines import (
     lora_trainable_count,
     masked_full_adapter,
     peft_lora_adapter,
+    projection_linears,
     seft_adapter,
 )
-from quality_runs import OutOfTime, Pending, RunCheckpoint, RunKey, RunResult, append_run, read_runs
+from quality_runs import OutOfTime, Pending, PrunedCache, RunCheckpoint, RunKey, RunResult, append_run, read_runs
 from quality_workloads import Workload
-from seft_trl import SparsityEvolutionConfig
+from seft_trl import SparsityEvolutionConfig, patterns, pruning
 from seft_trl.evaluation import perplexity
 from seft_trl.pruning import prune
 from seft_trl.report import SparsityReport, sparsity_report
@@ -184,6 +186,21 @@ def wanda(model: nn.Module, pattern: str, work: Workload) -> SparsityReport:
                  tokenizer=work.tokenizer, target_modules=PROJECTIONS, **work.calibration)
 
 
+def pruning_fingerprint(model: nn.Module, pattern: str, work: Workload) -> str:
+    """What Wanda's result depends on: the unpruned weights, the pattern, the calibration and the pruning code."""
+    inputs = (work.model_name, pattern, PATTERNS[pattern], sorted(work.calibration.items()))
+    digest = hashlib.sha256(repr(inputs).encode())
+    for text in work.calibration_texts:
+        digest.update(text.encode())
+    sources = [*Path(pruning.__file__).parent.glob("*.py"), Path(patterns.__file__)]
+    for source in sorted(sources):
+        digest.update(source.read_bytes())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def kept(before: SparsityReport, after: SparsityReport) -> bool:
     """No layer holds more nonzeros than after pruning, and an N:M pattern still holds."""
     per_layer = all(a.nonzeros <= b.nonzeros for a, b in zip(after.layers, before.layers))
@@ -203,16 +220,32 @@ class Benchmark:
         self.pruned: dict[str, tuple[nn.Module, SparsityReport]] = {}
 
     def pruned_copy(self, pattern: str) -> tuple[nn.Module, SparsityReport]:
+        """A fresh copy of the model pruned to ``pattern``: pruned once per invocation, cached across them."""
         if pattern not in self.pruned:
             model = self.work.load_model()
             spec, sparsity = PATTERNS[pattern]
             started = time.perf_counter()
-            report = self.wanda(model, pattern)
-            print(f"[{pattern}] Wanda {spec} {sparsity or ''}: sparsity {report.sparsity:.2%} "
+            cache, fingerprint = self.pruned_cache(pattern), pruning_fingerprint(model, pattern, self.work)
+            saved = cache.load(fingerprint)
+            if saved is None:
+                report = self.wanda(model, pattern)
+                cache.save(fingerprint, {name: linear.weight.detach().clone()
+                                         for name, linear in projection_linears(model).items()}, report)
+                source = "pruned"
+            else:
+                weights, report = saved
+                for name, linear in projection_linears(model).items():
+                    linear.weight.data.copy_(weights[name])
+                source = f"read from {cache.path.name}"
+            print(f"[{pattern}] Wanda {spec} {sparsity or ''}: sparsity {report.sparsity:.2%}, {source} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
             self.pruned[pattern] = (model, report)
         model, report = self.pruned[pattern]
         return copy.deepcopy(model), report
+
+    def pruned_cache(self, pattern: str) -> PrunedCache:
+        name = f"pruned_{self.regime.name}_{pattern.replace(':', '-').replace('%', 'pct')}.pt"
+        return PrunedCache(self.runs_path.parent / "partial" / name)
 
     def wanda(self, model: nn.Module, pattern: str) -> SparsityReport:
         return wanda(model, pattern, self.work)

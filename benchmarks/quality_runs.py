@@ -4,7 +4,7 @@ Each regime keeps its own file. Columns added after a file was first written (``
 ``nonzero_growth``) read back with their defaults, and the first row appended with the new code
 rewrites the file under the new header, so one file never mixes two headers. A run in progress
 is checkpointed beside the log (:class:`RunCheckpoint`), so even an hour-long run survives the end
-of a session.
+of a session; a pattern's pruned weights are kept there too (:class:`PrunedCache`).
 """
 
 from __future__ import annotations
@@ -135,10 +135,7 @@ class RunCheckpoint:
         return torch.load(self.path, weights_only=False) if self.path.exists() else None
 
     def save(self, state: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_suffix(".tmp")
-        torch.save(state, temporary)
-        os.replace(temporary, self.path)
+        atomic_save(state, self.path)
 
     def due(self, done: int, total: int) -> bool:
         """Save after ``done`` of ``total`` steps? (Never after the last: the run is then complete.)"""
@@ -149,3 +146,34 @@ class RunCheckpoint:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class PrunedCache:
+    """One pattern's pruned weights, kept between invocations of the benchmark.
+
+    Wanda gives the same weights every time for the same model, calibration and pruning code, and
+    costs 3-11 minutes on the real model; a long-regime benchmark is invoked several times a
+    session (``--stop-after``, one ``--methods`` group after another). The weights are saved once
+    with a fingerprint of those inputs and reused only while it matches.
+    """
+
+    path: Path
+
+    def load(self, fingerprint: str) -> tuple[dict[str, torch.Tensor], object] | None:
+        """The saved (weights by layer name, sparsity report), or None when absent or made from other inputs."""
+        if not self.path.exists():
+            return None
+        saved = torch.load(self.path, weights_only=False)
+        return (saved["weights"], saved["report"]) if saved["fingerprint"] == fingerprint else None
+
+    def save(self, fingerprint: str, weights: dict[str, torch.Tensor], report: object) -> None:
+        atomic_save({"fingerprint": fingerprint, "weights": weights, "report": report}, self.path)
+
+
+def atomic_save(state: dict, path: Path) -> None:
+    """torch.save through a temporary file: a kill mid-save leaves the previous file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)

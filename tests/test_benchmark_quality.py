@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -21,8 +22,9 @@ SCRIPT = Path(__file__).parents[1] / "benchmarks" / "quality.py"
 sys.path.insert(0, str(SCRIPT.parent))  # the benchmark modules import each other by bare name
 
 from baselines import NonzeroBudgetError, masked_full_adapter, peft_lora_adapter, seft_adapter  # noqa: E402
-from quality_plan import train  # noqa: E402
+from quality_plan import LONG, Benchmark, pruning_fingerprint, train  # noqa: E402
 from quality_runs import OutOfTime, RunCheckpoint, RunResult, append_run, read_runs  # noqa: E402
+from quality_workloads import quick_workload  # noqa: E402
 
 # Every short method but seft_revert, which stays out to show how a run outside --methods is reported.
 SHORT_METHODS = ["lora", "masked_lora", "spp", "masked_full", "fixed_deltas", "seft", "seft_no_revival",
@@ -112,6 +114,28 @@ def test_quality_quick_long_regime_runs_baselines_first_then_resumes(tmp_path: P
     assert "| 50% | seft_zero_moments | seed_moments=False | pending |" in report
     assert "| 2:4 | seft_drop0.4 |" not in report
     assert (tmp_path / "quality_long.png").stat().st_size > 1000
+
+
+def test_pruned_weights_are_reused_across_invocations_only_while_their_inputs_match(tmp_path: Path) -> None:
+    work = quick_workload(8, long=True)
+    calls = []
+
+    def benchmark(work) -> Benchmark:  # one invocation of the benchmark script, counting its Wanda runs
+        bench = Benchmark(LONG, work, tmp_path / "runs.csv", seeds=1, quick=True, runnable=frozenset())
+        wanda = bench.wanda
+        bench.wanda = lambda model, pattern: calls.append(pattern) or wanda(model, pattern)
+        return bench
+
+    fresh, fresh_report = benchmark(work).pruned_copy("2:4")
+    reused, reused_report = benchmark(work).pruned_copy("2:4")
+    assert calls == ["2:4"]  # the second invocation read the first one's weights
+    assert reused_report == fresh_report and reused_report.pattern_holds
+    assert all(torch.equal(reused.state_dict()[key], value) for key, value in fresh.state_dict().items())
+
+    other = dataclasses.replace(work, calibration={**work.calibration, "nsamples": 2})
+    assert pruning_fingerprint(work.load_model(), "2:4", other) != pruning_fingerprint(work.load_model(), "2:4", work)
+    benchmark(other).pruned_copy("2:4")
+    assert calls == ["2:4", "2:4"]  # another calibration prunes afresh
 
 
 def sparse_run(pattern: str) -> tuple:
