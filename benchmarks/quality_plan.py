@@ -56,7 +56,7 @@ class Regime:
     grid_factor: float  # spacing of the points added while the best one is at an edge
     max_grid_extensions: int
     ablations: dict[str, dict[str, object]]  # SEFT with these engine options changed, at SEFT's learning rate
-    ablations_everywhere: tuple[str, ...]  # the ablations also run at 2:4 and 70% (all run at FIRST_PATTERN)
+    ablations_everywhere: tuple[str, ...]  # also run at 2:4 and 70% (all run at FIRST_PATTERN; none where it is the default)
     stem: str  # <stem>.md, <stem>.png, <stem>_runs.csv
 
     @property
@@ -69,7 +69,9 @@ class Regime:
         return (*self.grids, "lora*")
 
     def ablations_at(self, pattern: str) -> list[str]:
-        return [name for name in self.ablations if pattern == FIRST_PATTERN or name in self.ablations_everywhere]
+        """The ablations run at ``pattern``: those planned there that change something there."""
+        planned = [name for name in self.ablations if pattern == FIRST_PATTERN or name in self.ablations_everywhere]
+        return [name for name in planned if not same_as_defaults(self.ablations[name], pattern)]
 
     def seft_options(self, method: str) -> dict[str, object] | None:
         """The engine options of a SEFT-engine method (beyond the cadence); None for the other methods."""
@@ -80,11 +82,20 @@ class Regime:
         return self.ablations.get(method)
 
 
+def same_as_defaults(options: dict[str, object], pattern: str) -> bool:
+    """Whether engine ``options`` change nothing at ``pattern`` (revival's default depends on the pattern)."""
+    nm = PATTERNS[pattern][0] != "unstructured"
+    ablated, default = SparsityEvolutionConfig(**options), SparsityEvolutionConfig()
+    same_revival = ablated.revives_pruned(nm) == default.revives_pruned(nm)
+    return same_revival and all(getattr(ablated, key) == getattr(default, key) for key in options if key != "regrow_pruned")
+
+
 SHORT_LOW_RANK_GRID = (4e-4, 1e-3, 2.5e-3)
 SHORT_ABLATIONS = {
     "seft_no_swap_test": {"swap_test": "none"},
     "seft_zero_moments": {"seed_moments": False},
-    "seft_no_revival": {"regrow_pruned": False},
+    "seft_no_revival": {"regrow_pruned": False},  # unstructured: revival is the default there
+    "seft_revival": {"regrow_pruned": True},  # N:M: growth stays inside the pattern by default
     "seft_magnitude": {"removal_criterion": "magnitude"},
     "seft_revert": {"drop_mode": "revert"},
 }
@@ -104,6 +115,7 @@ LONG = Regime(
     grid_factor=2.0, max_grid_extensions=3,
     ablations={
         "seft_no_revival": {"regrow_pruned": False},
+        "seft_revival": {"regrow_pruned": True},
         "seft_no_swap_test": {"swap_test": "none"},
         "seft_zero_moments": {"seed_moments": False},
         "seft_interval10": {"update_interval": 10},
@@ -111,7 +123,7 @@ LONG = Regime(
         "seft_drop0.1": {"drop_fraction": 0.1},
         "seft_drop0.4": {"drop_fraction": 0.4},
     },
-    ablations_everywhere=("seft_no_revival", "seft_no_swap_test", "seft_zero_moments"),
+    ablations_everywhere=("seft_no_revival", "seft_revival", "seft_no_swap_test", "seft_zero_moments"),
     stem="quality_long",
 )
 REGIMES = {regime.name: regime for regime in (SHORT, LONG)}

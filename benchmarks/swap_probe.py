@@ -8,7 +8,7 @@ before and just after the swaps. A grown delta starts at zero and a dropped one 
 before any training could earn it back. At the end it reports the held-out loss, to set beside
 fixed support (``{"drop_fraction": 0.0}``, no updates at all).
 
-    python benchmarks/swap_probe.py --pattern 2:4 '{"drop_fraction": 0.0}' '{}' '{"regrow_pruned": false}'
+    python benchmarks/swap_probe.py --pattern 2:4 '{"drop_fraction": 0.0}' '{}' '{"regrow_pruned": true}'
     python benchmarks/swap_probe.py --quick '{}'     # tiny random model, seconds
 
 About 4 minutes a variant on 2 cores, after Wanda (~3 minutes, once).

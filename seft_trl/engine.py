@@ -132,7 +132,7 @@ class SparsityEvolution:
 
         # All checks passed: now change the model.
         model.requires_grad_(False)
-        self.criteria = TopologyCriteria.from_config(config)
+        self.criteria = TopologyCriteria.from_config(config, self.pattern)
         self.layers: dict[str, SparseDeltaLinear] = {}
         for ordinal, (name, linear) in enumerate(targets.items()):
             scope = Scope.for_layer(self.pattern, config.sparsity_scope, linear.in_features)

@@ -36,7 +36,7 @@ from .criteria import (
     taylor_removal_cost,
 )
 from .kernels import SamplingPattern, dense_weight_gradient, sampled_weight_gradient, token_square_sums
-from .patterns import Scope
+from .patterns import Scope, SparsityPattern
 from .topology import Candidates, SwapPlan, plan_swap, select_candidates
 
 
@@ -64,12 +64,13 @@ class TopologyCriteria:
     drop_mode: str
 
     @classmethod
-    def from_config(cls, config: SparsityEvolutionConfig) -> "TopologyCriteria":
+    def from_config(cls, config: SparsityEvolutionConfig, pattern: SparsityPattern | None = None) -> "TopologyCriteria":
+        """``pattern``: the model's sparsity pattern, on which revival's default depends (None: unstructured)."""
         return cls(
             growth=lookup(GROWTH_CRITERIA, "growth_criterion", config.growth_criterion),
             removal=lookup(REMOVAL_CRITERIA, "removal_criterion", config.removal_criterion),
             swap_test=lookup(SWAP_TESTS, "swap_test", config.swap_test),
-            regrow_pruned=config.regrow_pruned,
+            regrow_pruned=config.revives_pruned(pattern is not None and pattern.is_nm),
             drop_mode=config.drop_mode,
         )
 

@@ -36,7 +36,7 @@ class SEFTConfig(SFTConfig):
     seft_drop_fraction: float = _engine_option("drop_fraction")
     seft_drop_schedule: Literal["cosine", "linear", "constant"] = _engine_option("drop_schedule")
     seft_update_end: float = _engine_option("update_end")
-    seft_regrow_pruned: bool = _engine_option("regrow_pruned")
+    seft_regrow_pruned: bool | None = _engine_option("regrow_pruned")
     seft_growth_criterion: str = _engine_option("growth_criterion")
     seft_removal_criterion: str = _engine_option("removal_criterion")
     seft_swap_test: str = _engine_option("swap_test")

@@ -28,10 +28,13 @@ from quality_workloads import quick_workload  # noqa: E402
 
 # Every short method but seft_revert, which stays out to show how a run outside --methods is reported.
 SHORT_METHODS = ["lora", "masked_lora", "spp", "masked_full", "fixed_deltas", "seft", "seft_no_revival",
-                 "seft_no_swap_test", "seft_zero_moments", "seft_magnitude"]
+                 "seft_revival", "seft_no_swap_test", "seft_zero_moments", "seft_magnitude"]
 LONG_BASELINES = ["lora", "masked_lora", "spp", "masked_full"]
-LONG_METHODS = [*LONG_BASELINES, "fixed_deltas", "seft", "seft_no_revival", "seft_no_swap_test", "seft_drop0.4"]
-ENGINE_METHODS = {"fixed_deltas", "seft", "seft_no_revival", "seft_no_swap_test", "seft_drop0.4"}
+LONG_METHODS = [*LONG_BASELINES, "fixed_deltas", "seft", "seft_no_revival", "seft_revival", "seft_no_swap_test",
+                "seft_drop0.4"]
+ENGINE_METHODS = {"fixed_deltas", "seft", "seft_no_revival", "seft_revival", "seft_no_swap_test", "seft_drop0.4"}
+# Where each ablation of LONG_METHODS runs: most at 50% only; revival's flips with the pattern's default.
+LONG_ABLATION_PATTERNS = {"seft_drop0.4": {"50%"}, "seft_no_revival": {"50%", "70%"}, "seft_revival": {"2:4"}}
 PATTERNS = {"50%": 0.5, "2:4": 0.5, "70%": 0.7}
 
 
@@ -51,12 +54,15 @@ def test_quality_quick_runs_every_method_and_keeps_sparsity(tmp_path: Path) -> N
     run_quality(tmp_path, "--methods", ",".join(SHORT_METHODS))
 
     runs = {(row["pattern"], row["method"]): row for row in csv_rows(tmp_path / "quality_runs.csv")}
-    sparse_methods = set(SHORT_METHODS) - {"lora"} | {"lora*"}
+    revival_ablation = {"50%": "seft_no_revival", "2:4": "seft_revival", "70%": "seft_no_revival"}
+    sparse_methods = set(SHORT_METHODS) - {"lora", "seft_no_revival", "seft_revival"} | {"lora*"}
     assert float(runs[("unpruned", "dense")]["sparsity"]) < 0.05
     for pattern, target in PATTERNS.items():
         pruned = runs[(pattern, "pruned")]
         assert float(pruned["sparsity"]) >= target - 0.01
-        for method in sparse_methods:
+        # An ablation that would repeat the defaults is not run: revival flips per pattern.
+        assert {m for p, m in runs if p == pattern} & {"seft_no_revival", "seft_revival"} == {revival_ablation[pattern]}
+        for method in sparse_methods | {revival_ablation[pattern]}:
             row = runs[(pattern, method)]
             assert row["sparsity_kept"] == "True", (pattern, method)
             assert float(row["sparsity"]) >= float(pruned["sparsity"]) - 1e-9, (pattern, method)
@@ -64,9 +70,10 @@ def test_quality_quick_runs_every_method_and_keeps_sparsity(tmp_path: Path) -> N
         # Merging LoRA densifies the model: the reference row must show the sparsity loss.
         assert runs[(pattern, "lora")]["sparsity_kept"] == "False"
         assert float(runs[(pattern, "lora")]["sparsity"]) < 0.05
-        # Revival happens with the defaults and not in the no-revival ablation.
-        assert int(runs[(pattern, "seft")]["revived"]) > 0
-        assert int(runs[(pattern, "seft_no_revival")]["revived"]) == 0
+        # Revival happens with the defaults in unstructured models only, and its ablation does the reverse.
+        revives = pattern != "2:4"
+        assert (int(runs[(pattern, "seft")]["revived"]) > 0) == revives
+        assert (int(runs[(pattern, revival_ablation[pattern])]["revived"]) > 0) != revives
         # Every method trains the same number of parameters except masked full fine-tuning.
         counts = {int(runs[(pattern, m)]["trainable"]) for m in sparse_methods - {"masked_full"}}
         assert len(counts) == 1 and int(runs[(pattern, "masked_full")]["trainable"]) > counts.pop()
@@ -95,12 +102,13 @@ def test_quality_quick_long_regime_runs_baselines_first_then_resumes(tmp_path: P
     for pattern, target in PATTERNS.items():
         assert float(runs[(pattern, "pruned", "0")]["sparsity"]) >= target - 0.01
         for method in ENGINE_METHODS:
-            if method == "seft_drop0.4" and pattern != "50%":
-                assert (pattern, method, "0") not in runs  # the long plan runs most ablations at 50% only
+            if pattern not in LONG_ABLATION_PATTERNS.get(method, PATTERNS):
+                assert (pattern, method, "0") not in runs, (pattern, method)
                 continue
             row = runs[(pattern, method, "0")]
             assert row["sparsity_kept"] == "True" and int(row["nonzero_growth"]) <= 0, (pattern, method)
-        assert int(runs[(pattern, "seft", "0")]["revived"]) > 0  # the scaled quick cadence updates the topology
+        # The scaled quick cadence updates the topology: SEFT revives where that is its default.
+        assert (int(runs[(pattern, "seft", "0")]["revived"]) > 0) == (pattern != "2:4")
         assert runs[(pattern, "masked_lora", "0")]["nonzero_growth"] == ""  # only SEFT-engine runs are checked
         # Two seeds for SEFT and for the best-validation sparsity-preserving baseline.
         seeded = {method for (p, method, seed) in runs if p == pattern and seed == "1"}
@@ -219,7 +227,8 @@ def test_a_run_paused_at_the_deadline_resumes_mid_run_to_the_uninterrupted_resul
 
 def test_swap_probe_measures_every_update_and_none_for_fixed_support() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT.parent / "swap_probe.py"), "--quick", '{"drop_fraction": 0.0}', "{}"],
+    probe = [sys.executable, str(SCRIPT.parent / "swap_probe.py"), "--quick", "--pattern", "50%"]  # 50%: SEFT revives
+    done = subprocess.run([*probe, '{"drop_fraction": 0.0}', "{}"],
                           cwd=SCRIPT.parents[1], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     fixed, seft = [json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
