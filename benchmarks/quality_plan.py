@@ -151,6 +151,7 @@ def train(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], lr: f
         print(f"  resumed at step {start} of {len(batches)}", flush=True)
     adapter.attach(optimizer, len(batches), start)
     began = time.perf_counter()
+    since, since_step = began, start  # the pace printed at each save: where an hour-long run's time goes
     model.train()
     for done, batch in enumerate(batches[start:stop], start=start + 1):
         loss = model(input_ids=batch, labels=batch).loss
@@ -162,6 +163,10 @@ def train(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], lr: f
         adapter.after_step()
         losses.append(loss.item())
         if checkpoint and checkpoint.due(done, len(batches)):
+            now = time.perf_counter()
+            print(f"  step {done} of {len(batches)}: {(now - since) / (done - since_step):.1f} s a step since step "
+                  f"{since_step}, loss {statistics.mean(losses[since_step:]):.3f}", flush=True)
+            since, since_step = now, done
             checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "notes": dict(adapter.notes), "losses": losses,
                              "steps": done, "train_s": earlier_s + time.perf_counter() - began})
