@@ -203,6 +203,11 @@ def wanda(model: nn.Module, pattern: str, work: Workload) -> SparsityReport:
                  tokenizer=work.tokenizer, target_modules=PROJECTIONS, **work.calibration)
 
 
+def file_tag(pattern: str) -> str:
+    """The pattern as it appears in file names: '2:4' -> '2-4', '50%' -> '50pct'."""
+    return pattern.replace(":", "-").replace("%", "pct")
+
+
 def pruning_fingerprint(model: nn.Module, pattern: str, work: Workload) -> str:
     """What Wanda's result depends on: the unpruned weights, the pattern, the calibration and the pruning code."""
     inputs = (work.model_name, pattern, PATTERNS[pattern], sorted(work.calibration.items()))
@@ -261,7 +266,7 @@ class Benchmark:
         return copy.deepcopy(model), report
 
     def pruned_cache(self, pattern: str) -> PrunedCache:
-        name = f"pruned_{self.regime.name}_{pattern.replace(':', '-').replace('%', 'pct')}.pt"
+        name = f"pruned_{self.regime.name}_{file_tag(pattern)}.pt"
         return PrunedCache(self.runs_path.parent / "partial" / name)
 
     def wanda(self, model: nn.Module, pattern: str) -> SparsityReport:
@@ -291,7 +296,7 @@ class Benchmark:
     def checkpoint(self, key: RunKey) -> RunCheckpoint:
         """Where the run ``key`` keeps its state while it trains: ``partial/`` beside the run log."""
         pattern, method, lr, seed = key
-        name = f"{self.regime.name}_{pattern.replace(':', '-').replace('%', 'pct')}_{method}_{lr:g}_{seed}.pt"
+        name = f"{self.regime.name}_{file_tag(pattern)}_{method}_{lr:g}_{seed}.pt"
         return RunCheckpoint(self.runs_path.parent / "partial" / name, self.checkpoint_every, self.deadline)
 
     def execute(self, pattern: str, method: str, lr: float, seed: int) -> list[RunResult]:
