@@ -94,3 +94,12 @@ def test_every_recipe_config_parses(config):
     recipe, pruning, args, model_args = parser.parse_args_and_config(["--config", str(config), "--use_cpu", "true", "--bf16", "false"])
     assert model_args.model_name_or_path and pruning.prune_method == "wanda"
     assert args.optim == "adamw_8bit" and args.seft_density == 0.01 and args.gradient_checkpointing
+
+
+def test_the_learning_rate_defaults_to_one_that_moves_deltas_and_the_command_line_still_sets_it():
+    parser = TrlParser((SEFTConfig,))
+    cpu = ["--output_dir", "out", "--use_cpu", "true", "--bf16", "false"]
+    (default,) = parser.parse_args_and_config(cpu)
+    (chosen,) = parser.parse_args_and_config([*cpu, "--learning_rate", "1e-4"])
+    assert default.learning_rate == 3e-3 and SEFTConfig(output_dir="out", use_cpu=True, bf16=False).learning_rate == 3e-3
+    assert chosen.learning_rate == 1e-4
