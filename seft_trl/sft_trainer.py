@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import warnings
+from dataclasses import fields
 from typing import Any
 
 from torch import nn
 from transformers import PreTrainedModel, TrainingArguments
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
 from .callback import SEFTCallback
 from .engine import SparsityEvolution, merged_state_dict
@@ -15,6 +17,15 @@ from .optim_state import check_optimizer_supported
 from .report import sparsity_report
 from .saving import save_checkpoint
 from .sft_config import SEFTConfig
+
+
+def _default_learning_rate(config_class: type) -> float:
+    return next(f.default for f in fields(config_class) if f.name == "learning_rate")
+
+
+# The learning rates a plain config carries when its user never chose one (TRL's and transformers').
+_FULL_FINE_TUNING_RATES = (_default_learning_rate(SFTConfig), _default_learning_rate(TrainingArguments))
+_SEFT_RATE = _default_learning_rate(SEFTConfig)
 
 
 def _as_seft_config(args: TrainingArguments | None, model: str | nn.Module) -> SEFTConfig:
@@ -25,7 +36,13 @@ def _as_seft_config(args: TrainingArguments | None, model: str | nn.Module) -> S
         name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "model") or "model"
         return SEFTConfig(output_dir=f"{name.rstrip('/').split('/')[-1]}-SEFT")
     values = args.to_dict()
-    values["hub_token"] = args.hub_token  # to_dict hides it
+    values.update({name: getattr(args, name) for name in values if name.endswith("_token")})  # to_dict masks them
+    if args.learning_rate in _FULL_FINE_TUNING_RATES:
+        warnings.warn(
+            f"learning_rate={args.learning_rate:g} is a full fine-tuning default of TRL or transformers, at which sparse "
+            f"deltas barely move; SEFTConfig defaults to {_SEFT_RATE:g}. Pass a SEFTConfig, or set learning_rate.",
+            stacklevel=3,
+        )
     return SEFTConfig(**values)
 
 

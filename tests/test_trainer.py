@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import bitsandbytes as bnb
 import pytest
@@ -233,3 +234,16 @@ def test_model_given_as_a_path(tmp_path):
     assert trainer.seft.layers and isinstance(trainer.model.model.layers[0].mlp.up_proj, SparseDeltaLinear)
     trainer.train()
     assert sparsity_report(trainer.model).within_budget
+
+
+def test_a_plain_sft_config_is_accepted_and_its_full_fine_tuning_rate_is_flagged(tmp_path):
+    sft_kwargs = {k: v for k, v in seft_args(tmp_path).items() if k not in SEFT_ONLY and k != "learning_rate"}
+    with pytest.warns(UserWarning, match="learning_rate=2e-05 is a full fine-tuning default"):
+        trainer = SEFTSFTTrainer(model=pruned_model(), args=SFTConfig(**sft_kwargs), train_dataset=text_dataset(),
+                                 processing_class=byte_tokenizer())
+    assert isinstance(trainer.args, SEFTConfig) and trainer.args.learning_rate == 2e-5  # the user's config is kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        chosen = SEFTSFTTrainer(model=pruned_model(), args=SFTConfig(**sft_kwargs, learning_rate=1e-2),
+                                train_dataset=text_dataset(), processing_class=byte_tokenizer())
+    assert chosen.args.learning_rate == 1e-2
