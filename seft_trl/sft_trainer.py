@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from dataclasses import fields
 from typing import Any
 
 from torch import nn
@@ -19,13 +18,8 @@ from .saving import save_checkpoint
 from .sft_config import SEFTConfig
 
 
-def _default_learning_rate(config_class: type) -> float:
-    return next(f.default for f in fields(config_class) if f.name == "learning_rate")
-
-
 # The learning rates a plain config carries when its user never chose one (TRL's and transformers').
-_FULL_FINE_TUNING_RATES = (_default_learning_rate(SFTConfig), _default_learning_rate(TrainingArguments))
-_SEFT_RATE = _default_learning_rate(SEFTConfig)
+_FULL_FINE_TUNING_RATES = (SFTConfig.learning_rate, TrainingArguments.learning_rate)
 
 
 def _as_seft_config(args: TrainingArguments | None, model: str | nn.Module) -> SEFTConfig:
@@ -40,7 +34,7 @@ def _as_seft_config(args: TrainingArguments | None, model: str | nn.Module) -> S
     if args.learning_rate in _FULL_FINE_TUNING_RATES:
         warnings.warn(
             f"learning_rate={args.learning_rate:g} is a full fine-tuning default of TRL or transformers, at which sparse "
-            f"deltas barely move; SEFTConfig defaults to {_SEFT_RATE:g}. Pass a SEFTConfig, or set learning_rate.",
+            f"deltas barely move; SEFTConfig defaults to {SEFTConfig.learning_rate:g}. Pass a SEFTConfig, or set learning_rate.",
             stacklevel=3,
         )
     return SEFTConfig(**values)
