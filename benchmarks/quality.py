@@ -97,7 +97,8 @@ def main() -> None:
     add("--output-dir", default=str(RESULTS_DIR))
     add("--remark", default="", help="a sentence for the report's end, e.g. what disturbed the wall times")
     add("--stop-after", type=float, default=None, metavar="SECONDS",
-        help="pause after this long: the run in progress is checkpointed and the next invocation resumes it")
+        help="pause after this long: the run in progress is checkpointed and the next invocation resumes it; "
+             "no run starts that its method's median logged wall time would not finish")
     add("--checkpoint-every", type=int, default=16, metavar="STEPS",
         help="save the run in progress this often, so even a killed benchmark loses little")
     args = parser.parse_args()

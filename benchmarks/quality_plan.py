@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -285,13 +286,27 @@ class Benchmark:
             if trained not in self.runnable:
                 raise Pending(key)
             checkpoint = self.checkpoint((pattern, trained, lr, seed))
-            if checkpoint.out_of_time():
+            if checkpoint.out_of_time() or not (checkpoint.path.exists() or self.fits_before_deadline(trained)):
                 raise OutOfTime(f"{method} at {pattern} (lr {lr:g}, seed {seed}) not started")
             for run in self.execute(pattern, trained, lr, seed):
                 self.runs[run.key] = run
                 append_run(self.runs_path, run)
             checkpoint.remove()
         return self.runs[key]
+
+    def fits_before_deadline(self, method: str) -> bool:
+        """Whether a new run of ``method`` is expected to end before the deadline.
+
+        ``partial/`` is not committed, so a run paused at the end of a session is lost with its
+        checkout. The expectation is the median logged wall time of the method in this regime (of
+        any trained method when it has none yet; no expectation before the first run).
+        """
+        if self.deadline is None:
+            return True
+        trained = [run.wall_s for run in self.runs.values() if run.train_s > 0 and math.isfinite(run.wall_s)]
+        own = [run.wall_s for run in self.runs.values() if run.method == method and math.isfinite(run.wall_s)]
+        expected = statistics.median(own or trained) if own or trained else 0.0
+        return time.monotonic() + expected <= self.deadline
 
     def checkpoint(self, key: RunKey) -> RunCheckpoint:
         """Where the run ``key`` keeps its state while it trains: ``partial/`` beside the run log."""

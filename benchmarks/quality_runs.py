@@ -3,8 +3,10 @@
 Each regime keeps its own file. Columns added after a file was first written (``wall_s``,
 ``nonzero_growth``) read back with their defaults, and the first row appended with the new code
 rewrites the file under the new header, so one file never mixes two headers. A run in progress
-is checkpointed beside the log (:class:`RunCheckpoint`), so even an hour-long run survives the end
-of a session; a pattern's pruned weights are kept there too (:class:`PrunedCache`).
+is checkpointed beside the log (:class:`RunCheckpoint`), so a killed or paused run resumes; a
+pattern's pruned weights are kept there too (:class:`PrunedCache`). That folder is not committed: a
+run that should survive the end of a session must finish within it (``--stop-after`` starts no run
+that its method's median logged wall time would not finish).
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ class OutOfTime(Exception):
 class RunCheckpoint:
     """One run's training state, saved every ``every`` steps and at the deadline, so it resumes mid-run.
 
-    A long-regime run takes about an hour: without this, a session that ends inside a run loses it.
+    A long-regime run takes half an hour to an hour: without this, a killed benchmark loses the run.
     The state is everything the shared loop changes (model and optimizer state, schedule, losses, the
     adapter's notes), so a resumed run computes what the uninterrupted one would have. The file is
     replaced atomically and removed once the run is in the log.

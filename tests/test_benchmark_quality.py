@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,27 @@ def test_pruned_weights_are_reused_across_invocations_only_while_their_inputs_ma
     assert pruning_fingerprint(work.load_model(), "2:4", other) != pruning_fingerprint(work.load_model(), "2:4", work)
     benchmark(other).pruned_copy("2:4")
     assert calls == ["2:4", "2:4"]  # another calibration prunes afresh
+
+
+def test_no_run_starts_that_its_methods_logged_wall_time_would_not_finish_before_the_deadline(tmp_path: Path) -> None:
+    # partial/ is not committed: a run paused at the end of a session would be lost with its checkout
+    def logged(method: str, lr: float, wall_s: float) -> RunResult:
+        return RunResult(pattern="50%", method=method, lr=lr, seed=0, val_ppl=1.0, test_ppl=1.0, sparsity=0.5,
+                         sparsity_kept=True, trainable=1, revived=0, final_loss=1.0, train_s=wall_s - 1, wall_s=wall_s)
+
+    for run in (logged("seft", 1e-3, 3000.0), logged("seft", 2e-3, 4000.0), logged("lora", 1e-3, 600.0)):
+        append_run(tmp_path / "runs.csv", run)
+    work = quick_workload(8, long=True)
+
+    def bench(seconds_left: float) -> Benchmark:
+        return Benchmark(LONG, work, tmp_path / "runs.csv", seeds=1, quick=True, runnable=frozenset({"seft", "spp"}),
+                         deadline=time.monotonic() + seconds_left)
+
+    assert bench(3600.0).fits_before_deadline("seft") and not bench(3400.0).fits_before_deadline("seft")  # median 3500
+    assert bench(3600.0).fits_before_deadline("spp") and not bench(3000.0).fits_before_deadline("spp")  # all: 3000
+    with pytest.raises(OutOfTime, match="not started"):
+        bench(3400.0).result("50%", "seft", 4e-3)
+    assert not (tmp_path / "partial").exists()  # refused before anything was written
 
 
 def sparse_run(pattern: str) -> tuple:
