@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--seqlen", type=int, default=256, help="tokens per training sequence")
     add("--eval-seqlen", type=int, default=512, help="perplexity window (non-overlapping windows)")
     add("--density", type=float, default=0.01, help="deltas per layer, as a fraction of its weights")
-    add("--learning-rate", type=float, default=5e-4)
+    add("--learning-rate", type=float, default=SEFTConfig.learning_rate,
+        help="SEFTConfig's default unless set (the long benchmark's best for SEFT)")
     add("--output", default="demo-output", help="folder for the report, the plots and the repaired model")
     args = parser.parse_args(argv)
     try:
