@@ -303,9 +303,9 @@ class Benchmark:
         """
         if self.deadline is None:
             return True
-        trained = [run.wall_s for run in self.runs.values() if run.train_s > 0 and math.isfinite(run.wall_s)]
-        own = [run.wall_s for run in self.runs.values() if run.method == method and math.isfinite(run.wall_s)]
-        expected = statistics.median(own or trained) if own or trained else 0.0
+        timed = [run for run in self.runs.values() if run.train_s > 0 and math.isfinite(run.wall_s)]
+        walls = [run.wall_s for run in timed if run.method == method] or [run.wall_s for run in timed]
+        expected = statistics.median(walls) if walls else 0.0
         return time.monotonic() + expected <= self.deadline
 
     def checkpoint(self, key: RunKey) -> RunCheckpoint:
