@@ -25,8 +25,9 @@ Two regimes (``--regime``), each with its own run log, report and chart:
 * ``short`` (default): 32 steps × 4 × 128 tokens on the Lee news corpus, SEFT's cadence scaled to
   the run (interval = steps // 8, window = interval // 2); ~2.5 h on 2 cores;
 * ``long``: 256 steps × 4 × 256 tokens (one epoch of Wikipedia articles), SEFT at the engine's
-  default cadence, more ablations; about 50 runs of 13-16 s a step on a 2-core AMD EPYC (an hour a
-  run; the short results' Xeon was ~2.7× faster), so it spans many sessions.
+  default cadence, more ablations (at 50%; revival's also at 2:4 and 70%); about 45 runs of 6-17 s a
+  step on a 2-core AMD EPYC (30-60 min a run, the pace varies between sessions; the short results'
+  Xeon was ~2.7× faster), so it spans many sessions.
 
 Every finished run is appended to ``<stem>_runs.csv`` (``quality_runs.csv``,
 ``quality_long_runs.csv``), so an interrupted benchmark resumes where it stopped, and the run in progress is checkpointed

@@ -35,7 +35,8 @@ LONG_METHODS = [*LONG_BASELINES, "fixed_deltas", "seft", "seft_no_revival", "sef
                 "seft_drop0.4"]
 ENGINE_METHODS = {"fixed_deltas", "seft", "seft_no_revival", "seft_revival", "seft_no_swap_test", "seft_drop0.4"}
 # Where each ablation of LONG_METHODS runs: most at 50% only; revival's flips with the pattern's default.
-LONG_ABLATION_PATTERNS = {"seft_drop0.4": {"50%"}, "seft_no_revival": {"50%", "70%"}, "seft_revival": {"2:4"}}
+LONG_ABLATION_PATTERNS = {"seft_drop0.4": {"50%"}, "seft_no_swap_test": {"50%"}, "seft_no_revival": {"50%", "70%"},
+                          "seft_revival": {"2:4"}}
 PATTERNS = {"50%": 0.5, "2:4": 0.5, "70%": 0.7}
 
 
@@ -121,7 +122,7 @@ def test_quality_quick_long_regime_runs_baselines_first_then_resumes(tmp_path: P
         assert heading in report
     assert "| unpruned | dense |" in report and "(n=2)" in report and "one epoch" in report
     assert "| 50% | seft_zero_moments | seed_moments=False | pending |" in report
-    assert "| 2:4 | seft_drop0.4 |" not in report
+    assert "| 2:4 | seft_drop0.4 |" not in report and "| 70% | seft_no_swap_test |" not in report
     assert (tmp_path / "quality_long.png").stat().st_size > 1000
 
 
