@@ -33,7 +33,9 @@ Every finished run is appended to ``<stem>_runs.csv`` (``quality_runs.csv``,
 ``quality_long_runs.csv``), so an interrupted benchmark resumes where it stopped, and the run in progress is checkpointed
 every ``--checkpoint-every`` steps under ``partial/`` (and at ``--stop-after``), so it resumes mid-run; ``--methods``
 restricts what may run, ``--report-only`` rebuilds the Markdown and the chart from the file (a run
-not there yet is shown as pending). The committed results folder already holds every short run,
+not there yet is shown as pending). Every report ends with ``<stem>_notes.md`` from the same folder
+(what a reader of the numbers must know, e.g. which runs shared the machine), kept in git like the
+log, and with this invocation's ``--remark``. The committed results folder already holds every short run,
 so measure afresh into another ``--output-dir``.
 
     python benchmarks/quality.py --output-dir DIR                 # short (make bench-quality)
@@ -96,7 +98,9 @@ def main() -> None:
     add("--quick", action="store_true", help="tiny random model, one learning rate (short: one seed): a smoke test")
     add("--report-only", action="store_true", help="rebuild the report and the chart from the run log")
     add("--output-dir", default=str(RESULTS_DIR))
-    add("--remark", default="", help="a sentence for the report's end, e.g. what disturbed the wall times")
+    add("--remark", default="", help="a sentence for this invocation's report only; what should stay in every "
+                                     "report (e.g. what disturbed earlier runs' wall times) belongs in "
+                                     "<output-dir>/<stem>_notes.md, which every report ends with")
     add("--stop-after", type=float, default=None, metavar="SECONDS",
         help="pause after this long: the run in progress is checkpointed and the next invocation resumes it; "
              "no run starts that its method's median logged wall time would not finish")
@@ -121,7 +125,10 @@ def main() -> None:
         except OutOfTime as paused:
             print(f"--stop-after reached: {paused}; run the same command again to resume.", flush=True)
         bench.runnable = frozenset()  # the report reads the log; it never starts a run
-    write_results(bench, folder, time.perf_counter() - started, f"{args.remark} {contention_note(snapshot)}".strip())
+    notes = folder / f"{regime.stem}_notes.md"
+    kept_notes = notes.read_text().strip() if notes.exists() else ""
+    note = f"{args.remark} {contention_note(snapshot)}".strip()
+    write_results(bench, folder, time.perf_counter() - started, "\n\n".join(filter(None, (kept_notes, note))))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ def test_quality_quick_runs_every_method_and_keeps_sparsity(tmp_path: Path) -> N
 
 def test_quality_quick_long_regime_runs_baselines_first_then_resumes(tmp_path: Path) -> None:
     # Session 1: only the engine-independent baselines; the headline seeds wait for fixed_deltas.
+    (tmp_path / "quality_long_notes.md").write_text("Kept from an earlier session.\n")
     run_quality(tmp_path, "--regime", "long", "--methods", ",".join(LONG_BASELINES))
     first = csv_rows(tmp_path / "quality_long_runs.csv")
     assert {row["method"] for row in first} == {"dense", "pruned", "lora", "lora*", *LONG_BASELINES}
@@ -122,6 +123,7 @@ def test_quality_quick_long_regime_runs_baselines_first_then_resumes(tmp_path: P
         assert heading in report
     assert "| unpruned | dense |" in report and "(n=2)" in report and "one epoch" in report
     assert "| 50% | seft_zero_moments | seed_moments=False | pending |" in report
+    assert "Kept from an earlier session." in report  # the notes file outlives the invocation that wrote it
     assert "| 2:4 | seft_drop0.4 |" not in report and "| 70% | seft_no_swap_test |" not in report
     assert (tmp_path / "quality_long.png").stat().st_size > 1000
 
