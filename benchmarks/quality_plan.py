@@ -124,7 +124,7 @@ LONG = Regime(
         "seft_drop0.1": {"drop_fraction": 0.1},
         "seft_drop0.4": {"drop_fraction": 0.4},
     },
-    # A long run takes 30-55 min on the 2-core machine: at 2:4 and 70% only revival is ablated, the
+    # A long run takes 30-60 min on the 2-core machine: at 2:4 and 70% only revival is ablated, the
     # option whose default depends on the pattern; the short regime ablates everything everywhere.
     ablations_everywhere=("seft_no_revival", "seft_revival"),
     stem="quality_long",
