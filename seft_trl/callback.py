@@ -15,7 +15,8 @@ class SEFTCallback(TrainerCallback):
     transformers 5 has no ``Trainer.optimizer_step`` to override, so the optimizer-step boundary
     is ``on_optimizer_step``. The engine counts steps from ``state.global_step`` (so resuming
     lands on the same schedule), skips an update when accelerate reports the optimizer step as
-    skipped (fp16 overflow), and asks the Trainer to log at each update. Works with a plain
+    skipped (fp16 overflow), passes fp16's loss scale on so the window statistics are free of it,
+    and asks the Trainer to log at each update. Works with a plain
     ``transformers.Trainer`` too; :class:`SEFTSFTTrainer` adds the metrics to its logs.
     """
 
@@ -26,10 +27,12 @@ class SEFTCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.engine.attach(kwargs["optimizer"], total_steps=state.max_steps, start_step=state.global_step, step_hook=False)
+        self.follow_loss_scale(kwargs["optimizer"])
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         skipped = bool(getattr(kwargs.get("optimizer"), "step_was_skipped", False))
         self.engine.after_optimizer_step(skipped=skipped)
+        self.follow_loss_scale(kwargs.get("optimizer"))
         if self.engine.last_update:
             self.pending_metrics = self.update_metrics()
 
@@ -42,6 +45,12 @@ class SEFTCallback(TrainerCallback):
         self.final_report = sparsity_report(self.engine.model)
         if not self.final_report.within_budget:  # must never happen: the engine enforces it at every step
             raise RuntimeError("SEFT sparsity budget violated after training:\n" + self.final_report.table())
+
+    def follow_loss_scale(self, optimizer) -> None:
+        """Tell the engine the fp16 loss scale of the coming backward (accelerate's GradScaler, updated at each step)."""
+        scaler = getattr(optimizer, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            self.engine.set_loss_scale(float(scaler.get_scale()))
 
     def pop_metrics(self) -> dict[str, float]:
         metrics, self.pending_metrics = self.pending_metrics, {}

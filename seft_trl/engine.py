@@ -8,6 +8,9 @@ Usage in a plain PyTorch loop::
     ...train...
     model = seft.merge()                       # plain nn.Linear layers, exact zeros
 
+Under fp16 with a ``GradScaler``, call ``seft.set_loss_scale(scaler.get_scale())`` after each
+``scaler.update()`` (SEFTCallback does it through accelerate).
+
 Every check runs before the model is touched, so bad input leaves it unchanged.
 """
 
@@ -19,6 +22,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .config import SparsityEvolutionConfig
 from .layer import SparseDeltaLinear, TopologyCriteria, UpdateStats
@@ -67,6 +71,14 @@ def find_target_linears(model: nn.Module, target_modules: list[str] | str | None
                 f"Target {name!r} is a {type(module).__name__}, not an nn.Linear; SEFT only adapts linear layers. "
                 "Name the linear projections inside it instead."
             )
+        weight = module.weight
+        if type(weight) not in (torch.Tensor, nn.Parameter) or not weight.is_floating_point():
+            raise ValueError(
+                f"Target {name!r} is a {type(module).__name__} whose weight is a {type(weight).__name__} of "
+                f"{weight.dtype}: deltas and pruning write single weights in place, which quantized storage "
+                "(bitsandbytes Linear4bit / Linear8bitLt, ...) does not allow. Load the model unquantized (for example "
+                "dtype=torch.bfloat16) and save memory with an 8-bit optimizer instead (optim='adamw_8bit')."
+            )
     return {name: modules[name] for name in matched}
 
 
@@ -106,6 +118,37 @@ def _delta_counts(targets: dict[str, nn.Linear], config: SparsityEvolutionConfig
     return counts
 
 
+def _keep_out_of_ddp_broadcast(model: nn.Module, layers: dict[str, SparseDeltaLinear]) -> None:
+    """Exclude SEFT's buffers from DDP's per-forward buffer broadcast; they stay in the state dict.
+
+    With ``broadcast_buffers=True`` (DDP's default) rank 0 sends every buffer before each forward:
+    about 12 bytes per delta, and the copy bumps ``delta_index``'s version, which makes every layer
+    rebuild its sampling pattern in the next backward. SEFT's buffers need no broadcast: every rank
+    builds them from the same weights and seed and changes them only by decisions taken from
+    statistics summed over ranks (:func:`_check_ranks_agree` verifies it at attach).
+    """
+    names = {f"{name}.{buffer}" for name, layer in layers.items() for buffer, _ in layer.named_buffers(recurse=False)}
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignored | names))
+
+
+@torch.no_grad()
+def _check_ranks_agree(layers: dict[str, SparseDeltaLinear]) -> None:
+    """Raise unless every rank holds the same delta positions and base values (they are never broadcast)."""
+    fingerprint = torch.stack([
+        torch.stack([layer.delta_index.double().sum(), layer.delta_base.double().sum()]) for layer in layers.values()
+    ])  # [layers, 2]
+    low, high = fingerprint.clone(), fingerprint.clone()
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    differ = [name for name, same in zip(layers, (low == high).all(dim=1).tolist()) if not same]
+    if differ:
+        raise RuntimeError(
+            f"SEFT layers differ across ranks ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}): every rank "
+            "must load the same weights and build SparsityEvolution with the same config and seed before training."
+        )
+
+
 def _initial_delta_index(weight: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """k positions drawn uniformly from the nonzero weights (SpIEL starts at random positions)."""
     nonzero = torch.nonzero(weight.detach().reshape(-1)).squeeze(1)
@@ -140,6 +183,7 @@ class SparsityEvolution:
             layer = SparseDeltaLinear(linear, index, scope, self.criteria)
             model.set_submodule(name, layer)
             self.layers[name] = layer
+        _keep_out_of_ddp_broadcast(model, self.layers)
         self.model, self.config = model, config
         self.step_count = 0
         self.total_steps: int | None = None
@@ -186,9 +230,21 @@ class SparsityEvolution:
         for layer in self.layers.values():
             layer.stats_all_reduce = torch.distributed.all_reduce if world_size > 1 else None
             layer.world_size = world_size
+        if world_size > 1:
+            _check_ranks_agree(self.layers)
         if step_hook:
             self._hook = inner.register_step_post_hook(lambda *_: self.after_optimizer_step())
         self._arm_window()
+
+    def set_loss_scale(self, scale: float) -> None:
+        """The factor the loss is multiplied by in the coming backward (fp16: ``GradScaler.get_scale()``).
+
+        The window statistics divide it out, so topology decisions and moment seeds do not depend on
+        the scaler. :class:`~seft_trl.SEFTCallback` sets it from accelerate's scaler; a plain loop
+        calls it after each ``scaler.update()``.
+        """
+        for layer in self.layers.values():
+            layer.loss_scale = float(scale)
 
     def detach(self) -> None:
         if self._hook is not None:

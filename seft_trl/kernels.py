@@ -13,11 +13,14 @@ One sampled entry costs 16–170× a dense one (median 24; relatively more on sm
 transposed copies of g and x that ``sampled_addmm`` makes dominate), so the cost rule below samples
 when ``k * SAMPLED_ENTRY_COST < out * in`` (density under 2.5%) and otherwise takes the dense product
 and gathers; it picked the faster path in 14 of 15 measured cases. The sampled path works over
-chunks of tokens, which bounds the fp32 copies of g and x.
+chunks of tokens, which bounds the fp32 copies of g and x. On CUDA the sampled path is one fused
+Triton kernel instead (:mod:`seft_trl.triton_kernels`: no copies, g and x in their own dtype); the
+cost rule's constant is the CPU's until the GPU check measures CUDA's.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import torch
@@ -36,22 +39,33 @@ class SamplingPattern:
     """
 
     def __init__(
-        self, flat_index: torch.Tensor, out_features: int, in_features: int, use_dense: bool | None = None
+        self, flat_index: torch.Tensor, out_features: int, in_features: int, use_dense: bool | None = None,
+        use_triton: bool | None = None,
     ) -> None:
-        """``use_dense``: None applies the cost rule; True or False forces a path (benchmarks compare both)."""
+        """``use_dense``: None applies the cost rule; True or False forces a path (benchmarks compare both).
+
+        ``use_triton``: the fused kernel of :mod:`seft_trl.triton_kernels` for the sampled path;
+        None takes it on CUDA whenever Triton is installed (it ships with PyTorch's CUDA wheels).
+        """
         self.flat_index = flat_index
         self.out_features, self.in_features = out_features, in_features
         if use_dense is None:
             use_dense = flat_index.numel() * SAMPLED_ENTRY_COST >= out_features * in_features
         self.use_dense = use_dense
+        if use_triton is None:
+            use_triton = flat_index.is_cuda and importlib.util.find_spec("triton") is not None
+        self.use_triton = use_triton and not use_dense
         if self.use_dense or flat_index.numel() == 0:
             return
         sorted_index, self.order = torch.sort(flat_index)
         rows = sorted_index // in_features
-        crow = torch.zeros(out_features + 1, dtype=torch.int64, device=flat_index.device)
+        self.col_indices = sorted_index % in_features
+        if self.use_triton:
+            self.row_indices = rows
+            return
+        crow = torch.zeros(out_features + 1, dtype=flat_index.dtype, device=flat_index.device)  # CSR: one index dtype
         crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
         self.crow_indices = crow
-        self.col_indices = sorted_index % in_features
 
     def _csr(self, values: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
@@ -92,6 +106,10 @@ def sampled_weight_gradient(
         return torch.zeros(0, dtype=torch.float32, device=x.device)
     if pattern.use_dense:
         return dense_weight_gradient(grad_output, x).view(-1)[pattern.flat_index]
+    if pattern.use_triton:
+        from .triton_kernels import sampled_gtx  # imports Triton: only where the fused kernel is used
+
+        return sampled_gtx(grad_output, x, pattern.row_indices, pattern.col_indices, pattern.order)
     csr = pattern._csr(torch.zeros(k, dtype=torch.float32, device=x.device))
     for start in range(0, x.shape[0], TOKEN_CHUNK):
         g = grad_output[start : start + TOKEN_CHUNK].float()

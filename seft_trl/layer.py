@@ -7,9 +7,9 @@ The backward returns the input gradient through W' and the δ gradient sampled a
 positions (:mod:`seft_trl.kernels`); the dense weight gradient is only formed once per
 accumulation window, to choose topology candidates.
 
-State per layer is O(k): δ (fp32), the flat positions, the fp32 base values, the budget, and
-during a window the candidate positions with their gradient statistics and the O(out + in)
-curvature factors. No mask is stored; the support (nonzero weights ∪ delta positions) is
+State per layer is O(k): δ (fp32), the flat positions (int32), the base values (in the weight's
+dtype), the budget, and during a window the candidate positions with their gradient statistics
+and the O(out + in) curvature factors. No mask is stored; the support (nonzero weights ∪ delta positions) is
 recomputed from the weight when needed.
 """
 
@@ -158,19 +158,28 @@ class SparseDeltaLinear(nn.Module):
         self.scope = scope
         flat_weight = self.weight.detach().view(-1)
         self.delta = nn.Parameter(torch.zeros(delta_index.numel(), dtype=torch.float32, device=flat_weight.device))
-        self.register_buffer("delta_index", delta_index.to(flat_weight.device, torch.int64))
-        self.register_buffer("delta_base", flat_weight[self.delta_index].float())
+        # int32 positions whenever they fit (every LLM layer has fewer than 2³¹ weights), and the
+        # base in the weight's own dtype, which holds it exactly: 4 + 4 + 2 bytes a delta under bf16.
+        index_dtype = torch.int32 if flat_weight.numel() < 2**31 else torch.int64
+        self.register_buffer("delta_index", delta_index.to(flat_weight.device, index_dtype))
+        self.register_buffer("delta_base", flat_weight[self.delta_index].clone())
         support = self.support_mask()
         self.register_buffer("support_budget", support.sum().reshape(()))
         self.register_buffer("row_budget", support.sum(dim=1) if scope.kind == "row" else None)
         self._pattern: SamplingPattern | None = None
         self._pattern_key: tuple[int, int] | None = None  # (storage, version) of delta_index it was built for
+        # Outside windows, patterns built so far: one per topology change is expected; one per step
+        # means something rewrites delta_index every step (as DDP's buffer broadcast would).
+        self.pattern_builds = 0
         self._window: WindowStatistics | None = None
         self._select_count = 0  # > 0: the next backward selects this many growth candidates
         self.criteria = criteria or TopologyCriteria.from_config(SparsityEvolutionConfig())
         # Sums a statistics tensor over data-parallel ranks in place (set by the engine under DDP).
         self.stats_all_reduce: Callable[[torch.Tensor], object] | None = None
         self.world_size = 1
+        # The factor of the loss in the coming backward (fp16's GradScaler; set by the engine). The
+        # window statistics divide it out, so a scale that changes inside a window mixes nothing.
+        self.loss_scale = 1.0
 
     # ----------------------------------------------------------------------- forward / backward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,6 +191,7 @@ class SparseDeltaLinear(nn.Module):
         if key != self._pattern_key:
             self._pattern = SamplingPattern(self.delta_index, self.out_features, self.in_features)
             self._pattern_key = key
+            self.pattern_builds += 1
         return self._pattern
 
     def _delta_gradient(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -194,9 +204,10 @@ class SparseDeltaLinear(nn.Module):
         if window.pattern is None:
             positions = torch.cat([self.delta_index, window.candidates.grow_index, window.candidates.remove_index])
             window.pattern = SamplingPattern(positions, self.out_features, self.in_features)
-        values = sampled_weight_gradient(g, x, window.pattern)  # [k + cg + cr]
-        window.step_sum += values
-        window.step_row_sq += token_square_sums(g)
+        values = sampled_weight_gradient(g, x, window.pattern)  # [k + cg + cr], loss-scaled like g
+        unscale = 1.0 / self.loss_scale
+        window.step_sum.add_(values, alpha=unscale)
+        window.step_row_sq.add_(token_square_sums(g), alpha=unscale * unscale)
         window.step_col_sq += token_square_sums(x)
         return values[: self.delta_index.numel()]
 
@@ -205,6 +216,9 @@ class SparseDeltaLinear(nn.Module):
         grad = dense_weight_gradient(g, x)  # [out, in]: the one dense product of the window
         grad_delta = grad.view(-1)[self.delta_index]  # this rank's own gradient, before any reduction
         row_sq, col_sq = token_square_sums(g), token_square_sums(x)
+        if self.loss_scale != 1.0:  # the statistics in the loss's own units; grad_delta stays scaled
+            grad.div_(self.loss_scale)
+            row_sq.div_(self.loss_scale**2)
         if self.stats_all_reduce is not None:  # every rank must pick the same candidates
             for tensor in (grad, row_sq, col_sq):
                 self.stats_all_reduce(tensor)
@@ -217,7 +231,7 @@ class SparseDeltaLinear(nn.Module):
         # The reduced parts count 1/world_size on each rank, so that the sums over ranks when the
         # step closes (and at the update) count them once; the δ part is still this rank's own.
         share = 1.0 / self.world_size
-        step_sum = torch.cat([grad_delta, grad.view(-1)[tracked] * share])
+        step_sum = torch.cat([grad_delta / self.loss_scale, grad.view(-1)[tracked] * share])
         self._window = WindowStatistics(
             candidates,
             step_sum=step_sum,
@@ -397,10 +411,10 @@ class SparseDeltaLinear(nn.Module):
         weight = self.weight.view(-1)
         slots = plan.drop_slots
         if self.criteria.drop_mode == "revert":
-            weight[self.delta_index[slots]] = self.delta_base[slots].to(weight.dtype)
+            weight[self.delta_index[slots]] = self.delta_base[slots]
         weight[plan.remove_index] = 0
-        self.delta_index[slots] = plan.grow_index
-        self.delta_base[slots] = weight[plan.grow_index].float()
+        self.delta_index[slots] = plan.grow_index.to(self.delta_index.dtype)
+        self.delta_base[slots] = weight[plan.grow_index]
         self.delta.data[slots] = 0.0
 
     def _stats(self, swapped: int, revived: int, removed: int, refused: int) -> UpdateStats:

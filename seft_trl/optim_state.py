@@ -20,6 +20,7 @@ optimizer                                     moved slot
 torch Adam / AdamW (for-loop, foreach, fused)  seeded ``exp_avg_sq`` (and ``max_exp_avg_sq``), zero ``exp_avg``
 bitsandbytes Adam/AdamW 32-bit and paged       seeded ``state2``, zero ``state1``
 bitsandbytes Adam/AdamW 8-bit and paged        seeded: the nearest code in the block's existing scale
+bitsandbytes AdEMAMix (32-bit, 8-bit, paged)   seeded ``state2``; both EMAs of ``state1`` (fast, slow) zero
 torchao AdamW8bit / AdamW4bit / AdamWFp8      seeded: the nearest code in the block's existing scale
 torch SGD, other bitsandbytes optimizers       zero state (no bias correction to fit)
 ============================================  ===========================================================
@@ -116,8 +117,8 @@ def _write(buffer: torch.Tensor, slots: torch.Tensor, values: torch.Tensor, qmap
 def _is_adam(optimizer: torch.optim.Optimizer) -> bool:
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         return True
-    if _is_bitsandbytes(type(optimizer)):
-        return getattr(optimizer, "optimizer_name", None) == "adam"
+    if _is_bitsandbytes(type(optimizer)):  # AdEMAMix corrects its second moment as Adam does
+        return getattr(optimizer, "optimizer_name", None) in ("adam", "ademamix")
     return _is_torchao(type(optimizer)) and "Adam" in type(optimizer).__name__
 
 
@@ -126,13 +127,19 @@ def _step_and_beta2(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter)
     return float(optimizer.state[param]["step"]), float(group["betas"][1])
 
 
-def _moment_buffers(optimizer: torch.optim.Optimizer, state: dict) -> list[tuple[str, torch.Tensor, dict]]:
-    """(role, buffer, quantization kwargs) of every per-element state; role: first, second or momentum."""
+def _moment_buffers(optimizer: torch.optim.Optimizer, state: dict, param: torch.Tensor) -> list[tuple[str, torch.Tensor, dict]]:
+    """(role, buffer, quantization kwargs) of every per-element state; role: first or second moment."""
     if _is_bitsandbytes(type(optimizer)):
         found = []
         for key, role, suffix in (("state1", "first", "1"), ("state2", "second", "2")):
-            if state.get(key) is not None:
-                found.append((role, state[key], {"qmap": state.get("qmap" + suffix), "absmax": state.get("absmax" + suffix)}))
+            buffer, qmap, absmax = state.get(key), state.get("qmap" + suffix), state.get("absmax" + suffix)
+            if buffer is None:
+                continue
+            if buffer.dim() == param.dim() + 1:  # AdEMAMix: its fast and slow EMAs are the rows of state1
+                found.extend((role, buffer[row], {"qmap": qmap, "absmax": None if absmax is None else absmax[row]})
+                             for row in range(buffer.shape[0]))
+            else:
+                found.append((role, buffer, {"qmap": qmap, "absmax": absmax}))
         return found
     roles = {"exp_avg": "first", "exp_avg_sq": "second", "max_exp_avg_sq": "second", "momentum_buffer": "first"}
     return [(roles[key], state[key], {}) for key in _MOMENT_KEYS if state.get(key) is not None]
@@ -155,7 +162,7 @@ def seed_optimizer_slots(optimizer, param: torch.nn.Parameter, slots: torch.Tens
         return
     step, beta2 = _step_and_beta2(inner, param)
     seeds = {"first": torch.zeros_like(mean_sq), "second": (1.0 - beta2**step) * mean_sq}
-    for role, buffer, quantization in _moment_buffers(inner, state):
+    for role, buffer, quantization in _moment_buffers(inner, state, param):
         _write(buffer, slots, seeds[role], **quantization)
 
 
@@ -168,5 +175,5 @@ def reset_optimizer_slots(optimizer, param: torch.nn.Parameter, slots: torch.Ten
     if not state or slots.numel() == 0:
         return  # no state yet: nothing to reset
     zeros = torch.zeros(slots.numel())
-    for _, buffer, quantization in _moment_buffers(inner, state):
+    for _, buffer, quantization in _moment_buffers(inner, state, param):
         _write(buffer, slots, zeros, **quantization)

@@ -7,8 +7,17 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter, which must be
+# chosen before any kernel module is imported; on a GPU machine they compile for CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Where the device-aware tests run: the GPU when there is one (make gpu-check), else the CPU.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 import pytest
-import torch
 from torch import nn
 
 from seft_trl.pruning import prune

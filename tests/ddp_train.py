@@ -1,14 +1,17 @@
 """Trains a tiny pruned model with SEFTSFTTrainer and saves each rank's SEFT state.
 
-Run by tests/test_ddp.py, once as 2 CPU processes under `accelerate launch` and once alone.
+Run by tests/test_ddp.py as 2 CPU processes under `accelerate launch` and alone:
+``ddp_train.py OUTPUT_DIR PER_DEVICE_BATCH [SEFTConfig field=JSON value ...]``.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -16,18 +19,37 @@ from seft_trl import SEFTConfig, SEFTSFTTrainer  # noqa: E402
 from trainer_helpers import byte_tokenizer, pruned_model, seft_args, text_dataset  # noqa: E402
 
 
-def main(output_dir: str, per_device_batch: int) -> None:
-    args = SEFTConfig(**seft_args(output_dir, per_device_train_batch_size=per_device_batch, seft_accumulation_steps=2))
+class PatternBuilds(TrainerCallback):
+    """Per optimizer step: sampling patterns built, and whether the step changed the topology."""
+
+    def __init__(self, trainer: SEFTSFTTrainer) -> None:
+        self.trainer, self.steps = trainer, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        builds = sum(layer.pattern_builds for layer in self.trainer.seft.layers.values())
+        self.steps.append((builds, bool(self.trainer.seft.last_update)))
+
+
+def main(output_dir: str, per_device_batch: int, overrides: dict) -> None:
+    options = {"per_device_train_batch_size": per_device_batch, "seft_accumulation_steps": 2, **overrides}
+    args = SEFTConfig(**seft_args(output_dir, **options))
     trainer = SEFTSFTTrainer(model=pruned_model(), args=args, train_dataset=text_dataset(), processing_class=byte_tokenizer())
+    builds = PatternBuilds(trainer)
+    trainer.add_callback(builds)
     trainer.train()
     rank = trainer.args.process_index
     state = {name: (layer.delta_index, layer.delta.detach(), layer.weight.detach()) for name, layer in trainer.seft.layers.items()}
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     revived = sum(entry.get("seft/revived", 0) for entry in trainer.state.log_history)
     reduced = all(layer.stats_all_reduce is not None for layer in trainer.seft.layers.values())
-    record = {"state": state, "losses": losses, "revived": revived, "world_size": args.world_size, "reduced": reduced}
+    # The buffers DDP broadcasts from rank 0 before every forward (broadcast_buffers=True).
+    synced = {id(buffer) for buffer in getattr(trainer.model_wrapped, "modules_buffers", [])}
+    seft_buffers = [buffer for layer in trainer.seft.layers.values() for buffer in layer.buffers(recurse=False)]
+    record = {"state": state, "losses": losses, "revived": revived, "world_size": args.world_size, "reduced": reduced,
+              "pattern_builds": builds.steps, "broadcast_buffers": len(synced),
+              "broadcast_seft_buffers": sum(id(buffer) in synced for buffer in seft_buffers)}
     torch.save(record, Path(output_dir) / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), {key: json.loads(value) for key, value in (a.split("=", 1) for a in sys.argv[3:])})

@@ -9,8 +9,12 @@ from pathlib import Path
 
 import torch
 
+from seft_trl.kernels import SAMPLED_ENTRY_COST
+
 SCRIPT = Path(__file__).parent / "ddp_train.py"
 CPU_DDP_CONFIG = Path(__file__).parents[1] / "recipes" / "accelerate" / "cpu_ddp.yaml"
+# The recipes' CPU DDP launch config: 2 processes over gloo.
+LAUNCHER = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP_CONFIG)]
 
 
 def run(command: list[str], env_extra: dict[str, str]) -> None:
@@ -20,19 +24,12 @@ def run(command: list[str], env_extra: dict[str, str]) -> None:
 
 
 def test_two_process_ddp_ranks_agree_and_match_a_single_process(tmp_path):
-    # The recipes' CPU DDP launch config: 2 processes over gloo.
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP_CONFIG)]
-    run([*launcher, str(SCRIPT), str(tmp_path / "ddp"), "2"], {"OMP_NUM_THREADS": "1"})
+    run([*LAUNCHER, str(SCRIPT), str(tmp_path / "ddp"), "2"], {"OMP_NUM_THREADS": "1"})
     run([sys.executable, str(SCRIPT), str(tmp_path / "single"), "4"], {})
 
-    rank0, rank1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1))
+    rank0 = load_ranks_agreeing(tmp_path / "ddp")
     single = torch.load(tmp_path / "single" / "rank0.pt")
-    assert rank0["world_size"] == 2 and rank0["reduced"]  # real DDP, statistics summed over ranks
     assert single["world_size"] == 1 and not single["reduced"]
-    assert rank0["revived"] > 0  # topology really evolved
-    for name, (index, delta, weight) in rank0["state"].items():
-        other = rank1["state"][name]
-        assert torch.equal(index, other[0]) and torch.equal(delta, other[1]) and torch.equal(weight, other[2])
 
     # Same global batch (2 x 2 vs 4): the same run up to floating-point reduction order, which can
     # flip a swap whose predicted gain and cost are within rounding of each other.
@@ -45,3 +42,39 @@ def test_two_process_ddp_ranks_agree_and_match_a_single_process(tmp_path):
         close += int(torch.isclose(weight, reference_weight, rtol=1e-3, atol=1e-3).sum())
         numel += weight.numel()
     assert same / total > 0.99 and close / numel > 0.99
+
+
+def load_ranks_agreeing(output_dir: Path) -> dict:
+    """Rank 0's record, after checking that both ranks ran real DDP and hold bitwise the same SEFT state."""
+    rank0, rank1 = (torch.load(output_dir / f"rank{r}.pt") for r in (0, 1))
+    assert rank0["world_size"] == 2 and rank0["reduced"]  # real DDP, statistics summed over ranks
+    assert rank0["revived"] > 0  # topology really evolved
+    for name, (index, delta, weight) in rank0["state"].items():
+        other = rank1["state"][name]
+        assert torch.equal(index, other[0]) and torch.equal(delta, other[1]) and torch.equal(weight, other[2])
+    assert rank0["pattern_builds"] == rank1["pattern_builds"]
+    # DDP broadcasts buffers before every forward, but none of SEFT's (about 12 bytes per delta).
+    assert rank0["broadcast_buffers"] > 0 and rank0["broadcast_seft_buffers"] == 0
+    return rank0
+
+
+def test_ddp_with_8bit_adam_and_accumulation_builds_sampling_patterns_only_after_topology_changes(tmp_path):
+    # Density 1% takes the sampled kernel, whose CSR pattern is cached on delta_index's version: a
+    # rewrite of the positions on every step (a broadcast that bumps it) would rebuild it every step.
+    options = {"optim": '"adamw_8bit"', "gradient_accumulation_steps": "2", "seft_density": "0.01",
+               "seft_update_interval": "4", "seft_accumulation_steps": "1", "max_steps": "9"}
+    run([*LAUNCHER, str(SCRIPT), str(tmp_path), "2", *(f"{key}={value}" for key, value in options.items())],
+        {"OMP_NUM_THREADS": "1"})
+    rank0 = load_ranks_agreeing(tmp_path)
+    for index, _, weight in rank0["state"].values():
+        assert index.numel() * SAMPLED_ENTRY_COST < weight.numel()  # the sampled path, not dense-then-gather
+
+    builds = [total for total, _ in rank0["pattern_builds"]]
+    per_step = [builds[0], *(after - before for before, after in zip(builds, builds[1:]))]
+    updated = [changed for _, changed in rank0["pattern_builds"]]
+    layers = len(rank0["state"])
+    assert per_step[0] == layers  # the first step builds every layer's pattern once
+    # A rebuild is due only in the step after a topology update; steps 4 and 8 update (interval 4).
+    ordinary = [step for step in range(1, len(per_step)) if not updated[step - 1]]
+    assert len(ordinary) >= 5 and sum(updated) == 2
+    assert [per_step[step] for step in ordinary] == [0] * len(ordinary)

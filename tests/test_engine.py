@@ -258,12 +258,68 @@ def test_gradient_checkpointing_gives_the_same_delta_gradients(reentrant):
 def test_bf16_model_trains_within_budget():
     model = prune_linears(tiny_model("llama", dtype=torch.bfloat16))
     seft = SparsityEvolution(model, SparsityEvolutionConfig(**FAST))
-    assert all(layer.delta.dtype == torch.float32 for layer in seft.layers.values())
+    for layer in seft.layers.values():
+        # Lean per-delta state: fp32 δ, int32 position, base in the weight's dtype (10 bytes under bf16).
+        assert (layer.delta.dtype, layer.delta_index.dtype, layer.delta_base.dtype) == (torch.float32, torch.int32, torch.bfloat16)
+        per_delta = sum(t.element_size() for t in (layer.delta, layer.delta_index, layer.delta_base))
+        assert per_delta == 10
     train(model, seft, 9)
     assert sparsity_report(model).within_budget
     for layer in seft.layers.values():
         expected = (layer.delta_base + layer.delta.detach()).to(torch.bfloat16)
         assert torch.equal(layer.weight.view(-1)[layer.delta_index], expected)
+
+
+def scaled_loss_run(scaler: torch.amp.GradScaler | None, steps: int = 12) -> tuple[SparsityEvolution, list, int]:
+    """A plain loop whose backward goes through ``scaler`` (None: unscaled); returns the engine, losses, skips."""
+    model = prune_linears(tiny_model("llama"))
+    seft = SparsityEvolution(model, SparsityEvolutionConfig(**{**FAST, "density": 0.01}))
+    optimizer = torch.optim.AdamW(seft.parameters(), lr=1e-2)
+    seft.attach(optimizer, total_steps=steps, step_hook=False)
+    losses, skips = [], 0
+    for step in range(steps):
+        ids = random_batch(seed=step)
+        loss = model(input_ids=ids, labels=ids).loss
+        losses.append(loss.item())
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+            skipped = False
+        else:
+            scale = scaler.get_scale()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            skipped = scaler.get_scale() < scale  # how accelerate detects a skipped step
+            seft.set_loss_scale(scaler.get_scale())
+        skips += skipped
+        seft.after_optimizer_step(skipped)
+        optimizer.zero_grad()
+    return seft, losses, skips
+
+
+def test_a_loss_scale_that_changes_inside_windows_leaves_training_unchanged():
+    # Powers of two scale and unscale exactly, so a scaled run must repeat the unscaled one bit for
+    # bit: the window statistics must not carry the scale, which doubles at every step here.
+    plain, plain_losses, _ = scaled_loss_run(None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    seft, losses, skips = scaled_loss_run(scaler)
+    assert skips == 0 and scaler.get_scale() == 2.0**22
+    assert losses == plain_losses
+    start = SparsityEvolution(prune_linears(tiny_model("llama")), SparsityEvolutionConfig(**{**FAST, "density": 0.01}))
+    assert any(not torch.equal(layer.delta_index, start.layers[name].delta_index) for name, layer in plain.layers.items())
+    for name, layer in seft.layers.items():
+        assert torch.equal(layer.delta_index, plain.layers[name].delta_index)
+        assert torch.equal(layer.delta.detach(), plain.layers[name].delta.detach())
+
+
+def test_steps_a_real_grad_scaler_skips_leave_no_trace_and_training_recovers():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # overflows until it has backed off
+    seft, losses, skips = scaled_loss_run(scaler, steps=24)
+    assert 0 < skips < 20 and seft.step_count == 24
+    assert all(torch.isfinite(layer.delta).all() for layer in seft.layers.values())
+    assert any(layer.delta.abs().sum() > 0 for layer in seft.layers.values())
+    assert sparsity_report(seft.model).within_budget
 
 
 def test_num_deltas_splits_in_proportion_to_layer_size(pruned_llama):
@@ -333,6 +389,18 @@ def test_unsupported_optimizer_and_foreign_optimizer_are_rejected(pruned_llama):
         seft.attach(torch.optim.Adagrad(seft.parameters()), total_steps=10)
     with pytest.raises(ValueError, match="own every delta"):
         seft.attach(torch.optim.AdamW([nn.Parameter(torch.zeros(1))]), total_steps=10)
+
+
+@pytest.mark.parametrize("quantized", ["Linear4bit", "Linear8bitLt"])
+def test_quantized_targets_are_refused_before_changing_the_model(pruned_llama, quantized):
+    import bitsandbytes as bnb
+
+    layer = getattr(bnb.nn, quantized)(64, 64, bias=False)
+    pruned_llama.model.layers[0].self_attn.q_proj = layer
+    before = {k: v.clone() for k, v in pruned_llama.state_dict().items()}
+    with pytest.raises(ValueError, match=f"q_proj' is a {quantized} whose weight is a .*Load the model unquantized"):
+        SparsityEvolution(pruned_llama, SparsityEvolutionConfig())
+    assert untouched(pruned_llama, before)
 
 
 def test_second_injection_is_rejected(pruned_llama):

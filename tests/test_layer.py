@@ -7,14 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import DEVICE
 from seft_trl.kernels import SamplingPattern, dense_weight_gradient, sampled_weight_gradient
 from seft_trl.layer import SparseDeltaLinear
 from seft_trl.patterns import Scope
 
 
-def make_layer(out_features=48, in_features=80, density=0.05, dtype=torch.float32, bias=True, seed=0):
+def make_layer(out_features=48, in_features=80, density=0.05, dtype=torch.float32, bias=True, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    linear = nn.Linear(in_features, out_features, bias=bias).to(dtype)
+    linear = nn.Linear(in_features, out_features, bias=bias).to(device, dtype)
     with torch.no_grad():
         linear.weight[torch.rand_like(linear.weight, dtype=torch.float32) < 0.5] = 0
     nonzero = torch.nonzero(linear.weight.view(-1)).squeeze(1)
@@ -41,9 +42,10 @@ def dense_reference(layer: SparseDeltaLinear, x: torch.Tensor, g: torch.Tensor):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("density", [0.01, 0.05, 0.5])  # 0.5 takes the dense-then-gather path
 def test_forward_and_gradients_match_dense_reference(dtype, density):
-    layer = make_layer(density=density, dtype=dtype)
-    x = torch.randn(3, 7, 80, dtype=dtype, requires_grad=True)
-    g = torch.randn(3, 7, 48, dtype=dtype)
+    # On a GPU (make gpu-check) the sampled cases run the fused Triton kernel, on the CPU the CSR one.
+    layer = make_layer(density=density, dtype=dtype, device=DEVICE)
+    x = torch.randn(3, 7, 80, dtype=dtype, device=DEVICE, requires_grad=True)
+    g = torch.randn(3, 7, 48, dtype=dtype, device=DEVICE)
     y_ref, gx_ref, gd_ref = dense_reference(layer, x, g)
 
     y = layer(x)
@@ -57,6 +59,8 @@ def test_forward_and_gradients_match_dense_reference(dtype, density):
     exact = (g.float().reshape(-1, 48).t() @ x.detach().float().reshape(-1, 80)).view(-1)[layer.delta_index]
     torch.testing.assert_close(layer.delta.grad, exact, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.delta.grad, gd_ref, **tol)
+    if density == 0.01:
+        assert layer._pattern.use_triton == (DEVICE.type == "cuda")
 
 
 def test_weight_holds_effective_values_and_bias_untouched():

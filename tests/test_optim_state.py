@@ -6,7 +6,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from conftest import prune_linears, random_batch, tiny_model
+from conftest import DEVICE, prune_linears, random_batch, tiny_model
 from seft_trl import SparsityEvolution, SparsityEvolutionConfig, reset_optimizer_slots
 from seft_trl.optim_state import seed_optimizer_slots
 
@@ -60,6 +60,58 @@ def test_reset_is_exact_and_leaves_other_slots_bit_identical(optimizer_cls, kwar
             assert (after[key][SLOTS] == 0).all(), key
     if kwargs.get("min_8bit_size") == 1:
         assert after["state1"].dtype == torch.uint8  # really the 8-bit path
+
+
+def decoded_bnb_state(state: dict, key: str) -> torch.Tensor:
+    """A bitsandbytes state buffer as the floats it holds ([2, n] for AdEMAMix's state1)."""
+    values = state[key]
+    if values.dtype != torch.uint8:
+        return values.clone()
+    suffix = key[-1]
+    scale = state["absmax" + suffix].repeat_interleave(256, dim=-1)[..., : values.shape[-1]]
+    return state["qmap" + suffix][values.long()] * scale
+
+
+def test_ademamix_moved_slots_get_both_emas_zero_and_a_seeded_second_moment():
+    # 8-bit only: bitsandbytes 0.50.2's CPU kernel of 32-bit AdEMAMix fails on its own first step.
+    param, optimizer = stepped(bnb.optim.AdEMAMix8bit, min_8bit_size=1)
+    state = optimizer.state[param]
+    before = {key: decoded_bnb_state(state, key) for key in ("state1", "state2")}
+    seed_optimizer_slots(optimizer, param, SLOTS, torch.full((SLOTS.numel(),), 0.25))
+    after = {key: decoded_bnb_state(state, key) for key in ("state1", "state2")}
+    assert after["state1"].shape == (2, 1000)  # the fast and the slow EMA
+    others = torch.ones(1000, dtype=torch.bool)
+    others[SLOTS] = False
+    for key in after:
+        assert torch.equal(after[key][..., others], before[key][..., others]), key
+    assert (after["state1"][:, SLOTS] == 0).all()
+    assert (after["state2"][SLOTS] > 0).all()
+
+
+@pytest.mark.parametrize("optimizer_cls", [bnb.optim.AdamW8bit, bnb.optim.PagedAdamW8bit])
+def test_large_8bit_state_on_the_device_changes_only_the_moved_slots(optimizer_cls):
+    # 2¹⁷ elements, 512 quantization blocks; on CUDA the paged optimizer's state is managed memory.
+    n = 2**17
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(n, device=DEVICE))
+    optimizer = optimizer_cls([param], lr=1e-2, min_8bit_size=1)
+    for _ in range(3):
+        param.grad = torch.randn(n, device=DEVICE)
+        optimizer.step()
+    state = optimizer.state[param]
+    assert state["state1"].dtype == torch.uint8
+    slots = torch.randperm(n, device=DEVICE)[:5000]
+    others = torch.ones(n, dtype=torch.bool, device=DEVICE)
+    others[slots] = False
+    before = {key: decoded_bnb_state(state, key) for key in ("state1", "state2")}
+    reset_optimizer_slots(optimizer, param, slots)
+    reset = {key: decoded_bnb_state(state, key) for key in ("state1", "state2")}
+    seed_optimizer_slots(optimizer, param, slots, torch.full((slots.numel(),), 0.25, device=DEVICE))
+    seeded = {key: decoded_bnb_state(state, key) for key in ("state1", "state2")}
+    for key in before:
+        assert torch.equal(reset[key][others], before[key][others]) and torch.equal(seeded[key][others], before[key][others])
+        assert (reset[key][slots] == 0).all()
+    assert (seeded["state1"][slots] == 0).all() and (seeded["state2"][slots] > 0).all()
 
 
 def test_unsupported_optimizer_is_named():

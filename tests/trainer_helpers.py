@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from datasets import Dataset
 
 from conftest import prune_linears
@@ -17,10 +18,10 @@ def pruned_model(arch: str = "llama", pattern: str = "layer"):
 
 
 def seft_args(output_dir, **overrides) -> dict:
-    """Fast SEFTConfig keyword arguments for CPU tests."""
+    """Fast SEFTConfig keyword arguments for the trainer tests (on the GPU when there is one: make gpu-check)."""
     args = dict(
         output_dir=str(output_dir),
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         bf16=False,
         max_steps=6,
         per_device_train_batch_size=4,

@@ -1,0 +1,133 @@
+"""The prepared GPU check: everything that needs a GPU, in one run of at most 7.5 minutes, into results/gpu.md.
+
+GPU machines are lent rarely and briefly, so the check is one script that runs unattended:
+
+1. **CUDA tests**: the device-aware tests run on the GPU: the fused Triton δ-gradient kernel
+   against dense autograd (fp32, bf16, fp16, ragged token counts, empty and full rows), the layer
+   against its dense reference (the Triton path is selected automatically on CUDA), 8-bit and paged
+   8-bit optimizer state of 2¹⁷-element deltas, AdEMAMix, and bitwise resume inside a window
+   through the Trainer.
+2. **Layer speed** at 4096×11008 (``layer_speed.py --device cuda``).
+3. **Model speed and memory**: a ~0.8B LLaMA-shaped model pruned 50%, SEFT against peft LoRA and
+   the floor, with bf16, ``adamw_8bit`` and gradient checkpointing (``speed.py``).
+
+Each step runs as its own process under its own time limit, so one failure does not hide the
+others; the report keeps every step's outcome, wall time and output tail.
+
+    make gpu-check              # on the GPU machine
+    make gpu-check DRY_RUN=1    # anywhere: the same steps at toy sizes on the CPU (the test suite runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import RESULTS_DIR, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+CUDA_TESTS = ["tests/test_triton_kernels.py", "tests/test_layer.py", "tests/test_optim_state.py",
+              "tests/test_trainer.py::test_resume_reproduces_the_uninterrupted_run_bitwise"]
+
+
+@dataclass
+class Step:
+    name: str
+    command: list[str]
+    limit_s: int
+    report: Path | None = None  # a markdown file the step writes, included in gpu.md
+
+
+@dataclass
+class Outcome:
+    step: Step
+    returncode: int | None  # None: stopped at its time limit
+    seconds: float
+    tail: str
+
+
+def plan(dry_run: bool, workdir: Path) -> list[Step]:
+    """The steps; a dry run keeps their shape on the CPU at toy sizes."""
+    python = sys.executable
+    if dry_run:
+        tests = ["tests/test_triton_kernels.py::test_fused_kernel_reads_strided_rows_without_a_copy_and_handles_no_tokens"]
+        layer = ["--device", "cpu", "--layers", "64x96", "--tokens", "64", "--repeats", "2"]
+        model = ["--quick", "--device", "cpu"]
+    else:
+        tests = CUDA_TESTS
+        layer = ["--device", "cuda", "--layers", "4096x11008", "--tokens", "4096", "--repeats", "5", "--large-repeats", "5"]
+        model = ["--device", "cuda", "--model", "llama-large", "--steps", "12"]
+    # The limits share the GPU session's 7.5 minutes; a dry run's only guard against a hang.
+    limits = (600, 600, 600) if dry_run else (180, 90, 180)
+    return [
+        Step("CUDA tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], limits[0]),
+        Step("layer speed", [python, str(BENCHMARKS / "layer_speed.py"), *layer, "--output", str(workdir / "layer.md")],
+             limits[1], workdir / "layer.md"),
+        Step("model speed and memory",
+             [python, str(BENCHMARKS / "speed.py"), *model, "--optim", "adamw_8bit", "--gradient-checkpointing",
+              "--output", str(workdir / "speed.md")],
+             limits[2], workdir / "speed.md"),
+    ]
+
+
+def run(step: Step) -> Outcome:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(step.command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=step.limit_s)
+        returncode, output = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as stopped:
+        returncode = None
+        output = "".join(part.decode() if isinstance(part, bytes) else part or "" for part in (stopped.stdout, stopped.stderr))
+    seconds = time.perf_counter() - started
+    status = "passed" if returncode == 0 else f"stopped at its {step.limit_s} s limit" if returncode is None else f"failed ({returncode})"
+    print(f"{step.name}: {status} in {seconds:.0f} s", flush=True)
+    return Outcome(step, returncode, seconds, output[-3000:])
+
+
+def report(outcomes: list[Outcome], dry_run: bool) -> str:
+    lines = ["# GPU check" + (" (dry run on the CPU: toy sizes, no GPU numbers)" if dry_run else ""),
+             "| step | outcome | wall (s) |", "|---|---|---|"]
+    for outcome in outcomes:
+        status = "passed" if outcome.returncode == 0 else "time limit" if outcome.returncode is None else "FAILED"
+        lines.append(f"| {outcome.step.name} | {status} | {outcome.seconds:.0f} |")
+    sections = ["\n".join(lines)]
+    for outcome in outcomes:
+        written = outcome.step.report
+        if outcome.returncode == 0 and written is not None and written.exists():
+            body = written.read_text().replace("\n# ", "\n### ").removeprefix("# ")
+            sections.append(f"## {outcome.step.name}\n\n{body}")
+        elif outcome.returncode != 0:
+            sections.append(f"## {outcome.step.name}: output tail\n\n```\n{outcome.tail}\n```")
+    command = " ".join(["python", "benchmarks/gpu_check.py", *(["--dry-run"] if dry_run else [])])
+    sections.append(f"Command: `{command}`")
+    return "\n\n".join(sections)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="the same steps at toy sizes on the CPU")
+    parser.add_argument("--output", type=Path, default=None, help="default: results/gpu.md (gpu_dry_run.md with --dry-run)")
+    args = parser.parse_args()
+    output = args.output or RESULTS_DIR / ("gpu_dry_run.md" if args.dry_run else "gpu.md")
+    if not args.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("No CUDA device: run the GPU check on a GPU machine, or pass --dry-run to rehearse it here.")
+    with tempfile.TemporaryDirectory(prefix="seft-gpu-check-") as workdir:
+        outcomes = [run(step) for step in plan(args.dry_run, Path(workdir))]
+        write_report(report(outcomes, args.dry_run), output)
+    if any(outcome.returncode != 0 for outcome in outcomes):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
