@@ -175,6 +175,9 @@ class Run:
     trainable: int
     train: Callable[[], object]
     update_seconds: list[float] = field(default_factory=list)  # SEFT: each topology update, filled while training
+    # Bytes the method keeps beside the frozen model, optimizer state excluded (SEFT: δ, positions
+    # and base values; LoRA: A and B); None where the trained tensors are the model's own.
+    state_bytes: int | None = None
 
 
 def trainer_arguments(args: argparse.Namespace, method: str) -> dict:
@@ -257,7 +260,9 @@ def seft_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chunks: list[
         seft_drop_schedule="constant",
     )
     trainer = make_trainer(SEFTSFTTrainer, config, model, tokenizer, chunks, [timer])
-    run = Run(sum(layer.delta.numel() for layer in trainer.seft.layers.values()), trainer.train)
+    layers = trainer.seft.layers.values()
+    state = sum(t.nbytes for layer in layers for t in (layer.delta, layer.delta_index, layer.delta_base))
+    run = Run(sum(layer.delta.numel() for layer in layers), trainer.train, state_bytes=state)
     engine, update = trainer.seft, trainer.seft.update_topology
 
     def timed_update():  # the engine calls self.update_topology(), so the instance attribute wins
@@ -281,7 +286,8 @@ def lora_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chunks: list[
                       task_type="CAUSAL_LM")
     config = SFTConfig(**trainer_arguments(args, "lora"))
     trainer = make_trainer(SFTTrainer, config, model, tokenizer, chunks, [timer], peft_config=lora)
-    return Run(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad), trainer.train)
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    return Run(sum(p.numel() for p in trainable), trainer.train, state_bytes=sum(p.nbytes for p in trainable))
 
 
 class AfterOptimizerStep(TrainerCallback):
@@ -373,6 +379,7 @@ def worker(args: argparse.Namespace) -> None:
         "other_load": others_load(snapshot),
         "step_seconds": timer.seconds,
         "update_seconds": run.update_seconds,
+        "state_bytes": run.state_bytes,
     }
     print(RESULT_TAG + json.dumps(result), flush=True)
 
@@ -463,10 +470,12 @@ def results_table(results: dict[str, dict], seft: SeftBreakdown, unit: str) -> s
             f"{increment / MIB:.0f}",
             f"{result['memory_peak'] / lora['memory_peak']:.2f}",
             f"{increment / training_increment(lora):.2f}",
+            "—" if result.get("state_bytes") is None else f"{result['state_bytes'] / result['trainable']:.1f}",
             f"{result['other_load']:.2f}",
         ])
     headers = ["method", "what", "trainable params", "median step (s)", "× floor", "× LoRA", f"peak {unit} (MiB)",
-               "increment during training (MiB)", "peak × LoRA", "increment × LoRA", "other load (cores)"]
+               "increment during training (MiB)", "peak × LoRA", "increment × LoRA", "own state (B per trainable)",
+               "other load (cores)"]
     return markdown_table(headers, rows)
 
 
@@ -554,7 +563,8 @@ def report(args: argparse.Namespace, prepared: dict, results: dict[str, dict], w
         f"Step: on_step_begin → on_step_end of the Trainer (forward, backward, clipping, optimizer, callbacks), "
         f"median over the timed steps; for the floor, forward + backward. Memory: peak {unit} of the method's "
         "process while it trained (the peak is reset when training starts, so model loading does not count), and the "
-        "increase over the value at that moment.",
+        "increase over the value at that moment. Own state: the bytes a method keeps beside the frozen model per "
+        "trainable value, optimizer state excluded (SEFT: δ, its position and its base value; LoRA: A and B).",
         *([TINY_NOTE] if args.model == "tiny" else []),
         results_table(results, seft, unit),
         breakdown_text(seft, args.steps),

@@ -35,6 +35,9 @@ def test_quick_speed_benchmark_reports_every_method(tmp_path):
         assert float(row["× LoRA"]) > 0, row
         trainable = int(row["trainable params"].replace(",", ""))
         assert trainable == 0 if method == "floor" else trainable > 0, row
+    # fp32 on the CPU: SEFT keeps 12 bytes a delta (value, int32 position, base), LoRA 4 a parameter.
+    assert float(rows["seft"]["own state (B per trainable)"]) == 12.0
+    assert float(rows["lora"]["own state (B per trainable)"]) == 4.0
     lora = int(rows["lora"]["trainable params"].replace(",", ""))
     assert abs(int(rows["seft"]["trainable params"].replace(",", "")) - lora) <= 7  # per-layer rounding
     assert "## Goals" in report and "Topology updates ≤ 5%" in report
