@@ -122,8 +122,8 @@ def _keep_out_of_ddp_broadcast(model: nn.Module, layers: dict[str, SparseDeltaLi
     """Exclude SEFT's buffers from DDP's per-forward buffer broadcast; they stay in the state dict.
 
     With ``broadcast_buffers=True`` (DDP's default) rank 0 sends every buffer before each forward:
-    about 12 bytes per delta, and the copy bumps ``delta_index``'s version, which makes every layer
-    rebuild its sampling pattern in the next backward. SEFT's buffers need no broadcast: every rank
+    about 12 bytes per delta. (On torch 2.13 the copy does not bump the buffers' version, so caches
+    keyed on it never see it.) SEFT's buffers need no broadcast: every rank
     builds them from the same weights and seed and changes them only by decisions taken from
     statistics summed over ranks (:func:`_check_ranks_agree` verifies it at attach).
     """

@@ -9,8 +9,8 @@ accumulation window, to choose topology candidates.
 
 State per layer is O(k): δ (fp32), the flat positions (int32), the base values (in the weight's
 dtype), the budget, and during a window the candidate positions with their gradient statistics
-and the O(out + in) curvature factors. No mask is stored; the support (nonzero weights ∪ delta positions) is
-recomputed from the weight when needed.
+and the O(out + in) curvature factors. No mask is stored; the support (nonzero weights ∪ delta
+positions) is recomputed from the weight when needed.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ class SparseDeltaLinear(nn.Module):
         self._pattern: SamplingPattern | None = None
         self._pattern_key: tuple[int, int] | None = None  # (storage, version) of delta_index it was built for
         # Outside windows, patterns built so far: one per topology change is expected; one per step
-        # means something rewrites delta_index every step (as DDP's buffer broadcast would).
+        # means something rewrites delta_index in place every step.
         self.pattern_builds = 0
         self._window: WindowStatistics | None = None
         self._select_count = 0  # > 0: the next backward selects this many growth candidates
