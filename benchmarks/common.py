@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from seft_trl.kernels import default_sampled_kernel
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -131,6 +133,7 @@ def machine_description(device: torch.device) -> str:
         f"cores (os.cpu_count): {os.cpu_count()}",
         f"torch {torch.__version__}",
         f"torch threads: {torch.get_num_threads()}",
+        f"sampled δ-gradient kernel: {default_sampled_kernel(device)}",
     ]
     if device.type == "cuda":
         parts.append(f"GPU: {torch.cuda.get_device_name(device)}")

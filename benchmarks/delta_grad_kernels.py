@@ -5,14 +5,15 @@ script times, for each weight shape and delta density:
 
 (a) the frozen layer's own work, forward F.linear(x, W) plus input gradient g @ W: the floor
     every fine-tuning method pays, used as the unit;
-(b) the sampled product (torch.sparse.sampled_addmm over a CSR pattern, via
-    seft_trl.kernels.sampled_weight_gradient with the sampled path forced);
+(b) the sampled product, through seft_trl.kernels.sampled_weight_gradient with each CPU kernel
+    forced: the Numba kernel (seft_trl.numba_kernels, when installed) and
+    torch.sparse.sampled_addmm over a CSR pattern;
 (c) the dense product gᵀx followed by a gather (seft_trl.kernels.dense_weight_gradient);
 (d) a naive gather-multiply, (gᵀ[rows] * xᵀ[cols]).sum(1), in chunks of entries.
 
-It reports which of (b)/(c) the cost rule of SamplingPattern picks, whether that was the
-faster one, and the per-entry cost of (b) relative to (c), which the rule's constant
-SAMPLED_ENTRY_COST stands for.
+It reports which of (b)/(c) the cost rule of SamplingPattern picks (with the CPU's default
+sampled kernel), whether that was the faster one, and each sampled kernel's per-entry cost
+relative to (c), which the rule's constants SAMPLED_ENTRY_COST stand for.
 
     python benchmarks/delta_grad_kernels.py            # all shapes (a few minutes on 2 cores)
     python benchmarks/delta_grad_kernels.py --quick    # 576x1536 only
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 import seft_trl.kernels as kernels
 from common import RESULTS_DIR, contention_note, cpu_snapshot, interleaved_median_ms, machine_description
 from common import markdown_table, parse_shapes, pruned_linear, random_delta_index, write_report
-from seft_trl.kernels import SamplingPattern, dense_weight_gradient, sampled_weight_gradient
+from seft_trl.kernels import SamplingPattern, default_sampled_kernel, dense_weight_gradient, sampled_weight_gradient
 
 DEFAULT_SHAPES = "576x1536,1536x576,4096x11008"
 QUICK_SHAPES = "576x1536"
@@ -50,25 +51,30 @@ class Case:
     k: int
     tokens: int
     frozen: float
-    sampled: float
+    sampled: dict[str, float]  # per sampled kernel
     dense: float
     gather: float | None  # None when skipped as too slow
+    rule_kernel: str  # the CPU's default sampled kernel, which the rule weighs against dense
     rule_uses_dense: bool
 
     @property
     def sampled_is_faster(self) -> bool:
-        return self.sampled < self.dense
+        return self.sampled[self.rule_kernel] < self.dense
 
     @property
     def rule_is_right(self) -> bool:
         return self.rule_uses_dense != self.sampled_is_faster
 
-    @property
-    def entry_cost_ratio(self) -> float:
+    def entry_cost_ratio(self, kernel: str) -> float:
         """(sampled ms per sampled entry·token) / (dense ms per dense entry·token)."""
-        per_sampled = self.sampled / (self.k * self.tokens)
+        per_sampled = self.sampled[kernel] / (self.k * self.tokens)
         per_dense = self.dense / (self.out_features * self.in_features * self.tokens)
         return per_sampled / per_dense
+
+
+def sampled_kernels() -> tuple[str, ...]:
+    """The CPU's sampled kernels that are installed, the default first."""
+    return tuple(dict.fromkeys([default_sampled_kernel(torch.device("cpu")), "sampled_addmm"]))
 
 
 def frozen_forward_backward(x: torch.Tensor, weight: torch.Tensor, grad_output: torch.Tensor) -> None:
@@ -109,16 +115,15 @@ def measure_shape(
     cases = []
     for density in densities:
         index = random_delta_index(weight, density, args.seed + 2)
-        pattern = SamplingPattern(index, out_features, in_features, use_dense=False)
-        kernels_to_time = {
-            "frozen": lambda: frozen_forward_backward(x, weight, grad_output),
-            "sampled": lambda: sampled_weight_gradient(grad_output, x, pattern),
-            "dense": lambda: dense_then_gather(grad_output, x, index),
-        }
+        kernels_to_time = {"frozen": lambda: frozen_forward_backward(x, weight, grad_output)}
+        for kernel in sampled_kernels():
+            pattern = SamplingPattern(index, out_features, in_features, kernel=kernel)
+            kernels_to_time[kernel] = lambda pattern=pattern: sampled_weight_gradient(grad_output, x, pattern)
+        kernels_to_time["dense"] = lambda: dense_then_gather(grad_output, x, index)
         if index.numel() * args.tokens <= args.gather_max_work:
             kernels_to_time["gather"] = lambda: gather_multiply(grad_output, x, index)
         reference = dense_then_gather(grad_output, x, index)
-        for name in ("sampled", "gather"):
+        for name in (*sampled_kernels(), "gather"):
             if name in kernels_to_time:
                 check_agreement(name, kernels_to_time[name](), reference)
         ms = interleaved_median_ms(kernels_to_time, repeats)
@@ -129,10 +134,11 @@ def measure_shape(
             k=index.numel(),
             tokens=args.tokens,
             frozen=ms["frozen"],
-            sampled=ms["sampled"],
+            sampled={kernel: ms[kernel] for kernel in sampled_kernels()},
             dense=ms["dense"],
             gather=ms.get("gather"),
-            rule_uses_dense=SamplingPattern(index, out_features, in_features).use_dense,
+            rule_kernel=default_sampled_kernel(index.device),
+            rule_uses_dense=SamplingPattern(index, out_features, in_features).kernel == "dense",
         )
         cases.append(case)
         print(f"  {out_features}x{in_features} density {density:.1%}: done", flush=True)
@@ -146,24 +152,26 @@ def fmt(ms: float | None, unit: float) -> str:
 
 
 def faster(case: Case) -> str:
-    """'sampled by 35%': the faster of (b)/(c) and how much longer the other took."""
-    margin = max(case.sampled, case.dense) / min(case.sampled, case.dense) - 1
+    """'sampled by 35%': the faster of (b, default kernel)/(c) and how much longer the other took."""
+    sampled = case.sampled[case.rule_kernel]
+    margin = max(sampled, case.dense) / min(sampled, case.dense) - 1
     return f"{'sampled' if case.sampled_is_faster else 'dense'} by {margin:.0%}"
 
 
 def table(cases: list[Case]) -> str:
+    kernels_measured = list(cases[0].sampled)
     headers = [
         "layer (out×in)",
         "density",
         "k",
         "(a) frozen fwd + bwd(x) ms",
-        "(b) sampled ms (×a)",
+        *(f"(b) sampled, {kernel} ms (×a)" for kernel in kernels_measured),
         "(c) dense gᵀx + gather ms (×a)",
         "(d) gather-multiply ms (×a)",
-        "rule picks",
+        f"rule picks ({cases[0].rule_kernel})",
         "faster of b/c (margin)",
         "rule right?",
-        "per-entry cost ratio b/c",
+        *(f"per-entry cost ratio, {kernel}" for kernel in kernels_measured),
     ]
     rows = [
         [
@@ -171,13 +179,13 @@ def table(cases: list[Case]) -> str:
             f"{c.density:.1%}",
             c.k,
             f"{c.frozen:.1f}",
-            fmt(c.sampled, c.frozen),
+            *(fmt(c.sampled[kernel], c.frozen) for kernel in kernels_measured),
             fmt(c.dense, c.frozen),
             fmt(c.gather, c.frozen),
             "dense" if c.rule_uses_dense else "sampled",
             faster(c),
             "yes" if c.rule_is_right else "**no**",
-            f"{c.entry_cost_ratio:.1f}",
+            *(f"{c.entry_cost_ratio(kernel):.1f}" for kernel in kernels_measured),
         ]
         for c in cases
     ]
@@ -185,22 +193,25 @@ def table(cases: list[Case]) -> str:
 
 
 def ratio_summary(cases: list[Case]) -> str:
-    """The range of the per-entry cost ratio, overall and per shape, against the rule's constant."""
-    ratios = [c.entry_cost_ratio for c in cases]
-    lines = [
-        f"Per-entry cost ratio (sampled ms / (k·T)) / (dense ms / (out·in·T)): "
-        f"{min(ratios):.1f} to {max(ratios):.1f} (median {statistics.median(ratios):.1f}) over {len(cases)} cases; "
-        f"the cost rule uses SAMPLED_ENTRY_COST = {kernels.SAMPLED_ENTRY_COST}, i.e. samples below density "
-        f"{1 / kernels.SAMPLED_ENTRY_COST:.1%}. Sampling is faster in a case exactly when its ratio < 1/density.",
-    ]
-    for shape in dict.fromkeys((c.out_features, c.in_features) for c in cases):
-        shape_ratios = [c.entry_cost_ratio for c in cases if (c.out_features, c.in_features) == shape]
-        lines.append(f"- {shape[0]}×{shape[1]}: {min(shape_ratios):.1f} to {max(shape_ratios):.1f}")
+    """Each kernel's per-entry cost ratio, overall and per shape, against the rule's constant."""
+    lines = []
+    for kernel in cases[0].sampled:
+        ratios = [c.entry_cost_ratio(kernel) for c in cases]
+        constant = kernels.SAMPLED_ENTRY_COST[kernel]
+        lines.append(
+            f"Per-entry cost ratio of {kernel} (sampled ms / (k·T)) / (dense ms / (out·in·T)): "
+            f"{min(ratios):.1f} to {max(ratios):.1f} (median {statistics.median(ratios):.1f}) over {len(cases)} "
+            f"cases; the cost rule uses SAMPLED_ENTRY_COST[{kernel!r}] = {constant}, i.e. samples below density "
+            f"{1 / constant:.1%}. Sampling is faster in a case exactly when its ratio < 1/density."
+        )
+        for shape in dict.fromkeys((c.out_features, c.in_features) for c in cases):
+            shape_ratios = [c.entry_cost_ratio(kernel) for c in cases if (c.out_features, c.in_features) == shape]
+            lines.append(f"- {shape[0]}×{shape[1]}: {min(shape_ratios):.1f} to {max(shape_ratios):.1f}")
     wrong = [c for c in cases if not c.rule_is_right]
     lines.append(
-        "The cost rule picked the faster of (b)/(c) in every case."
+        f"The cost rule ({cases[0].rule_kernel} or dense) picked the faster path in every case."
         if not wrong
-        else "The cost rule picked the slower path in: "
+        else f"The cost rule ({cases[0].rule_kernel} or dense) picked the slower path in: "
         + ", ".join(f"{c.out_features}×{c.in_features} at {c.density:.1%}" for c in wrong)
         + "."
     )

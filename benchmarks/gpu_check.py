@@ -33,7 +33,7 @@ from common import RESULTS_DIR, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
-CUDA_TESTS = ["tests/test_triton_kernels.py", "tests/test_layer.py", "tests/test_optim_state.py",
+CUDA_TESTS = ["tests/test_sampled_kernels.py", "tests/test_layer.py", "tests/test_optim_state.py",
               "tests/test_trainer.py::test_resume_reproduces_the_uninterrupted_run_bitwise"]
 
 
@@ -57,7 +57,7 @@ def plan(dry_run: bool, workdir: Path) -> list[Step]:
     """The steps; a dry run keeps their shape on the CPU at toy sizes."""
     python = sys.executable
     if dry_run:
-        tests = ["tests/test_triton_kernels.py::test_fused_kernel_reads_strided_rows_without_a_copy_and_handles_no_tokens"]
+        tests = ["tests/test_sampled_kernels.py::test_sampled_kernel_reads_strided_rows_and_handles_no_tokens"]
         layer = ["--device", "cpu", "--layers", "64x96", "--tokens", "64", "--repeats", "2"]
         model = ["--quick", "--device", "cpu"]
     else:

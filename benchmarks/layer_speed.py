@@ -34,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from common import RESULTS_DIR, contention_note, cpu_snapshot, interleaved_median_ms, machine_description
 from common import markdown_table, parse_shapes, pruned_linear, random_delta_index, synchronizer, write_report
-from seft_trl.kernels import TOKEN_CHUNK
+from seft_trl.kernels import TOKEN_CHUNK, default_sampled_kernel
 from seft_trl.layer import SparseDeltaLinear
 from seft_trl.patterns import Scope
 
@@ -301,8 +301,19 @@ def dense_gradient_check(layers: list[tuple[tuple[int, int], list[Result]]], tok
             f"{describe(floor.memory.large, shapes)}. Beyond the floor's: {'**' if extra else ''}"
             f"{describe(extra, shapes)}{'**' if extra else ''}. Of exactly the dense [out, in] size: "
             f"{'**' if exact else ''}{describe(exact, shapes)}{'**' if exact else ''}."
+            + numba_scratch(out_features, in_features, seft.method.trainable())
         )
     return "\n".join(lines)
+
+
+def numba_scratch(out_features: int, in_features: int, k: int) -> str:
+    """The Numba kernel's allocations, which the profiler cannot see ('' where another kernel runs)."""
+    if default_sampled_kernel(torch.device("cpu")) != "numba":
+        return ""
+    from seft_trl import numba_kernels  # installed: the default kernel is numba
+
+    scratch = numba_kernels.scratch_bytes(out_features, in_features, k, torch.get_num_threads())
+    return f" Numba's scratch, outside the profiler's view: {scratch / MIB:.1f} MiB."
 
 
 def memory_note(device: torch.device) -> str:
@@ -320,6 +331,13 @@ def memory_note(device: torch.device) -> str:
         "dense fp32 weight gradient's size (out·in·4 bytes) that the floor's backward does not also make (the "
         "floor's is the input gradient, T·in·4 bytes, which every method returns). Sizes are named by the fp32 "
         f"shape they match (T tokens; {TOKEN_CHUNK}-token chunks are seft_trl.kernels.TOKEN_CHUNK)."
+        + (
+            " The Numba kernel's scratch (per thread: partial sums [k] and transposed token tiles "
+            "[out + in, tile], fp32) comes from Numba's allocator, which the profiler does "
+            "not see; its size is stated per layer below."
+            if device.type == "cpu" and default_sampled_kernel(device) == "numba"
+            else ""
+        )
     )
 
 

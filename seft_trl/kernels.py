@@ -3,19 +3,22 @@
 The gradient of a delta at flat position p = r * in + c is ``sum_t g[t, r] * x[t, c]``, an
 entry of the dense weight gradient ``gᵀx`` [out, in]. Computing the dense matrix costs
 ``T·out·in`` multiply-adds and ``out·in`` floats of memory; sampling only the k entries
-(an SDDMM) costs ``T·k`` but runs far below BLAS efficiency. ``benchmarks/delta_grad_kernels.py``
-measures the ways to do it on this kind of machine (2 cores, x86_64, torch 2.13 CPU, 2048 tokens;
-results in ``benchmarks/results/delta_grad_kernels.md``): at 1% density the sampled product
-(``torch.sparse.sampled_addmm`` over a CSR pattern) costs 0.12–0.53× the frozen layer's forward and
-input backward, dense-then-gather 0.5–0.6×, a gather-multiply over token chunks 0.9–1.7×.
+(an SDDMM) costs ``T·k`` but runs far below BLAS efficiency.
 
-One sampled entry costs 16–170× a dense one (median 24; relatively more on small layers, where the
-transposed copies of g and x that ``sampled_addmm`` makes dominate), so the cost rule below samples
-when ``k * SAMPLED_ENTRY_COST < out * in`` (density under 2.5%) and otherwise takes the dense product
-and gathers; it picked the faster path in 14 of 15 measured cases. The sampled path works over
-chunks of tokens, which bounds the fp32 copies of g and x. On CUDA the sampled path is one fused
-Triton kernel instead (:mod:`seft_trl.triton_kernels`: no copies, g and x in their own dtype); the
-cost rule's constant is the CPU's until the GPU check measures CUDA's.
+Each device has its sampled kernel: on CUDA one fused Triton kernel (:mod:`seft_trl.triton_kernels`:
+no copies, g and x in their own dtype); on the CPU a compiled Numba kernel
+(:mod:`seft_trl.numba_kernels`, the ``cpu`` extra: g and x transposed tile by tile in cache, never
+into memory); ``torch.sparse.sampled_addmm`` over a CSR pattern wherever neither is installed.
+
+``benchmarks/delta_grad_kernels.py`` measures them against the dense product (results in
+``benchmarks/results/delta_grad_kernels.md``). One sampled entry costs more than one dense entry,
+by a factor that depends on the kernel, the layer and the machine's BLAS; the cost rule samples
+when ``k * SAMPLED_ENTRY_COST[kernel] < out * in`` and otherwise takes the dense product and
+gathers. Numba's factor was 4-16 on a 2-core EPYC, sampled_addmm's 5-43 there and 16-170 on a
+2-core Xeon with a faster BLAS; the constants sit at the top of those ranges, because the dense
+path also costs a transient out × in fp32 matrix. Triton's constant is sampled_addmm's until the
+GPU check measures CUDA's. The CPU paths work over token chunks where they convert dtypes, which
+bounds the fp32 copies of g and x.
 """
 
 from __future__ import annotations
@@ -25,42 +28,49 @@ import warnings
 
 import torch
 
-# Cost of one sampled entry relative to one dense entry (measured; see the module docstring).
-SAMPLED_ENTRY_COST = 40
+# Cost of one sampled entry relative to one dense entry, per sampled kernel (measured; see the
+# module docstring).
+SAMPLED_ENTRY_COST = {"numba": 16, "sampled_addmm": 40, "triton": 40}
 # Tokens per chunk: bounds the fp32 copies of g and x (chunk × (out + in) floats).
 TOKEN_CHUNK = 1024
+KERNELS = ("dense", *SAMPLED_ENTRY_COST)
+
+
+def default_sampled_kernel(device: torch.device) -> str:
+    """The fastest sampled kernel installed for ``device``: Triton on CUDA, Numba on the CPU."""
+    if device.type == "cuda":
+        return "triton" if importlib.util.find_spec("triton") is not None else "sampled_addmm"
+    return "numba" if importlib.util.find_spec("numba") is not None else "sampled_addmm"
 
 
 class SamplingPattern:
     """A set of flat positions [k] of an out × in weight, prepared for the sampled product.
 
     Positions may be in any order (delta slots are not sorted, so optimizer state never has to
-    move); the CSR structure is built over the sorted positions and results are scattered back.
+    move); the sampled kernels work over the sorted positions and scatter results back.
     """
 
-    def __init__(
-        self, flat_index: torch.Tensor, out_features: int, in_features: int, use_dense: bool | None = None,
-        use_triton: bool | None = None,
-    ) -> None:
-        """``use_dense``: None applies the cost rule; True or False forces a path (benchmarks compare both).
-
-        ``use_triton``: the fused kernel of :mod:`seft_trl.triton_kernels` for the sampled path;
-        None takes it on CUDA whenever Triton is installed (it ships with PyTorch's CUDA wheels).
-        """
+    def __init__(self, flat_index: torch.Tensor, out_features: int, in_features: int, kernel: str | None = None) -> None:
+        """``kernel``: one of :data:`KERNELS`; None takes the device's sampled kernel, or "dense"
+        (the dense product, then a gather) where the cost rule says that is cheaper. Benchmarks and
+        tests force one to compare them."""
+        if kernel is not None and kernel not in KERNELS:
+            raise ValueError(f"kernel={kernel!r}: choose one of {', '.join(KERNELS)}, or None for the default.")
         self.flat_index = flat_index
         self.out_features, self.in_features = out_features, in_features
-        if use_dense is None:
-            use_dense = flat_index.numel() * SAMPLED_ENTRY_COST >= out_features * in_features
-        self.use_dense = use_dense
-        if use_triton is None:
-            use_triton = flat_index.is_cuda and importlib.util.find_spec("triton") is not None
-        self.use_triton = use_triton and not use_dense
-        if self.use_dense or flat_index.numel() == 0:
+        if kernel is None:
+            kernel = default_sampled_kernel(flat_index.device)
+            if flat_index.numel() * SAMPLED_ENTRY_COST[kernel] >= out_features * in_features:
+                kernel = "dense"
+        if kernel == "numba" and flat_index.device.type != "cpu":
+            raise ValueError(f"kernel='numba' runs on the CPU, not on {flat_index.device}: leave kernel=None.")
+        self.kernel = kernel
+        if kernel == "dense" or flat_index.numel() == 0:
             return
         sorted_index, self.order = torch.sort(flat_index)
         rows = sorted_index // in_features
         self.col_indices = sorted_index % in_features
-        if self.use_triton:
+        if kernel == "triton":
             self.row_indices = rows
             return
         crow = torch.zeros(out_features + 1, dtype=flat_index.dtype, device=flat_index.device)  # CSR: one index dtype
@@ -104,12 +114,18 @@ def sampled_weight_gradient(
     k = pattern.flat_index.numel()
     if k == 0:
         return torch.zeros(0, dtype=torch.float32, device=x.device)
-    if pattern.use_dense:
+    if pattern.kernel == "dense":
         return dense_weight_gradient(grad_output, x).view(-1)[pattern.flat_index]
-    if pattern.use_triton:
+    if pattern.kernel == "triton":
         from .triton_kernels import sampled_gtx  # imports Triton: only where the fused kernel is used
 
         return sampled_gtx(grad_output, x, pattern.row_indices, pattern.col_indices, pattern.order)
+    if pattern.kernel == "numba":
+        from . import numba_kernels  # imports Numba: only where its kernel is used
+
+        return numba_kernels.sampled_gtx(
+            grad_output, x, pattern.crow_indices, pattern.col_indices, pattern.order, TOKEN_CHUNK
+        )
     csr = pattern._csr(torch.zeros(k, dtype=torch.float32, device=x.device))
     for start in range(0, x.shape[0], TOKEN_CHUNK):
         g = grad_output[start : start + TOKEN_CHUNK].float()

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import DEVICE
-from seft_trl.kernels import SamplingPattern, dense_weight_gradient, sampled_weight_gradient
+from seft_trl.kernels import (
+    SAMPLED_ENTRY_COST,
+    SamplingPattern,
+    default_sampled_kernel,
+    dense_weight_gradient,
+    sampled_weight_gradient,
+)
 from seft_trl.layer import SparseDeltaLinear
 from seft_trl.patterns import Scope
 
@@ -60,7 +66,7 @@ def test_forward_and_gradients_match_dense_reference(dtype, density):
     torch.testing.assert_close(layer.delta.grad, exact, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer.delta.grad, gd_ref, **tol)
     if density == 0.01:
-        assert layer._pattern.use_triton == (DEVICE.type == "cuda")
+        assert layer._pattern.kernel == default_sampled_kernel(DEVICE)
 
 
 def test_weight_holds_effective_values_and_bias_untouched():
@@ -75,13 +81,16 @@ def test_weight_holds_effective_values_and_bias_untouched():
     assert not layer.weight.requires_grad and not layer.bias.requires_grad
 
 
+@pytest.mark.parametrize("kernel", [None, "sampled_addmm", "dense"])
 @pytest.mark.parametrize("k", [0, 5, 400])
-def test_sampled_kernel_matches_dense_product_in_any_slot_order(k):
+def test_sampled_kernel_matches_dense_product_in_any_slot_order(k, kernel):
     torch.manual_seed(1)
     g, x = torch.randn(2500, 30), torch.randn(2500, 70)  # > one token chunk
     index = torch.randperm(30 * 70)[:k]  # unsorted on purpose: slots keep their order
-    pattern = SamplingPattern(index, 30, 70)
-    assert pattern.use_dense == (k * 40 >= 30 * 70)
+    pattern = SamplingPattern(index, 30, 70, kernel=kernel)
+    if kernel is None:
+        sampled = default_sampled_kernel(index.device)
+        assert pattern.kernel == ("dense" if k * SAMPLED_ENTRY_COST[sampled] >= 30 * 70 else sampled)
     got = sampled_weight_gradient(g, x, pattern)
     torch.testing.assert_close(got, dense_weight_gradient(g, x).view(-1)[index], rtol=1e-4, atol=1e-3)
 

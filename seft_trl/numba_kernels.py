@@ -1,0 +1,95 @@
+"""The sampled weight gradient on the CPU as one compiled Numba kernel: the δ gradient's CPU path.
+
+``torch.sparse.sampled_addmm`` on the CPU first copies gᵀ [out, T] and xᵀ [in, T] into fresh
+memory; on a 2-core machine those transposes cost more than the k·T multiply-adds themselves, and
+make the sampled product slower than a LoRA layer's extra GEMMs. This kernel never writes a
+transposed copy to memory: each thread takes its own range of tokens and walks it in tiles of
+``TILE_TOKENS``, transposing the tile of g and of x into small thread-local buffers that stay in
+cache, so every dot product runs over contiguous floats, and g and x are each read once.
+
+Threads split the tokens, not the positions: each adds into its own partial sums, which are then
+summed over threads in a fixed order. No thread waits for another, and the result depends on the
+number of threads only, never on scheduling (ranks and resumed runs with the same thread count
+agree bit for bit).
+
+Numba compiles this with its bundled LLVM on first use (a few seconds, then cached on disk), so
+nothing needs a compiler at install time. It is optional (the ``cpu`` extra); without it the CPU
+takes ``torch.sparse.sampled_addmm``.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+TILE_TOKENS = 64  # tokens per tile: a [in, 64] fp32 tile of a 1536-wide input is 384 KiB
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _sampled_gtx_add(g, x, crow, cols, slots, out, n_parts):  # pragma: no cover - compiled by Numba
+    """out[slots[e]] += Σ_t g[t, r_e] · x[t, cols[e]] for the CSR pattern (crow, cols), rows r_e."""
+    tokens, n_out = g.shape
+    n_in = x.shape[1]
+    k = cols.shape[0]
+    partial = np.zeros((n_parts, k), np.float32)  # [threads, k]
+    for part in numba.prange(n_parts):
+        begin, end = part * tokens // n_parts, (part + 1) * tokens // n_parts
+        g_tile = np.empty((n_out, TILE_TOKENS), np.float32)  # [out, tile]: this tile of g, transposed
+        x_tile = np.empty((n_in, TILE_TOKENS), np.float32)  # [in, tile]
+        sums = partial[part]
+        for start in range(begin, end, TILE_TOKENS):
+            width = min(TILE_TOKENS, end - start)
+            for t in range(width):
+                for c in range(n_in):
+                    x_tile[c, t] = x[start + t, c]
+                for r in range(n_out):
+                    g_tile[r, t] = g[start + t, r]
+            for r in range(n_out):
+                for e in range(crow[r], crow[r + 1]):
+                    c = cols[e]
+                    dot = np.float32(0.0)
+                    for t in range(width):
+                        dot += g_tile[r, t] * x_tile[c, t]
+                    sums[e] += dot
+    for e in numba.prange(k):
+        total = np.float32(0.0)
+        for part in range(n_parts):
+            total += partial[part, e]
+        out[slots[e]] += total
+
+
+def scratch_bytes(out_features: int, in_features: int, k: int, threads: int) -> int:
+    """Memory the kernel allocates outside torch's allocator (invisible to torch.profiler): per
+    thread, its partial sums [k] and the transposed tiles [out + in, TILE_TOKENS], all fp32."""
+    return 4 * threads * (k + (out_features + in_features) * TILE_TOKENS)
+
+
+def _threads() -> int:
+    """As many threads as torch uses (a DDP process pinned to one thread stays on one)."""
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads
+
+
+def sampled_gtx(
+    grad_output: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor,
+    token_chunk: int,
+) -> torch.Tensor:
+    """fp32 [k] with ``out[slots[e]] = Σ_t grad_output[t, r_e] · x[t, cols[e]]`` (CSR rows r_e).
+
+    grad_output [T, out] and x [T, in] on the CPU. fp32 inputs are read where they lie; other dtypes
+    are converted to fp32 ``token_chunk`` tokens at a time, which bounds the copies.
+    """
+    out = torch.zeros(cols.numel(), dtype=torch.float32)
+    if cols.numel() == 0 or x.shape[0] == 0:
+        return out
+    threads = _threads()
+    arrays = crow.numpy(), cols.numpy(), slots.numpy(), out.numpy()
+    if grad_output.dtype == x.dtype == torch.float32:
+        _sampled_gtx_add(grad_output.detach().contiguous().numpy(), x.detach().contiguous().numpy(), *arrays, threads)
+        return out
+    for start in range(0, x.shape[0], token_chunk):
+        g = grad_output[start : start + token_chunk].detach().float().contiguous()
+        _sampled_gtx_add(g.numpy(), x[start : start + token_chunk].detach().float().contiguous().numpy(), *arrays, threads)
+    return out

@@ -1,0 +1,99 @@
+"""Every sampled δ-gradient kernel against dense autograd: the fused Triton kernel (on CPU through
+Triton's interpreter), the Numba CPU kernel and torch's sampled_addmm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from seft_trl import numba_kernels
+from seft_trl.kernels import TOKEN_CHUNK, SamplingPattern, sampled_weight_gradient
+from seft_trl.triton_kernels import BLOCK_K, BLOCK_T
+
+OUT, IN = 24, 40
+KERNELS = ["triton", "numba", "sampled_addmm"]
+# Ragged and whole tiles of both compiled kernels, and more than one token chunk.
+TOKENS = [1, BLOCK_T + 5, 3 * numba_kernels.TILE_TOKENS, TOKEN_CHUNK + numba_kernels.TILE_TOKENS + 3]
+
+
+def positions(kind: str) -> torch.Tensor:
+    """Flat positions of an OUT × IN weight, in unsorted (slot) order."""
+    generator = torch.Generator().manual_seed(0)
+    if kind == "scattered":  # not a multiple of Triton's block: its last program is partly masked
+        index = torch.randperm(OUT * IN, generator=generator)[: 2 * BLOCK_K + 13]
+    elif kind == "full and empty rows":  # rows 3 and 17 complete, every other row empty
+        index = torch.cat([torch.arange(3 * IN, 4 * IN), torch.arange(17 * IN, 18 * IN)])
+        index = index[torch.randperm(index.numel(), generator=generator)]
+    else:  # one position
+        index = torch.tensor([OUT * IN - 1])
+    return index.to(torch.int32)
+
+
+def device_of(kernel: str) -> torch.device:
+    """Triton's kernel runs on the GPU when there is one (else on the CPU through its interpreter)."""
+    return DEVICE if kernel == "triton" else torch.device("cpu")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("kind", ["scattered", "full and empty rows", "single"])
+def test_sampled_kernel_matches_dense_autograd(kernel, dtype, tokens, kind):
+    torch.manual_seed(tokens)
+    device = device_of(kernel)
+    x = torch.randn(tokens, IN, dtype=dtype, device=device, requires_grad=True)
+    weight = torch.randn(OUT, IN, dtype=dtype, device=device, requires_grad=True)
+    y = x @ weight.t()
+    g = torch.randn_like(y)
+    y.backward(g)
+    index = positions(kind).to(device)
+    pattern = SamplingPattern(index, OUT, IN, kernel=kernel)
+    sampled = sampled_weight_gradient(g, x.detach(), pattern)
+    # The reference accumulates in fp32 from the same low-precision inputs, as the kernels do.
+    reference = (g.float().t() @ x.detach().float()).view(-1)[index.long()]
+    assert sampled.dtype == torch.float32 and sampled.shape == index.shape
+    torch.testing.assert_close(sampled, reference, rtol=1e-5, atol=1e-4)
+    # Autograd's own weight gradient, rounded to the weight's dtype.
+    torch.testing.assert_close(sampled.to(dtype), weight.grad.view(-1)[index.long()], rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_sampled_kernel_reads_strided_rows_and_handles_no_tokens(kernel):
+    device = device_of(kernel)
+    x = torch.randn(10, 2 * IN, device=device)[:, :IN]  # rows of stride 2·IN
+    g = torch.randn(10, OUT, device=device)
+    index = positions("scattered").to(device)
+    pattern = SamplingPattern(index, OUT, IN, kernel=kernel)
+    reference = (g.t() @ x).view(-1)[index.long()]
+    torch.testing.assert_close(sampled_weight_gradient(g, x, pattern), reference, rtol=1e-5, atol=1e-5)
+    empty = sampled_weight_gradient(g[:0], x[:0], pattern)
+    assert torch.equal(empty, torch.zeros(index.numel(), device=device))
+
+
+def test_numba_kernel_is_deterministic_and_follows_torch_thread_count():
+    torch.manual_seed(0)
+    g, x = torch.randn(700, OUT), torch.randn(700, IN)
+    pattern = SamplingPattern(positions("scattered"), OUT, IN, kernel="numba")
+    threads = torch.get_num_threads()
+    try:
+        results = {}
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results[count] = sampled_weight_gradient(g, x, pattern)
+            assert torch.equal(sampled_weight_gradient(g, x, pattern), results[count])  # same threads: same bits
+            assert numba_kernels.numba.get_num_threads() == min(count, numba_kernels.numba.config.NUMBA_NUM_THREADS)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(results[1], results[2], rtol=1e-5, atol=1e-5)
+
+
+def test_each_device_selects_its_own_kernel_and_refuses_a_foreign_one():
+    index = positions("single")  # sparse enough for the cost rule to sample
+    assert SamplingPattern(index, OUT, IN).kernel == "numba"  # numba is in the dev extra
+    with pytest.raises(ValueError, match="choose one of"):
+        SamplingPattern(index, OUT, IN, kernel="cusparse")
+    if torch.cuda.is_available():
+        assert SamplingPattern(index.cuda(), OUT, IN).kernel == "triton"
+        with pytest.raises(ValueError, match="runs on the CPU"):
+            SamplingPattern(index.cuda(), OUT, IN, kernel="numba")
