@@ -86,10 +86,8 @@ def sampled_gtx(
         return out
     threads = _threads()
     arrays = crow.numpy(), cols.numpy(), slots.numpy(), out.numpy()
-    if grad_output.dtype == x.dtype == torch.float32:
-        _sampled_gtx_add(grad_output.detach().contiguous().numpy(), x.detach().contiguous().numpy(), *arrays, threads)
-        return out
-    for start in range(0, x.shape[0], token_chunk):
-        g = grad_output[start : start + token_chunk].detach().float().contiguous()
-        _sampled_gtx_add(g.numpy(), x[start : start + token_chunk].detach().float().contiguous().numpy(), *arrays, threads)
+    chunk = x.shape[0] if grad_output.dtype == x.dtype == torch.float32 else token_chunk  # fp32: no copy
+    for start in range(0, x.shape[0], chunk):
+        g = grad_output[start : start + chunk].detach().float().contiguous()
+        _sampled_gtx_add(g.numpy(), x[start : start + chunk].detach().float().contiguous().numpy(), *arrays, threads)
     return out
