@@ -349,7 +349,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--density", type=float, default=0.01, help="delta density")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--repeats", type=int, default=15, help="timed steps per method")
-    parser.add_argument("--large-repeats", type=int, default=3, help=f"timed steps for layers >= {LARGE_LAYER} weights")
+    parser.add_argument("--large-repeats", type=int, default=5, help=f"timed steps for layers >= {LARGE_LAYER} weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "layer_speed.md")
     return parser.parse_args()

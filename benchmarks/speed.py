@@ -1,7 +1,8 @@
 """Step time and peak memory of SEFTSFTTrainer against TRL + peft LoRA, masked full fine-tuning and the floor.
 
 Four ways to train the same pruned model on the same batches, each in its own process so that its
-peak memory is its own:
+peak memory is its own, in rounds that run every method once (``--rounds``, default 3), so that a
+slow spell of the machine falls on all methods alike rather than on one:
 
 * ``floor``: the frozen pruned model, forward + a backward that computes input gradients only (the
   embedding output is the only tensor that requires grad), no optimizer. Every method pays at least
@@ -16,7 +17,9 @@ peak memory is its own:
 All trainers use torch AdamW, gradient checkpointing off, and ``--batch`` sequences of ``--seqlen``
 tokens cut from the same text. A step is timed from ``on_step_begin`` to ``on_step_end`` (forward,
 backward, clipping, optimizer, callbacks; batches are fetched before it); the first two steps are
-warm-up and excluded. The SEFT run opens one accumulation window (the default 5 steps) at the end and
+warm-up and excluded; a method's step time is the median over the timed steps of all rounds. The
+raw times of every round go to a JSON file beside the report, which a rerun with the same options
+resumes from (a finished round is not run again). The SEFT run opens one accumulation window (the default 5 steps) at the end and
 makes one topology update at the last step, swapping the default initial drop fraction (0.2, the
 largest swap the defaults ever make); its per-update cost is extrapolated to the default cadence
 (an update every 20 steps), see the report.
@@ -384,6 +387,34 @@ def worker(args: argparse.Namespace) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
+def run_options(args: argparse.Namespace) -> dict:
+    """The options that decide what a round measures: a resumed run must share them."""
+    return {name: str(getattr(args, name)) for name in ("model", "device", "steps", "seqlen", "batch", "threads",
+                                                         "optim", "gradient_checkpointing")}
+
+
+def load_raw(path: Path, options: dict) -> dict:
+    """The finished rounds of an earlier run with the same options, or an empty record."""
+    if path.exists():
+        raw = json.loads(path.read_text())
+        if raw["options"] == options:
+            for measured in raw["rounds"]:
+                for result in measured.values():
+                    result["step_seconds"] = {int(step): s for step, s in result["step_seconds"].items()}
+            print(f"Resuming from {path}: {len(raw['rounds'])} round(s) done.", flush=True)
+            return raw
+        print(f"{path} holds rounds measured with other options; starting afresh.", flush=True)
+    return {"options": options, "rounds": []}
+
+
+def save_raw(raw: dict, path: Path) -> None:
+    """Write the raw record atomically, so an interrupted run never leaves a torn file to resume from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(raw, indent=1) + "\n")
+    partial.replace(path)
+
+
 def run_worker(method: str, args: argparse.Namespace, workdir: str) -> dict:
     """Run one method in a fresh process (its peak memory is then its own) and return its measurements."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--workdir", workdir,
@@ -425,28 +456,56 @@ class SeftBreakdown:
         return self.ordinary + self.topology_seconds / DEFAULTS.update_interval
 
 
-def timed_steps(result: dict) -> dict[int, float]:
-    return {step: seconds for step, seconds in result["step_seconds"].items() if step > WARMUP_STEPS}
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One method's measurements over all rounds: step times kept per round, the rest as medians."""
+    median = statistics.median
+    return {
+        "trainable": rounds[0]["trainable"],
+        "state_bytes": rounds[0]["state_bytes"],
+        "train_seconds": median(r["train_seconds"] for r in rounds),
+        "memory_peak": median(r["memory_peak"] for r in rounds),
+        "memory_increment": median(r["memory_peak"] - r["memory_before"] for r in rounds),
+        "other_load": max(r["other_load"] for r in rounds),
+        "rounds": rounds,
+    }
+
+
+def timed_steps(round_result: dict) -> dict[int, float]:
+    return {step: seconds for step, seconds in round_result["step_seconds"].items() if step > WARMUP_STEPS}
 
 
 def seft_breakdown(result: dict, steps: int) -> SeftBreakdown:
-    if len(result["update_seconds"]) != 1:
-        raise RuntimeError(f"The SEFT run made {len(result['update_seconds'])} topology updates instead of one.")
+    """Ordinary steps pooled over the rounds; each window step and the update as medians over the rounds."""
     window_steps = range(steps - DEFAULTS.accumulation_steps + 1, steps + 1)
-    timed = timed_steps(result)
-    ordinary = statistics.median(seconds for step, seconds in timed.items() if step not in window_steps)
-    update = sum(result["update_seconds"])
-    window = {step: timed[step] - (update if step == steps else 0.0) for step in window_steps}
-    extra = sum(window.values()) - len(window) * ordinary
-    return SeftBreakdown(ordinary, window, update, extra, result["train_seconds"])
+    ordinary, updates, windows = [], [], []
+    for round_result in result["rounds"]:
+        if len(round_result["update_seconds"]) != 1:
+            raise RuntimeError(f"A SEFT run made {len(round_result['update_seconds'])} topology updates, not one.")
+        timed = timed_steps(round_result)
+        update = sum(round_result["update_seconds"])
+        ordinary += [seconds for step, seconds in timed.items() if step not in window_steps]
+        updates.append(update)
+        windows.append({step: timed[step] - (update if step == steps else 0.0) for step in window_steps})
+    ordinary_step = statistics.median(ordinary)
+    window = {step: statistics.median(w[step] for w in windows) for step in window_steps}
+    extra = sum(window.values()) - len(window) * ordinary_step
+    return SeftBreakdown(ordinary_step, window, statistics.median(updates), extra, result["train_seconds"])
 
 
 def training_increment(result: dict) -> int:
-    return result["memory_peak"] - result["memory_before"]
+    return result["memory_increment"]
+
+
+def round_medians(result: dict, window_steps: range) -> list[float]:
+    """Each round's median timed step (for SEFT, of its ordinary steps): the spread between rounds."""
+    return [statistics.median(s for step, s in timed_steps(r).items() if step not in window_steps)
+            for r in result["rounds"]]
 
 
 def median_step(method: str, result: dict, seft: SeftBreakdown) -> float:
-    return seft.ordinary if method == "seft" else statistics.median(timed_steps(result).values())
+    if method == "seft":
+        return seft.ordinary
+    return statistics.median(s for r in result["rounds"] for s in timed_steps(r).values())
 
 
 def verdict(value: float, goal: float) -> str:
@@ -455,15 +514,18 @@ def verdict(value: float, goal: float) -> str:
 
 def results_table(results: dict[str, dict], seft: SeftBreakdown, unit: str) -> str:
     steps = {method: median_step(method, result, seft) for method, result in results.items()}
+    window_steps = range(min(seft.window), max(seft.window) + 1)
     lora = results["lora"]
     rows = []
     for method, result in results.items():
         increment = training_increment(result)
+        excluded = window_steps if method == "seft" else range(0)
         rows.append([
             method,
             DESCRIPTIONS[method],
             f"{result['trainable']:,}",
             f"{steps[method]:.3f}",
+            ", ".join(f"{seconds:.2f}" for seconds in round_medians(result, excluded)),
             f"{steps[method] / steps['floor']:.2f}",
             f"{steps[method] / steps['lora']:.2f}",
             f"{result['memory_peak'] / MIB:.0f}",
@@ -473,13 +535,13 @@ def results_table(results: dict[str, dict], seft: SeftBreakdown, unit: str) -> s
             "—" if result.get("state_bytes") is None else f"{result['state_bytes'] / result['trainable']:.1f}",
             f"{result['other_load']:.2f}",
         ])
-    headers = ["method", "what", "trainable params", "median step (s)", "× floor", "× LoRA", f"peak {unit} (MiB)",
+    headers = ["method", "what", "trainable params", "median step (s)", "round medians (s)", "× floor", "× LoRA", f"peak {unit} (MiB)",
                "increment during training (MiB)", "peak × LoRA", "increment × LoRA", "own state (B per trainable)",
                "other load (cores)"]
     return markdown_table(headers, rows)
 
 
-def breakdown_text(seft: SeftBreakdown, steps: int) -> str:
+def breakdown_text(seft: SeftBreakdown, steps: int, rounds: int) -> str:
     window = ", ".join(f"step {step}: {seconds:.3f} s" for step, seconds in seft.window.items())
     interval, accumulation = DEFAULTS.update_interval, DEFAULTS.accumulation_steps
     first, last = WARMUP_STEPS + 1, steps - accumulation
@@ -487,11 +549,11 @@ def breakdown_text(seft: SeftBreakdown, steps: int) -> str:
     return "\n".join([
         "## SEFT: ordinary steps, accumulation window, topology update",
         "",
-        f"* Ordinary step (median of {ordinary_steps}): {seft.ordinary:.3f} s.",
-        f"* Window steps ({window}; the first picks candidates from one dense weight gradient per layer, the last "
+        f"* Ordinary step (median of {ordinary_steps} of {rounds} round(s)): {seft.ordinary:.3f} s.",
+        f"* Window steps (medians over the rounds; {window}; the first picks candidates from one dense weight gradient per layer, the last "
         "excludes the update itself): "
         f"{seft.window_extra:.3f} s more than {accumulation} ordinary steps in all.",
-        f"* Topology update (`update_topology`, one call): {seft.update:.3f} s.",
+        f"* Topology update (`update_topology`, one call, median over the rounds): {seft.update:.3f} s.",
         f"* Measured in this run: the update took {seft.update / seft.train_seconds:.1%} of the training wall time "
         f"({seft.train_seconds:.1f} s), update + window overhead {seft.topology_seconds / seft.train_seconds:.1%}; "
         f"this run packs one update into {steps} steps, so these shares overstate the defaults.",
@@ -552,7 +614,8 @@ def report(args: argparse.Namespace, prepared: dict, results: dict[str, dict], w
         f"{args.batch} sequences × {args.seqlen} tokens ({prepared['chunks']} training chunks). {args.steps} "
         f"optimizer steps per method, the first {WARMUP_STEPS} excluded as warm-up; optim `{args.optim}`, lr "
         f"{LEARNING_RATE:g} constant, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, each "
-        "method in its own process.",
+        f"method in its own process, {args.rounds} round(s) that run every method once in turn (the round medians "
+        "column shows the spread between rounds).",
         f"Matched trainable parameters: LoRA r={LORA_RANK} (alpha {LORA_ALPHA}, no dropout) on "
         f"{', '.join(PROJECTIONS)} has {lora_count}; SEFT gets as many deltas (`seft_num_deltas`, split over the "
         "same projections in proportion to their size). masked_full trains the nonzero entries of the same "
@@ -567,11 +630,12 @@ def report(args: argparse.Namespace, prepared: dict, results: dict[str, dict], w
         "trainable value, optimizer state excluded (SEFT: δ, its position and its base value; LoRA: A and B).",
         *([TINY_NOTE] if args.model == "tiny" else []),
         results_table(results, seft, unit),
-        breakdown_text(seft, args.steps),
+        breakdown_text(seft, args.steps, args.rounds),
         goals_text(results, seft, unit),
         f"{machine_description(device)} Total wall time {wall:.0f} s. {contention_text(results)}",
         f"Command: `python benchmarks/speed.py --model {args.model} --device {args.device} --steps {args.steps} "
-        f"--seqlen {args.seqlen} --batch {args.batch} --threads {args.threads} --optim {args.optim}"
+        f"--seqlen {args.seqlen} --batch {args.batch} --threads {args.threads} --optim {args.optim} "
+        f"--rounds {args.rounds}"
         f"{' --gradient-checkpointing' if args.gradient_checkpointing else ''}`",
     ])
 
@@ -583,7 +647,8 @@ def parse_args() -> argparse.Namespace:
     add("--model", choices=sorted(SEQLEN), default=None,
         help="default: llama-large on CUDA, else smollm2 (tiny with --quick)")
     add("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    add("--steps", type=int, default=None, help="optimizer steps per method (default 12, 8 with --quick)")
+    add("--steps", type=int, default=None, help="optimizer steps per method and round (default 12, 8 with --quick)")
+    add("--rounds", type=int, default=None, help="rounds that run every method once (default 3, 1 with --quick)")
     add("--seqlen", type=int, default=None, help="tokens per sequence (default: 64 tiny, 256 smollm2, 1024 large)")
     add("--batch", type=int, default=4, help="sequences per step")
     add("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core; 1 with --quick)")
@@ -597,6 +662,7 @@ def parse_args() -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.model = args.model or ("tiny" if args.quick else "llama-large" if args.device == "cuda" else "smollm2")
     args.steps = args.steps or (8 if args.quick else 12)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     # The tiny model's steps take milliseconds on one thread but can take a hundred times longer
     # on two when another process holds a core (the threads wait for each other).
     args.threads = args.threads or (1 if args.quick else torch.get_num_threads())
@@ -615,16 +681,25 @@ def main() -> None:
         worker(args)
         return
     started = time.perf_counter()
+    raw_path = args.output.with_suffix(".json")
+    raw = load_raw(raw_path, run_options(args))
+    earlier_wall = raw.get("wall_seconds", 0.0)
     with tempfile.TemporaryDirectory(prefix="seft-speed-") as workdir:
         print(f"Pruning {args.model} once for every method ...", flush=True)
-        prepared = prepare(args.model, torch.device(args.device), args.seqlen, Path(workdir))
+        raw["prepared"] = prepare(args.model, torch.device(args.device), args.seqlen, Path(workdir))
         if args.device == "cuda":
             torch.cuda.empty_cache()  # the parent's cached blocks would crowd the workers' GPU memory
-        results = {}
-        for method in METHODS:
-            results[method] = run_worker(method, args, workdir)
-            print(f"{method}: trained in {results[method]['train_seconds']:.1f} s", flush=True)
-    write_report(report(args, prepared, results, time.perf_counter() - started), args.output)
+        while len(raw["rounds"]) < args.rounds:
+            number = len(raw["rounds"]) + 1
+            measured = {}
+            for method in METHODS:
+                measured[method] = run_worker(method, args, workdir)
+                print(f"round {number}, {method}: trained in {measured[method]['train_seconds']:.1f} s", flush=True)
+            raw["rounds"].append(measured)
+            raw["wall_seconds"] = earlier_wall + time.perf_counter() - started
+            save_raw(raw, raw_path)
+    results = {method: merge_rounds([measured[method] for measured in raw["rounds"]]) for method in METHODS}
+    write_report(report(args, raw["prepared"], results, raw["wall_seconds"]), args.output)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""benchmarks/speed.py --quick runs end to end as a process and reports every method with real numbers."""
+"""benchmarks/speed.py --quick runs end to end as a process, reports every method with real numbers and resumes."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,12 +20,17 @@ def table_rows(report: str) -> dict[str, dict[str, str]]:
     return {row["method"]: row for row in rows}
 
 
-def test_quick_speed_benchmark_reports_every_method(tmp_path):
-    output = tmp_path / "speed.md"
+def run_quick(output: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     result = subprocess.run([sys.executable, "benchmarks/speed.py", "--quick", "--output", str(output)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_quick_speed_benchmark_reports_every_method(tmp_path):
+    output = tmp_path / "speed.md"
+    run_quick(output)
     report = output.read_text()
     rows = table_rows(report)
     assert set(METHODS) <= set(rows)
@@ -41,3 +47,13 @@ def test_quick_speed_benchmark_reports_every_method(tmp_path):
     lora = int(rows["lora"]["trainable params"].replace(",", ""))
     assert abs(int(rows["seft"]["trainable params"].replace(",", "")) - lora) <= 7  # per-layer rounding
     assert "## Goals" in report and "Topology updates ≤ 5%" in report
+
+    # The raw times of the round are kept; with every round done, a rerun with the same options
+    # measures nothing and reports the same numbers.
+    raw = json.loads(output.with_suffix(".json").read_text())
+    assert len(raw["rounds"]) == 1 and set(raw["rounds"][0]) == set(METHODS)
+    rerun = run_quick(output)
+    assert "Resuming from" in rerun.stdout and "trained in" not in rerun.stdout
+    assert json.loads(output.with_suffix(".json").read_text())["rounds"] == raw["rounds"]
+    again = table_rows(output.read_text())
+    assert {m: again[m]["median step (s)"] for m in METHODS} == {m: rows[m]["median step (s)"] for m in METHODS}
