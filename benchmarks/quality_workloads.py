@@ -1,7 +1,7 @@
 """What every method of the quality benchmark shares in one regime: model, text, token budget, cadence.
 
 * short: the Lee news corpus (~80k training tokens), 32 steps × 4 × 128 tokens;
-* long: the Wikipedia sample of gensim's test data (see :func:`seft_trl.assets.wikipedia_texts`),
+* long: the Wikipedia sample of gensim's test data (see :func:`seft_trl.apps.assets.wikipedia_texts`),
   256 steps × 4 × 256 tokens in one epoch, validation and test capped at ~12k and ~25k tokens;
 * quick: a tiny random LLaMA on the README's paragraphs, the same code path as the regime it stands in for.
 """
@@ -105,7 +105,7 @@ def one_epoch(work: Workload) -> Workload:
 
 def lee_workload(steps: int, batch_size: int, seqlen: int, eval_seqlen: int, rank: int, val_articles: int) -> Workload:
     """Short regime: the Lee news corpus; validation = the last ``val_articles`` training-side articles."""
-    from seft_trl.assets import english_texts, load_smollm2
+    from seft_trl.apps.assets import english_texts, load_smollm2
 
     train_texts, test_texts = english_texts()
     train_texts, val_texts = train_texts[:-val_articles], train_texts[-val_articles:]
@@ -124,7 +124,7 @@ def lee_workload(steps: int, batch_size: int, seqlen: int, eval_seqlen: int, ran
 
 def wikipedia_workload(steps: int, batch_size: int, seqlen: int, eval_seqlen: int, rank: int) -> Workload:
     """Long regime: Wikipedia articles, one epoch, the engine's own topology cadence."""
-    from seft_trl.assets import load_smollm2, wikipedia_texts
+    from seft_trl.apps.assets import load_smollm2, wikipedia_texts
 
     train_texts, val_texts, test_texts = wikipedia_texts()
     _, tokenizer = load_smollm2()
@@ -149,7 +149,7 @@ def quick_workload(steps: int, long: bool) -> Workload:
     ``long`` takes the long regime's path (split by article order, capped held-out text, one epoch)
     with a cadence scaled to the few steps, so that topology updates happen.
     """
-    from seft_trl.assets import split_by_order
+    from seft_trl.apps.assets import split_by_order
     from seft_trl.testing import byte_tokenizer, tiny_model
 
     readme = Path(__file__).resolve().parent.parent / "README.md"

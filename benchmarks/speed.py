@@ -54,7 +54,7 @@ from transformers import TrainerCallback
 from baselines import PROJECTIONS, lora_trainable_count, masked_full_adapter
 from common import RESULTS_DIR, cpu_snapshot, machine_description, markdown_table, others_load, synchronizer
 from common import write_report
-from seft_trl.assets import english_texts, load_smollm2
+from seft_trl.apps.assets import english_texts, load_smollm2
 from seft_trl.config import SparsityEvolutionConfig
 from seft_trl.pruning import prune
 from seft_trl.testing import byte_tokenizer, tiny_model
@@ -129,7 +129,7 @@ def build_model(preset: str, device: torch.device) -> tuple[nn.Module, PreTraine
 
 def prepare(preset: str, device: torch.device, seqlen: int, folder: Path) -> dict:
     """Prune the preset's model once and save it with its tokenizer and the training chunks for the workers."""
-    from seft_trl.demo import training_chunks
+    from seft_trl.apps.demo import training_chunks
 
     model, tokenizer, texts = build_model(preset, device)
     if preset == "smollm2":  # the demo's pruning

@@ -3,11 +3,11 @@
     accelerate launch recipes/llama_alpaca.py --config recipes/configs/<config>.yaml
     python recipes/llama_alpaca.py --model_name_or_path PATH --dataset_name data.jsonl --prune_method wanda ...
 
-Every option of seft_trl.recipes (data, pruning, evaluation), SEFTConfig and TRL's ModelConfig
+Every option of seft_trl.apps.recipes (data, pruning, evaluation), SEFTConfig and TRL's ModelConfig
 works from the command line or the YAML file; see `--help`.
 """
 
-from seft_trl.recipes import run
+from seft_trl.apps.recipes import run
 
 if __name__ == "__main__":
     run(default_model="meta-llama/Llama-2-7b-hf")

@@ -8,13 +8,14 @@ CLI and the tests that need no trainer do not pay for importing TRL.
 from importlib import import_module
 
 from .config import SparsityEvolutionConfig
-from .engine import SparsityEvolution, find_target_linears, merge, merged_state_dict
+from .engine import SparsityEvolution, merge, merged_state_dict
 from .layer import SparseDeltaLinear, UpdateStats
 from .optim_state import reset_optimizer_slots
 from .patterns import SparsityPattern, detect_pattern
 from .report import SparsityReport, sparsity_report
+from .targets import find_target_linears
 
-_LAZY = {"SEFTCallback": ".callback", "SEFTConfig": ".sft_config", "SEFTSFTTrainer": ".sft_trainer"}
+_LAZY = {"SEFTCallback": ".trainer", "SEFTConfig": ".trainer", "SEFTSFTTrainer": ".trainer"}
 
 
 def __getattr__(name: str):

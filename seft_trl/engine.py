@@ -16,7 +16,6 @@ Every check runs before the model is touched, so bad input leaves it unchanged.
 
 from __future__ import annotations
 
-import re
 import warnings
 from typing import Iterator
 
@@ -28,58 +27,8 @@ from .config import SparsityEvolutionConfig
 from .layer import SparseDeltaLinear, TopologyCriteria, UpdateStats
 from .optim_state import check_optimizer_supported, reset_optimizer_slots, seed_optimizer_slots, unwrap_optimizer
 from .patterns import Scope, SparsityPattern, detect_pattern, satisfies
+from .targets import find_target_linears
 from .topology import drop_fraction_at, is_update_step
-
-
-def _excluded_names(model: nn.Module) -> set[str]:
-    """Names of the output embedding (lm_head) and any module sharing its weight."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    excluded = {name for name, module in model.named_modules() if name.split(".")[-1] == "lm_head"}
-    if output is not None:
-        excluded |= {name for name, module in model.named_modules() if module is output}
-    return excluded
-
-
-def find_target_linears(model: nn.Module, target_modules: list[str] | str | None) -> dict[str, nn.Linear]:
-    """The nn.Linear modules that get deltas, by name; raises before anything is changed."""
-    if any(isinstance(module, SparseDeltaLinear) for module in model.modules()):
-        raise ValueError("This model already has SEFT layers; merge it (seft_trl.merge) before injecting again.")
-    excluded = _excluded_names(model)
-    modules = dict(model.named_modules())
-    linears = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
-
-    def matches(name: str) -> bool:
-        if target_modules is None:
-            return isinstance(modules[name], nn.Linear) and name not in excluded
-        if isinstance(target_modules, str):
-            return re.fullmatch(target_modules, name) is not None
-        return any(name == target or name.endswith("." + target) for target in target_modules)
-
-    matched = [name for name in modules if name and matches(name)]
-    if not matched:
-        kinds = sorted({name.split(".")[-1] for name in linears if name not in excluded})
-        raise ValueError(
-            f"target_modules={target_modules!r} matches no module. The model's linear layers are named: "
-            f"{', '.join(kinds) or '(none)'}."
-        )
-    for name in matched:
-        module = modules[name]
-        if name in excluded:
-            raise ValueError(f"{name!r} is the output embedding; lm_head and embeddings are never SEFT targets.")
-        if not isinstance(module, nn.Linear):
-            raise ValueError(
-                f"Target {name!r} is a {type(module).__name__}, not an nn.Linear; SEFT only adapts linear layers. "
-                "Name the linear projections inside it instead."
-            )
-        weight = module.weight
-        if type(weight) not in (torch.Tensor, nn.Parameter) or not weight.is_floating_point():
-            raise ValueError(
-                f"Target {name!r} is a {type(module).__name__} whose weight is a {type(weight).__name__} of "
-                f"{weight.dtype}: deltas and pruning write single weights in place, which quantized storage "
-                "(bitsandbytes Linear4bit / Linear8bitLt, ...) does not allow. Load the model unquantized (for example "
-                "dtype=torch.bfloat16) and save memory with an 8-bit optimizer instead (optim='adamw_8bit')."
-            )
-    return {name: modules[name] for name in matched}
 
 
 def _resolve_pattern(weights: dict[str, torch.Tensor], spec: str) -> SparsityPattern:
@@ -162,6 +111,8 @@ class SparsityEvolution:
 
     def __init__(self, model: nn.Module, config: SparsityEvolutionConfig | None = None) -> None:
         config = config or SparsityEvolutionConfig()
+        if any(isinstance(module, SparseDeltaLinear) for module in model.modules()):
+            raise ValueError("This model already has SEFT layers; merge it (seft_trl.merge) before injecting again.")
         targets = find_target_linears(model, config.target_modules)
         weights = {name: linear.weight.detach() for name, linear in targets.items()}
         self.pattern = _resolve_pattern(weights, config.sparsity_pattern)

@@ -9,6 +9,7 @@ from torch import nn
 
 from .layer import SparseDeltaLinear
 from .patterns import SparsityPattern, detect_pattern, satisfies
+from .targets import output_embedding_names
 
 
 @dataclass
@@ -91,11 +92,9 @@ def sparsity_report(model: nn.Module, pattern: str | None = None) -> SparsityRep
     ``pattern`` ('unstructured', '2:4', ...) is checked on every layer when given; otherwise the
     SEFT layers are checked against the budgets they enforce, and a plain model's pattern is detected.
     """
-    from .engine import _excluded_names
-
     layers = {name: m for name, m in model.named_modules() if isinstance(m, SparseDeltaLinear)}
     if not layers:
-        excluded = _excluded_names(model)
+        excluded = output_embedding_names(model)
         layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in excluded}
     entries = []
     for name, module in layers.items():

@@ -63,14 +63,18 @@ def save_checkpoint(
     model: nn.Module,
     tokenizer,
     target: str | os.PathLike,
-    json_files: dict[str, dict] | None = None,
+    extra_files: dict[str, dict | str] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Save a plain HF checkpoint (safetensors), its tokenizer and extra JSON files, atomically."""
+    """Save a plain HF checkpoint (safetensors), its tokenizer and extra files, atomically.
+
+    ``extra_files``: file name → content; a dict is written as JSON, a str as it is (a model card).
+    """
     with atomic_directory(target) as folder:
         model.save_pretrained(folder, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        for name, content in (json_files or {}).items():
-            (folder / name).write_text(json.dumps(content, indent=2) + "\n")
+        for name, content in (extra_files or {}).items():
+            text = content if isinstance(content, str) else json.dumps(content, indent=2) + "\n"
+            (folder / name).write_text(text)
     return Path(target).expanduser()

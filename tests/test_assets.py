@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_model
-from seft_trl import assets
-from seft_trl.assets import english_texts, load_smollm2, package_dir, plain_copy, wikipedia_texts, wikitext_to_prose
+from seft_trl.apps import assets
+from seft_trl.apps.assets import english_texts, load_smollm2, package_dir, plain_copy, wikipedia_texts, wikitext_to_prose
 from seft_trl.saving import save_checkpoint
 from seft_trl.testing import byte_tokenizer
 

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from trl import ModelConfig, TrlParser
 
 from seft_trl import SEFTConfig
-from seft_trl.recipes import PruningArguments, RecipeArguments, to_prompt_completion
+from seft_trl.apps.recipes import PruningArguments, RecipeArguments, to_prompt_completion
 from seft_trl.testing import byte_tokenizer, tiny_model
 
 RECIPES = Path(__file__).parents[1] / "recipes"

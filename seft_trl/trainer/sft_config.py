@@ -7,7 +7,7 @@ from typing import Literal
 
 from trl import SFTConfig
 
-from .config import SparsityEvolutionConfig
+from ..config import SparsityEvolutionConfig
 
 _ENGINE_FIELDS = {f.name: f for f in fields(SparsityEvolutionConfig)}
 

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
+
+from huggingface_hub import ModelCard
 
 from torch import nn
 from transformers import PreTrainedModel, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
+from ..engine import SparsityEvolution, merged_state_dict
+from ..optim_state import check_optimizer_supported
+from ..report import SparsityReport, sparsity_report
+from ..saving import save_checkpoint
 from .callback import SEFTCallback
-from .engine import SparsityEvolution, merged_state_dict
-from .optim_state import check_optimizer_supported
-from .report import sparsity_report
-from .saving import save_checkpoint
+from .model_card import final_metrics, hub_model_id, seft_model_card
 from .sft_config import SEFTConfig
 
 
@@ -129,8 +135,8 @@ class SEFTSFTTrainer(SFTTrainer):
         """Checkpoints (``_internal_call``) stay unmerged; the final save is a merged plain checkpoint.
 
         The merged folder loads with ``AutoModelForCausalLM.from_pretrained`` without seft_trl,
-        holds exact zeros outside the support, the tokenizer and ``sparsity_report.json``, and is
-        written atomically.
+        holds exact zeros outside the support, the tokenizer, ``sparsity_report.json`` and a
+        ``README.md`` model card, and is written atomically.
         """
         if _internal_call:
             super().save_model(output_dir, _internal_call=True)
@@ -138,7 +144,46 @@ class SEFTSFTTrainer(SFTTrainer):
         output_dir = output_dir or self.args.output_dir
         state_dict = merged_state_dict(self.model)
         if self.args.should_save:
-            report = {"sparsity_report.json": sparsity_report(self.model).as_dict()}
+            report = sparsity_report(self.model)
+            files = {"sparsity_report.json": report.as_dict(), "README.md": str(self.seft_model_card(report))}
             model = self.accelerator.unwrap_model(self.model)
-            save_checkpoint(model, self.processing_class, output_dir, report, state_dict=state_dict)
+            save_checkpoint(model, self.processing_class, output_dir, files, state_dict=state_dict)
         self.accelerator.wait_for_everyone()
+
+    def seft_model_card(
+        self, report: SparsityReport | None = None, model_name: str | None = None, dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+    ) -> ModelCard:
+        """The card of the merged model: base model, pruning, SEFT options, final sparsity, metrics, versions."""
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        args = self.args
+        if model_name is None:
+            model_name = args.hub_model_id.split("/")[-1] if args.hub_model_id else Path(args.output_dir).name
+        training = {
+            "learning_rate": args.learning_rate,
+            "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "optim": str(getattr(args.optim, "value", args.optim)),
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "steps": self.state.global_step,
+        }
+        return seft_model_card(
+            report or sparsity_report(self.model),
+            model_name=model_name,
+            base_model=hub_model_id(getattr(config, "_name_or_path", None)),
+            pruning=getattr(config, "pruning_config", None),
+            seft_options=asdict(self.seft.config),
+            training=training,
+            metrics=final_metrics(self.state.log_history),
+            dataset_name=dataset_name,
+            tags=[*self._tag_names, *([tags] if isinstance(tags, str) else tags or [])],
+        )
+
+    def create_model_card(
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
+    ) -> None:
+        """TRL writes a card into ``output_dir`` with every checkpoint; SEFT's says what SEFT did."""
+        if self.is_world_process_zero():
+            self.seft_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags).save(
+                os.path.join(self.args.output_dir, "README.md")
+            )

