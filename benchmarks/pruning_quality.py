@@ -27,6 +27,7 @@ from common import RESULTS_DIR, contention_note, cpu_snapshot, machine_descripti
 from seft_trl.apps.assets import DEFAULT_SMOLLM2_CACHE, english_texts, load_smollm2
 from seft_trl.evaluation import perplexity
 from seft_trl.pruning import calibration_windows, prune
+from seft_trl.text import token_ids
 
 RUNS = [(method, pattern) for pattern in ("unstructured", "2:4") for method in ("magnitude", "wanda", "sparsegpt")]
 
@@ -44,7 +45,7 @@ def main() -> None:
 
     train, heldout = english_texts()
     model, tokenizer = load_smollm2(args.cache_dir)
-    heldout_ids = torch.tensor(tokenizer("\n\n".join(heldout), verbose=False)["input_ids"])
+    heldout_ids = token_ids(tokenizer, heldout)
     calibration = calibration_windows(train, tokenizer, args.nsamples, args.seqlen, seed=0)
     n_windows = heldout_ids.numel() // args.seqlen
 

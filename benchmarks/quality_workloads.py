@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from seft_trl.text import token_ids
+
 VAL_TOKENS, TEST_TOKENS = 24 * 512, 48 * 512  # long regime: whole 512-token evaluation windows
 SMOLLM2 = "SmolLM2-135M-Instruct"
 
@@ -66,10 +68,6 @@ def scaled_cadence(steps: int) -> dict[str, int]:
     """
     interval = max(2, steps // 8)
     return {"update_interval": interval, "accumulation_steps": max(1, interval // 2)}
-
-
-def token_ids(tokenizer, texts: list[str]) -> torch.Tensor:
-    return torch.tensor(tokenizer("\n\n".join(texts), verbose=False)["input_ids"])
 
 
 def chunks(ids: torch.Tensor, seqlen: int) -> torch.Tensor:

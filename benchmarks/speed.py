@@ -129,7 +129,7 @@ def build_model(preset: str, device: torch.device) -> tuple[nn.Module, PreTraine
 
 def prepare(preset: str, device: torch.device, seqlen: int, folder: Path) -> dict:
     """Prune the preset's model once and save it with its tokenizer and the training chunks for the workers."""
-    from seft_trl.apps.demo import training_chunks
+    from seft_trl.text import training_chunks
 
     model, tokenizer, texts = build_model(preset, device)
     if preset == "smollm2":  # the demo's pruning
@@ -138,7 +138,7 @@ def prepare(preset: str, device: torch.device, seqlen: int, folder: Path) -> dic
         report = prune(model, "magnitude", sparsity=0.5)
     model.save_pretrained(folder / "model")
     tokenizer.save_pretrained(folder / "model")
-    chunks = list(training_chunks(texts, tokenizer, seqlen)["text"])
+    chunks = list(training_chunks(tokenizer, texts, seqlen)["text"])
     (folder / "chunks.json").write_text(json.dumps(chunks))
     return {
         "parameters": sum(p.numel() for p in model.parameters()),

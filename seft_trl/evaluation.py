@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
+
+from .text import TextSource, token_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -53,7 +54,7 @@ PRUNING_METRICS: Mapping[str, str] = {
 }
 DEFAULT_METRIC = "acc"  # tasks missing from PRUNING_METRICS and from the caller's ``metrics``
 
-TextInput = str | Sequence[str] | Dataset | torch.Tensor
+TextInput = TextSource | torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------- perplexity
@@ -90,8 +91,9 @@ def perplexity(
         model: a Hugging Face causal LM (``model(input_ids=...).logits``); inputs go to the device of its
             input embeddings. It runs in eval mode; each module's train/eval mode is restored afterwards.
         tokenizer: used for text input; may be None when ``texts_or_dataset`` is already token ids.
-        texts_or_dataset: a string, a list of strings, a ``datasets.Dataset`` (column ``text_field``),
-            or a LongTensor of token ids of shape ``[n]`` or ``[1, n]``.
+        texts_or_dataset: text (a string or a list of strings), a ``pathlib.Path`` of a .txt / .jsonl /
+            .json file or saved dataset folder, a ``datasets.Dataset`` (column ``text_field``; see
+            :mod:`seft_trl.text`), or a LongTensor of token ids of shape ``[n]`` or ``[1, n]``.
         seqlen: tokens per window (2048 in the papers for LLaMA).
         batch_size: windows per forward pass; it changes speed and memory, not the result.
         progress: show a tqdm bar over the windows.
@@ -111,26 +113,7 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase | None, source: TextInput, tex
     """The 1-D token ids of ``source``: given ids as they are, texts joined and tokenized once."""
     if isinstance(source, torch.Tensor):
         return _check_ids(source)
-    if isinstance(source, Dataset):
-        if text_field not in source.column_names:
-            raise ValueError(
-                f"The dataset has no column {text_field!r} (columns: {source.column_names}); "
-                "pass text_field= with the column that holds the text."
-            )
-        source = list(source[text_field])
-    if isinstance(source, str):
-        text = source
-    elif isinstance(source, Sequence) and all(isinstance(item, str) for item in source):
-        text = "\n\n".join(source)
-    else:
-        raise TypeError(
-            f"Cannot read text from a {type(source).__name__}: pass a string, a list of strings, "
-            "a datasets.Dataset or a LongTensor of token ids."
-        )
-    if tokenizer is None:
-        raise ValueError("Text input needs a tokenizer: pass the model's tokenizer (or token ids instead of text).")
-    # verbose=False: the whole text is one long sequence on purpose; don't warn that it exceeds max length.
-    return torch.tensor(tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"], dtype=torch.long)
+    return token_ids(tokenizer, source, text_field)
 
 
 def _check_ids(ids: torch.Tensor) -> torch.Tensor:

@@ -268,7 +268,7 @@ def test_the_pruning_tasks_are_known_to_the_pinned_lm_eval(model, tokenizer):
 
 def test_without_lm_eval_the_module_imports_and_zero_shot_says_what_to_install(monkeypatch, model, tokenizer):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` fail as if it were not installed
-    spec = importlib.util.spec_from_file_location("evaluation_without_lm_eval", evaluation.__file__)
+    spec = importlib.util.spec_from_file_location("seft_trl.evaluation_without_lm_eval", evaluation.__file__)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)

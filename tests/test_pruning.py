@@ -314,8 +314,13 @@ def test_text_windows_are_seeded_slices_of_the_tokenized_text(tmp_path):
     txt.write_text("\n\n".join(texts))
     folder = tmp_path / "dataset"
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(folder))
-    for source in (jsonl, str(txt), folder, datasets.Dataset.from_dict({"text": texts})):
+    records = tmp_path / "calib.json"
+    records.write_text(json.dumps([{"text": text} for text in texts]))
+    for source in (jsonl, txt, records, folder, datasets.Dataset.from_dict({"text": texts}), "\n\n".join(texts)):
         assert torch.equal(calibration_windows(source, tokenizer, nsamples=6, seqlen=50, seed=1), windows), source
+    # A str is text, never a path: one that names a file is refused with the fix, not read as a file.
+    with pytest.raises(ValueError, match=r"pass pathlib.Path\("):
+        calibration_windows(str(txt), tokenizer, nsamples=6, seqlen=50, seed=1)
 
 
 def test_token_ids_are_used_as_given():
@@ -328,13 +333,13 @@ def test_token_ids_are_used_as_given():
     [
         (["a short text"], True, "shorter than one window"),
         ([TEXT], False, "needs a tokenizer"),
-        ("/no/such/file.txt", True, "does not exist"),
+        (Path("/no/such/file.txt"), True, "does not exist"),
         (torch.rand(2, 8), False, "integer tensor"),
         ([], True, "non-empty list"),
     ],
 )
 def test_bad_calibration_data_is_refused_clearly(source, tokenizer, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
         calibration_windows(source, byte_tokenizer() if tokenizer else None, nsamples=2, seqlen=64)
 
 
@@ -411,7 +416,8 @@ def test_cli_round_trips_a_checkpoint_that_reloads(tmp_path, capsys):
     [
         (["--pattern", "4:2"], False, "0 < N < M"),
         (["--sparsity", "1.5"], False, r"\[0, 1\)"),
-        (["--method", "wanda"], False, "needs --calibration"),
+        (["--method", "wanda"], False, "needs --prune_calibration"),
+        (["--calibration", "/no/such/file.txt"], False, "does not exist"),
         (["--method", "magnitude"], True, "already exists"),
     ],
 )

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
-from trl import ModelConfig, TrlParser
+from trl import TrlParser
 
 from seft_trl import SEFTConfig
-from seft_trl.apps.recipes import PruningArguments, RecipeArguments, to_prompt_completion
+from seft_trl.apps.recipes import REPAIR_ARGUMENTS, run, to_prompt_completion
 from seft_trl.testing import byte_tokenizer, tiny_model
 
 RECIPES = Path(__file__).parents[1] / "recipes"
@@ -90,8 +90,8 @@ def test_alpaca_formatting():
 
 @pytest.mark.parametrize("config", sorted((RECIPES / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_recipe_config_parses(config):
-    parser = TrlParser((RecipeArguments, PruningArguments, SEFTConfig, ModelConfig))
-    recipe, pruning, args, model_args = parser.parse_args_and_config(["--config", str(config), "--use_cpu", "true", "--bf16", "false"])
+    parser = TrlParser(REPAIR_ARGUMENTS)
+    _, pruning, _, args, model_args = parser.parse_args_and_config(["--config", str(config), "--use_cpu", "true", "--bf16", "false"])
     assert model_args.model_name_or_path and pruning.prune_method == "wanda"
     assert args.optim == "adamw_8bit" and args.seft_density == 0.01 and args.gradient_checkpointing
 
@@ -103,3 +103,17 @@ def test_the_learning_rate_defaults_to_one_that_moves_deltas_and_the_command_lin
     (chosen,) = parser.parse_args_and_config([*cpu, "--learning_rate", "1e-4"])
     assert default.learning_rate == 3e-3 and SEFTConfig(output_dir="out", use_cpu=True, bf16=False).learning_rate == 3e-3
     assert chosen.learning_rate == 1e-4
+
+
+def test_a_tiny_dataset_never_aborts_the_run_on_its_held_out_perplexity(tmp_path):
+    # 16 examples, 2% held out: one short example, far below the 2048-token default window.
+    model = tiny_checkpoint(tmp_path / "model", "llama")
+    data = alpaca_jsonl(tmp_path / "alpaca.jsonl", n=16)
+    argv = recipe_argv(model, data, tmp_path / "out")
+    argv[argv.index("--eval_seqlen") + 1] = "2048"
+    argv[argv.index("--heldout_fraction") + 1] = "0.02"
+    with pytest.warns(UserWarning, match="fewer than one window of 2048"):
+        summary = run(default_model="unused", argv=argv)
+    assert 2 <= summary["eval_seqlen"] < 2048 and "one window of" in summary["eval_note"]
+    assert summary["pruned_ppl"] > 0 and summary["repaired_ppl"] > 0 and summary["dense_ppl"] > 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["eval_seqlen"] == summary["eval_seqlen"]

@@ -234,8 +234,9 @@ def test_bad_input_is_rejected_before_training(tmp_path):
     with pytest.raises(ValueError, match="adafactor"):
         SEFTSFTTrainer(model=pruned_model(), args=SEFTConfig(**seft_args(tmp_path, optim="adafactor")),
                        train_dataset=dataset, processing_class=tokenizer)
-    with pytest.raises(ValueError, match="push_to_hub"):
-        SEFTSFTTrainer(model=pruned_model(), args=SEFTConfig(**seft_args(tmp_path, push_to_hub=True, hub_model_id="x/y")),
+    with pytest.raises(ValueError, match="hub_strategy"):  # it would push unmerged checkpoints
+        SEFTSFTTrainer(model=pruned_model(), args=SEFTConfig(**seft_args(tmp_path, push_to_hub=True, hub_model_id="x/y",
+                                                                        hub_strategy="checkpoint")),
                        train_dataset=dataset, processing_class=tokenizer)
 
 

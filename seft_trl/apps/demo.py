@@ -5,56 +5,57 @@ packages (``make assets``), so it runs without any hub access on a laptop-class 
 report, a training-loss plot and a topology-evolution plot into ``--output``.
 
     python -m seft_trl.apps.demo [--model PATH] [--sparsity 0.5] [--pattern unstructured] [--steps 60]
+
+Every option: ``--help`` (the demo's own, and those of pruning and evaluation).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from datasets import Dataset
+from trl import TrlParser
 
 from ..evaluation import perplexity
-from ..pruning import prune, resolve_options
+from ..pruning import prune
 from ..report import SparsityReport, sparsity_report
+from ..text import token_ids, training_chunks
 from ..trainer.sft_config import SEFTConfig
 from ..trainer.sft_trainer import SEFTSFTTrainer
 from .assets import english_texts, load_smollm2
+from .options import EvalArguments, PruningArguments, option
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m seft_trl.apps.demo", description=__doc__.split("\n\n")[0])
-    add = parser.add_argument
-    add("--model", default=None, help="a local HF checkpoint; default: SmolLM2-135M-Instruct from the assets")
-    add("--sparsity", type=float, default=None, help="unstructured sparsity of the Wanda pruning (default 0.5)")
-    add("--pattern", default="unstructured", help="unstructured or N:M, e.g. 2:4")
-    add("--steps", type=int, default=60, help="SEFT optimizer steps (4 sequences of --seqlen tokens each)")
-    add("--seqlen", type=int, default=256, help="tokens per training sequence")
-    add("--eval-seqlen", type=int, default=512, help="perplexity window (non-overlapping windows)")
-    add("--density", type=float, default=0.01, help="deltas per layer, as a fraction of its weights")
-    add("--learning-rate", type=float, default=SEFTConfig.learning_rate,
-        help="SEFTConfig's default unless set (the long benchmark's best for SEFT)")
-    add("--output", default="demo-output", help="folder for the report, the plots and the repaired model")
-    args = parser.parse_args(argv)
+@dataclass
+class DemoArguments:
+    """What the demo runs on and how long it trains; pruning and evaluation have their own classes."""
+
+    model_name_or_path: str | None = option(
+        None, "A local HF checkpoint; default: SmolLM2-135M-Instruct from the assets.", "--model"
+    )
+    steps: int = option(60, "SEFT optimizer steps (4 sequences of train_seqlen tokens each).")
+    train_seqlen: int = option(256, "Tokens per training sequence.")
+    density: float = option(0.01, "Deltas per layer, as a fraction of its weights.")
+    learning_rate: float = option(SEFTConfig.learning_rate, "SEFTConfig's default unless set (the long benchmark's best).")
+    output_dir: str = option("demo-output", "Folder for the report, the plots and the repaired model.", "--output")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[DemoArguments, PruningArguments, EvalArguments]:
+    parser = TrlParser((DemoArguments, PruningArguments, EvalArguments), prog="python -m seft_trl.apps.demo",
+                       description=__doc__.split("\n\n")[0])
+    # The demo's own defaults: Wanda at 50% calibrated on 32 windows of 512 tokens, 512-token perplexity.
+    parser.set_defaults(prune_method="wanda", prune_nsamples=32, prune_seqlen=512, eval_seqlen=512)
     try:
-        resolve_options("wanda", args.sparsity, args.pattern)
+        return tuple(parser.parse_args_and_config(argv))
     except ValueError as error:
         parser.error(str(error))
-    return args
 
 
 def stage(message: str) -> None:
     print(f"\n== {message}", flush=True)
-
-
-def training_chunks(texts: list[str], tokenizer, seqlen: int) -> Dataset:
-    """The training articles joined and cut into sequences of ``seqlen`` tokens (all text is used)."""
-    ids = tokenizer("\n\n".join(texts))["input_ids"]
-    chunks = [tokenizer.decode(ids[start : start + seqlen]) for start in range(0, len(ids) - seqlen + 1, seqlen)]
-    return Dataset.from_dict({"text": chunks})
 
 
 def plot_training(history: list[dict], before: SparsityReport, after: SparsityReport, folder: Path) -> list[str]:
@@ -118,34 +119,37 @@ def markdown_report(results: dict, plots: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    args, pruning, evaluation = parse_args(argv)
+    options = pruning.options()
     started = time.perf_counter()
-    output = Path(args.output)
+    output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
 
     stage("Loading the model and the text (offline)")
-    if args.model is None:
+    if args.model_name_or_path is None:
         model, tokenizer = load_smollm2()
         name = "SmolLM2-135M-Instruct"
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model, tokenizer = AutoModelForCausalLM.from_pretrained(args.model).eval(), AutoTokenizer.from_pretrained(args.model)
-        name = args.model
+        name = args.model_name_or_path
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
     train_texts, heldout_texts = english_texts()
-    heldout_tokens = len(tokenizer("\n\n".join(heldout_texts))["input_ids"])
+    heldout_tokens = token_ids(tokenizer, heldout_texts).numel()
     print(f"{name}; {len(train_texts)} training articles, {len(heldout_texts)} held-out ({heldout_tokens} tokens)")
 
     stage("Dense perplexity")
-    dense_ppl = perplexity(model, tokenizer, heldout_texts, seqlen=args.eval_seqlen)
+    dense_ppl = perplexity(model, tokenizer, heldout_texts, seqlen=evaluation.eval_seqlen)
     print(f"dense: {dense_ppl:.2f}")
 
-    stage(f"Pruning with Wanda ({args.pattern}, sparsity {args.sparsity or 0.5})")
+    stage(f"Pruning with {options.method} ({options.pattern}, sparsity {options.sparsity:.0%})")
     pruning_started = time.perf_counter()
-    before = prune(model, method="wanda", sparsity=args.sparsity, pattern=args.pattern, calibration=train_texts,
-                   tokenizer=tokenizer, nsamples=32, seqlen=512, progress=True)
+    before = prune(model, method=options.method, sparsity=options.sparsity, pattern=str(options.pattern),
+                   calibration=pruning.calibration_source() or train_texts, tokenizer=tokenizer,
+                   nsamples=pruning.prune_nsamples, seqlen=pruning.prune_seqlen, granularity=pruning.prune_granularity,
+                   text_field=pruning.prune_text_field, progress=True)
     prune_s = time.perf_counter() - pruning_started
-    pruned_ppl = perplexity(model, tokenizer, heldout_texts, seqlen=args.eval_seqlen)
+    pruned_ppl = perplexity(model, tokenizer, heldout_texts, seqlen=evaluation.eval_seqlen)
     print(f"pruned: {pruned_ppl:.2f}, sparsity {before.sparsity:.2%}")
 
     stage(f"SEFT repair: {args.steps} steps")
@@ -162,19 +166,19 @@ def main(argv: list[str] | None = None) -> dict:
         use_cpu=not torch.cuda.is_available(),
         bf16=False,
         gradient_checkpointing=False,
-        max_length=args.seqlen,
+        max_length=args.train_seqlen,
         seft_density=args.density,
         seft_update_interval=max(2, args.steps // 8),
         seft_accumulation_steps=max(1, args.steps // 30),
         seed=0,
     )
-    dataset = training_chunks(train_texts, tokenizer, args.seqlen)
+    dataset = training_chunks(tokenizer, train_texts, args.train_seqlen)
     trainer = SEFTSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     training_started = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - training_started
     after = sparsity_report(trainer.model)
-    repaired_ppl = perplexity(trainer.model, tokenizer, heldout_texts, seqlen=args.eval_seqlen)
+    repaired_ppl = perplexity(trainer.model, tokenizer, heldout_texts, seqlen=evaluation.eval_seqlen)
     print(f"repaired: {repaired_ppl:.2f}, sparsity {after.sparsity:.2%}")
 
     stage("Report")
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     history = trainer.state.log_history
     results = {
         "model": name,
-        "pruning": f"{args.pattern if args.pattern != 'unstructured' else f'{args.sparsity or 0.5:.0%}'}",
+        "pruning": f"{options.method} {options.pattern if options.pattern.is_nm else f'{options.sparsity:.0%}'}",
         "dense_ppl": dense_ppl,
         "pruned_ppl": pruned_ppl,
         "repaired_ppl": repaired_ppl,
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         "density": args.density,
         "steps": args.steps,
         "heldout_tokens": heldout_tokens,
-        "eval_seqlen": args.eval_seqlen,
+        "eval_seqlen": evaluation.eval_seqlen,
         "prune_s": prune_s,
         "train_s": train_s,
         "wall_s": time.perf_counter() - started,

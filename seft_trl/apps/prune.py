@@ -1,91 +1,75 @@
-"""Command line: prune a Hugging Face causal LM one-shot and save it as a plain checkpoint.
+"""``seft-trl prune``: prune a Hugging Face causal LM one-shot and save it as a plain checkpoint.
 
-    python -m seft_trl.prune --model PATH --method wanda --sparsity 0.5 --pattern unstructured \\
-        --calibration FILE --output DIR
+    seft-trl prune --model_name_or_path PATH --prune_method wanda --prune_sparsity 0.5 \\
+        --prune_calibration FILE --output_dir DIR
+    python -m seft_trl.prune --model PATH --method wanda --sparsity 0.5 --calibration FILE --output DIR
 
-The output folder gets the pruned model (safetensors, exact zeros), its tokenizer, and
-``sparsity_report.json`` (per-layer sparsity, pattern check and the options used). It is written to
-a temporary folder next to DIR and renamed at the end. Options are checked before the model loads.
+The output folder gets the pruned model (safetensors, exact zeros, ``pruning_config`` in its
+config.json), its tokenizer, and ``sparsity_report.json`` (per-layer sparsity, pattern check and
+the options used). It is written to a temporary folder next to DIR and renamed at the end. Every
+option is checked before the model loads. The first spellings of the flags (``--model``,
+``--method``, ...) still work.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
+from trl import TrlParser
 
-import torch
-
-from ..pruning import METHODS, prune, resolve_options
+from ..pruning import prune
 from ..saving import check_target, save_checkpoint
+from .options import CheckpointArguments, PruningArguments
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m seft_trl.prune", description=__doc__.split("\n\n")[0])
-    add = parser.add_argument
-    add("--model", required=True, help="local folder of a Hugging Face causal LM (with its tokenizer)")
-    add("--output", required=True, help="folder to write the pruned checkpoint to (must not exist)")
-    add("--method", choices=METHODS, default="wanda")
-    add("--sparsity", type=float, default=None, help="fraction pruned in [0, 1); default 0.5; N:M implies it")
-    add("--pattern", default="unstructured", help="'unstructured' or N:M such as 2:4 or 4:8")
-    add("--granularity", choices=("layer", "row"), default=None, help="magnitude only; default layer")
-    add("--calibration", help="calibration text: a .txt or .jsonl file, or a folder saved by datasets")
-    add("--text-field", default="text", help="field holding the text in .jsonl / dataset calibration")
-    add("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    add("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
-    add("--seed", type=int, default=0, help="seed of the calibration window offsets")
-    add("--target-modules", nargs="+", default=None, help="linear names (suffix match); default: all but lm_head")
-    add("--dtype", choices=DTYPES, default="auto", help="dtype to load and save in; default: the checkpoint's")
-    add("--device", default=None, help="where layers are pruned; default: cuda when available, else cpu")
-    add("--overwrite", action="store_true", help="replace --output if it exists")
-    return parser
+PRUNE_ARGUMENTS = (CheckpointArguments, PruningArguments)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        options = resolve_options(args.method, args.sparsity, args.pattern, args.granularity)
-        output = check_target(args.output, args.overwrite)
-    except (ValueError, FileExistsError) as error:
-        parser.error(str(error))
-    if options.method != "magnitude" and args.calibration is None:
-        parser.error(f"--method {options.method} needs --calibration (a text file); only magnitude needs no data.")
-    if args.calibration is not None and not os.path.exists(args.calibration):
-        parser.error(f"--calibration {args.calibration!r} does not exist.")
+def prune_checkpoint(checkpoint: CheckpointArguments, pruning: PruningArguments) -> dict:
+    """Load, prune and save; returns the saved sparsity report (with its ``pruning`` provenance)."""
+    model_path = checkpoint.require_model("prune")
+    if not checkpoint.output_dir:
+        raise ValueError("prune needs --output_dir, the folder to write the pruned checkpoint to.")
+    options = pruning.options()
+    calibration = pruning.calibration_source()
+    if options.method != "magnitude" and calibration is None:
+        raise ValueError(f"--prune_method {options.method} needs --prune_calibration (a text file); only magnitude needs none.")
+    output = check_target(checkpoint.output_dir, checkpoint.overwrite)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import: only once the arguments are valid
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype])
-    try:
-        report = prune(
-            model,
-            method=options.method,
-            sparsity=options.sparsity,
-            pattern=str(options.pattern),
-            calibration=args.calibration if options.method != "magnitude" else None,
-            tokenizer=tokenizer,
-            nsamples=args.nsamples,
-            seqlen=args.seqlen,
-            target_modules=args.target_modules,
-            seed=args.seed,
-            granularity=args.granularity,
-            device=args.device,
-            text_field=args.text_field,
-            progress=True,
-        )
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-    provenance = {**options.as_dict(), "model": args.model}
-    if options.method != "magnitude":
-        provenance.update(calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=checkpoint.torch_dtype())
+    report = prune(
+        model,
+        method=options.method,
+        sparsity=options.sparsity,
+        pattern=str(options.pattern),
+        calibration=calibration,
+        tokenizer=tokenizer,
+        nsamples=pruning.prune_nsamples,
+        seqlen=pruning.prune_seqlen,
+        target_modules=pruning.prune_target_modules,
+        seed=checkpoint.seed,
+        granularity=pruning.prune_granularity,
+        device=checkpoint.device,
+        text_field=pruning.prune_text_field,
+        progress=True,
+    )
+    provenance = {**model.config.pruning_config, "model": model_path}
+    if calibration is not None:
+        provenance["calibration"] = str(calibration)
     report_json = {"pruning": provenance, **report.as_dict()}
     save_checkpoint(model, tokenizer, output, {"sparsity_report.json": report_json})
     print(report.table().splitlines()[-1])
     print(f"Saved to {output}")
+    return report_json
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m seft_trl.prune") -> None:
+    parser = TrlParser(PRUNE_ARGUMENTS, prog=prog, description=__doc__.split("\n\n")[0])
+    try:
+        checkpoint, pruning = parser.parse_args_and_config(argv)
+        prune_checkpoint(checkpoint, pruning)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        parser.error(str(error))  # exit status 2, with the usage line
 
 
 if __name__ == "__main__":

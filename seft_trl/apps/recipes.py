@@ -1,9 +1,10 @@
 """The shared body of the recipes: load, prune, instruction-tune with SEFT, evaluate, summarize.
 
 ``recipes/llama_alpaca.py``, ``recipes/deepseek_alpaca.py`` and ``recipes/mistral_alpaca.py`` are
-thin wrappers that differ only in their default model. Arguments parse with ``TrlParser`` from the
-command line and/or ``--config recipe.yaml``: :class:`RecipeArguments`, :class:`PruningArguments`,
-:class:`SEFTConfig` and TRL's ``ModelConfig``.
+thin wrappers that differ only in their default model, and ``seft-trl repair`` is the same run.
+Arguments parse with ``TrlParser`` from the command line and/or ``--config recipe.yaml``: the
+data, pruning and evaluation options of :mod:`seft_trl.apps.options`, :class:`SEFTConfig` and
+TRL's ``ModelConfig``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import json
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,49 +23,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser
 
 from ..evaluation import perplexity
-from ..pruning import prune, resolve_options
+from ..pruning import prune
 from ..report import sparsity_report
+from ..text import TextSource, token_ids
 from ..trainer.sft_config import SEFTConfig
 from ..trainer.sft_trainer import SEFTSFTTrainer
+from .options import DataArguments, EvalArguments, PruningArguments
 
 # Alpaca's fields in a plain prompt, for tokenizers without a chat template.
 PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PLAIN_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
-
-
-@dataclass
-class RecipeArguments:
-    dataset_name: str = field(
-        default="tatsu-lab/alpaca",
-        metadata={"help": "Alpaca-format data (instruction, input, output): a hub dataset or a local .json/.jsonl file."},
-    )
-    dataset_split: str = field(default="train", metadata={"help": "Split of `dataset_name` to use."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training examples."})
-    heldout_fraction: float = field(
-        default=0.02,
-        metadata={"help": "Fraction of the examples held out (never trained on) for perplexity when no eval text is given."},
-    )
-    eval_text: str | None = field(
-        default=None,
-        metadata={"help": "Local .txt/.jsonl file for perplexity (e.g. the WikiText-2 test split saved locally)."},
-    )
-    eval_seqlen: int = field(default=2048, metadata={"help": "Perplexity window length (non-overlapping windows)."})
-    summary_file: str = field(default="summary.json", metadata={"help": "Summary written into output_dir."})
-
-
-@dataclass
-class PruningArguments:
-    prune_method: str | None = field(
-        default=None,
-        metadata={"help": "Prune before repairing: wanda, sparsegpt or magnitude. Unset: the model is already pruned."},
-    )
-    prune_sparsity: float | None = field(default=None, metadata={"help": "Unstructured sparsity (default 0.5)."})
-    prune_pattern: str = field(default="unstructured", metadata={"help": "unstructured or N:M, e.g. 2:4."})
-    prune_calibration: str | None = field(
-        default=None, metadata={"help": "Calibration text file; default: the training examples rendered as text."}
-    )
-    prune_nsamples: int = field(default=128, metadata={"help": "Calibration windows."})
-    prune_seqlen: int = field(default=2048, metadata={"help": "Tokens per calibration window."})
 
 
 def to_prompt_completion(example: dict, conversational: bool) -> dict:
@@ -96,10 +65,31 @@ def as_text(example: dict) -> str:
     return f"{example['instruction']}{context}\n{example['output']}"
 
 
-def read_texts(path: str) -> list[str]:
-    if path.endswith(".jsonl"):
-        return [json.loads(line)["text"] for line in Path(path).read_text().splitlines() if line.strip()]
-    return [Path(path).read_text()]
+@dataclass
+class Perplexity:
+    """A held-out perplexity as measured: its value (None: skipped), the window used, and why if not the asked one."""
+
+    value: float | None
+    seqlen: int
+    note: str = ""
+
+
+def measure_perplexity(model, tokenizer, source: TextSource, seqlen: int) -> Perplexity:
+    """Perplexity with ``seqlen``-token windows; never aborts a run on short held-out text.
+
+    A text shorter than one window is measured with a single window of all its tokens, and one
+    of fewer than 2 tokens is skipped; both with a warning, and the note says which.
+    """
+    ids = token_ids(tokenizer, source)
+    if ids.numel() >= seqlen:
+        return Perplexity(perplexity(model, None, ids, seqlen=seqlen, progress=False), seqlen)
+    if ids.numel() >= 2:
+        note = f"the held-out text has {ids.numel()} tokens, fewer than one window of {seqlen}: one window of {ids.numel()}"
+        warnings.warn(f"Perplexity: {note}; give more held-out text to measure with the asked window.", stacklevel=2)
+        return Perplexity(perplexity(model, None, ids, seqlen=ids.numel(), progress=False), ids.numel(), note)
+    note = f"skipped: the held-out text has {ids.numel()} token(s)"
+    warnings.warn(f"Perplexity {note}.", stacklevel=2)
+    return Perplexity(None, 0, note)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -114,13 +104,22 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+REPAIR_ARGUMENTS = (DataArguments, PruningArguments, EvalArguments, SEFTConfig, ModelConfig)
+
+
 def run(default_model: str, argv: list[str] | None = None) -> dict:
-    """Parse the arguments and run one recipe; returns (and prints) the summary."""
-    parser = TrlParser((RecipeArguments, PruningArguments, SEFTConfig, ModelConfig))
-    recipe, pruning, args, model_args = parser.parse_args_and_config(argv)
+    """Parse the arguments (see :data:`REPAIR_ARGUMENTS`) and run one recipe; returns (and prints) the summary."""
+    parser = TrlParser(REPAIR_ARGUMENTS)
+    data, pruning, evaluation, args, model_args = parser.parse_args_and_config(argv)
+    return repair(data, pruning, evaluation, args, model_args, default_model)
+
+
+def repair(data: DataArguments, pruning: PruningArguments, evaluation: EvalArguments, args: SEFTConfig,
+           model_args: ModelConfig, default_model: str | None = None) -> dict:
+    """Load, prune (when asked), repair with SEFT, save merged, measure; returns (and prints) the summary."""
     model_name = model_args.model_name_or_path or default_model
-    if pruning.prune_method is not None:  # check the pruning options before loading anything
-        resolve_options(pruning.prune_method, pruning.prune_sparsity, pruning.prune_pattern)
+    if model_name is None:
+        raise ValueError("repair needs --model_name_or_path: a local folder or a hub name of the model to repair.")
     started = time.perf_counter()
 
     tokenizer = AutoTokenizer.from_pretrained(model_name, revision=model_args.model_revision)
@@ -130,35 +129,37 @@ def run(default_model: str, argv: list[str] | None = None) -> dict:
     )
     model.to(args.device)
 
-    records = load_alpaca(recipe.dataset_name, recipe.dataset_split).shuffle(seed=args.seed)
-    if recipe.max_train_samples is not None:
-        records = records.select(range(min(len(records), recipe.max_train_samples + 1)))
-    n_heldout = max(1, int(len(records) * recipe.heldout_fraction))
+    records = load_alpaca(data.dataset_name, data.dataset_split).shuffle(seed=args.seed)
+    if data.max_train_samples is not None:
+        records = records.select(range(min(len(records), data.max_train_samples + 1)))
+    n_heldout = max(1, int(len(records) * data.heldout_fraction))
     heldout, train_records = records.select(range(n_heldout)), records.select(range(n_heldout, len(records)))
-    eval_texts = read_texts(recipe.eval_text) if recipe.eval_text else [as_text(r) for r in heldout]
+    eval_source = evaluation.eval_source() or [as_text(r) for r in heldout]
+    measured: dict[str, Perplexity] = {}
 
-    def measure() -> float:
-        return perplexity(model, tokenizer, eval_texts, seqlen=recipe.eval_seqlen)
+    def measure(stage: str) -> None:
+        measured[stage] = measure_perplexity(model, tokenizer, eval_source, evaluation.eval_seqlen)
 
-    results: dict[str, float | str | None] = {"model": model_name, "dense_ppl": None}
     if pruning.prune_method is not None:
-        results["dense_ppl"] = measure()
-        calibration = read_texts(pruning.prune_calibration) if pruning.prune_calibration else [
-            as_text(r) for r in train_records
-        ]
+        measure("dense")
+        options = pruning.options()
         prune(
             model,
-            method=pruning.prune_method,
-            sparsity=pruning.prune_sparsity,
-            pattern=pruning.prune_pattern,
-            calibration=calibration if pruning.prune_method != "magnitude" else None,
+            method=options.method,
+            sparsity=options.sparsity,
+            pattern=str(options.pattern),
+            calibration=pruning.calibration_source() or [as_text(r) for r in train_records],
             tokenizer=tokenizer,
             nsamples=pruning.prune_nsamples,
             seqlen=pruning.prune_seqlen,
+            target_modules=pruning.prune_target_modules,
             seed=args.seed,
+            granularity=pruning.prune_granularity,
+            text_field=pruning.prune_text_field,
             progress=True,
         )
-    results["pruned_ppl"] = measure()
+    measure("pruned")
+    results: dict[str, float | str | None] = {"model": model_name}
     results["pruned_sparsity"] = sparsity_report(model).sparsity
 
     conversational = tokenizer.chat_template is not None
@@ -169,7 +170,11 @@ def run(default_model: str, argv: list[str] | None = None) -> dict:
     trainer.train()
     trainer.save_model()
     model.eval()
-    results["repaired_ppl"] = measure()
+    measure("repaired")
+    for stage in ("dense", "pruned", "repaired"):
+        results[f"{stage}_ppl"] = measured[stage].value if stage in measured else None
+    results["eval_seqlen"] = measured["repaired"].seqlen
+    results["eval_note"] = measured["repaired"].note
     results["repaired_sparsity"] = sparsity_report(model).sparsity
     results["wall_time_s"] = time.perf_counter() - started
     results["peak_memory_gb"] = peak_memory_gb(args.device)
@@ -182,11 +187,12 @@ def run(default_model: str, argv: list[str] | None = None) -> dict:
         ("perplexity dense", fmt(results["dense_ppl"])),
         ("perplexity pruned", fmt(results["pruned_ppl"])),
         ("perplexity repaired (SEFT)", fmt(results["repaired_ppl"])),
+        ("perplexity window", f"{results['eval_seqlen']} tokens" + (f" ({results['eval_note']})" if results["eval_note"] else "")),
         ("sparsity pruned / repaired", f"{results['pruned_sparsity']:.2%} / {results['repaired_sparsity']:.2%}"),
         ("wall time", f"{results['wall_time_s']:.0f} s"),
         ("peak memory", f"{results['peak_memory_gb']:.1f} GB ({'GPU' if args.device.type == 'cuda' else 'RSS'})"),
     ]
     if trainer.args.should_save:
         print(summary_table(rows), file=sys.stdout)
-        (Path(args.output_dir) / recipe.summary_file).write_text(json.dumps(results, indent=2) + "\n")
+        (Path(args.output_dir) / data.summary_file).write_text(json.dumps(results, indent=2) + "\n")
     return results

@@ -101,8 +101,9 @@ def prune(
     ``method``: 'wanda' (|W|·‖X‖, compared per output row), 'sparsegpt' (OBS reconstruction, exact
     sparsity per block of 128 columns) or 'magnitude' (|W|, per layer or ``granularity='row'``; no
     calibration). ``sparsity`` defaults to 0.5; an N:M ``pattern`` ('2:4', '4:8') implies 1 - N/M.
-    ``calibration`` (Wanda, SparseGPT): token ids [n, seqlen] used as they are, or texts, a .txt /
-    .jsonl file, a saved dataset folder or a ``datasets.Dataset`` with ``tokenizer``, cut into
+    ``calibration`` (Wanda, SparseGPT): token ids [n, seqlen] used as they are, or text with
+    ``tokenizer`` (a str or list of str, a ``pathlib.Path`` of a .txt / .jsonl / .json file or of a
+    saved dataset folder, a ``datasets.Dataset``: see :mod:`seft_trl.text`), cut into
     ``nsamples`` random windows of ``seqlen`` tokens drawn with ``seed``. ``target_modules``: as in
     the engine (default: every nn.Linear but lm_head). ``device``: where layers are pruned, one at a
     time (default: CUDA when available, else where the model is); the model stays where it is.

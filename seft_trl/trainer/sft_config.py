@@ -39,7 +39,7 @@ class SEFTConfig(SFTConfig):
         default=3e-3,
         metadata={
             "help": "The initial learning rate for the deltas. The default is SEFT's best on the long quality "
-            "benchmark (SmolLM2-135M at Wanda 50%, 256 steps of 4 x 256 tokens; val perplexity 24.77 at 1.5e-3, "
+            "benchmark (SmolLM2-135M at Wanda 50%%, 256 steps of 4 x 256 tokens; val perplexity 24.77 at 1.5e-3, "
             "24.58 at 3e-3, 25.23 at 6e-3). Start near 1e-3 on 7B models and runs of thousands of steps."
         },
     )

@@ -5,20 +5,23 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard
+from huggingface_hub import CommitInfo, ModelCard
 
 from torch import nn
 from transformers import PreTrainedModel, TrainingArguments
+from transformers.trainer_utils import HubStrategy, SaveStrategy
+from transformers.utils.hub import hf_api
 from trl import SFTConfig, SFTTrainer
 
 from ..engine import SparsityEvolution, merged_state_dict
 from ..optim_state import check_optimizer_supported
 from ..report import SparsityReport, sparsity_report
-from ..saving import save_checkpoint
+from ..saving import atomic_directory, save_checkpoint
 from .callback import SEFTCallback
 from .model_card import final_metrics, hub_model_id, seft_model_card
 from .sft_config import SEFTConfig
@@ -47,15 +50,24 @@ def _as_seft_config(args: TrainingArguments | None, model: str | nn.Module) -> S
 
 
 def _reject_unsupported(args: SEFTConfig) -> None:
+    """Raise, before anything is built or created on the hub, on options SEFT cannot honour."""
     if args.deepspeed or args.fsdp:
         raise ValueError(
             "SEFTSFTTrainer supports one device and DDP (accelerate launch --multi_gpu). DeepSpeed and FSDP shard "
             "weights and optimizer state, which SEFT writes in place slot by slot; remove `deepspeed`/`fsdp`."
         )
-    if args.push_to_hub:
+    if args.push_to_hub and args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
         raise ValueError(
-            "push_to_hub is not supported yet: it would upload unmerged checkpoints. Call trainer.save_model() "
-            "(a merged, plain checkpoint) and upload that folder."
+            f"hub_strategy={args.hub_strategy.value!r} uploads the periodic checkpoints, which hold SEFT's unmerged "
+            "deltas, buffers and optimizer state; SEFTSFTTrainer pushes only the merged model. Use "
+            "hub_strategy='end' (or 'every_save', which acts the same) and keep checkpoints local to resume."
+        )
+    if args.push_to_hub and args.hub_strategy == HubStrategy.EVERY_SAVE and args.save_strategy != SaveStrategy.NO:
+        warnings.warn(
+            "push_to_hub: SEFTSFTTrainer uploads only the merged model, from save_model() and push_to_hub(); the "
+            "checkpoints saved during training hold SEFT's unmerged state and stay local, so hub_strategy="
+            "'every_save' acts as 'end'. Set hub_strategy='end' to silence this warning.",
+            stacklevel=3,
         )
     optimizer_cls, _ = SEFTSFTTrainer.get_optimizer_cls_and_kwargs(args)
     try:
@@ -70,6 +82,7 @@ class SEFTSFTTrainer(SFTTrainer):
     Only the deltas train; every ``SFTTrainer`` feature works as before. The model is exactly as
     sparse at the end as at the start (checked at the end of ``train()``), ``save_model()`` writes
     a merged plain checkpoint, and periodic checkpoints keep the SEFT state to resume exactly.
+    ``push_to_hub`` uploads the merged folder only; checkpoints are never pushed.
     """
 
     _tag_names = ["trl", "sft", "seft"]
@@ -136,19 +149,89 @@ class SEFTSFTTrainer(SFTTrainer):
 
         The merged folder loads with ``AutoModelForCausalLM.from_pretrained`` without seft_trl,
         holds exact zeros outside the support, the tokenizer, ``sparsity_report.json`` and a
-        ``README.md`` model card, and is written atomically.
+        ``README.md`` model card, and is written atomically. With ``args.push_to_hub`` (as in
+        transformers) it is then uploaded, and only the files this save wrote: see ``push_to_hub``.
         """
         if _internal_call:
             super().save_model(output_dir, _internal_call=True)
             return
         output_dir = output_dir or self.args.output_dir
+        written = self._save_merged(output_dir)
+        if self.args.push_to_hub:
+            self._upload_merged(output_dir, written, "Model save", self.args.hub_revision)
+
+    def _save_merged(self, output_dir: str | os.PathLike, **card_kwargs: Any) -> list[str]:
+        """Write the merged folder (on every process, as saves are collective); return the files written.
+
+        The file list lets an upload take exactly this save: ``output_dir`` is usually the trainer's
+        output folder, which also holds the unmerged ``checkpoint-*`` folders, logs and older files.
+        """
         state_dict = merged_state_dict(self.model)
+        written: list[str] = []
         if self.args.should_save:
             report = sparsity_report(self.model)
-            files = {"sparsity_report.json": report.as_dict(), "README.md": str(self.seft_model_card(report))}
+            card = self.seft_model_card(report, **card_kwargs)
+            files = {"sparsity_report.json": report.as_dict(), "README.md": str(card)}
             model = self.accelerator.unwrap_model(self.model)
-            save_checkpoint(model, self.processing_class, output_dir, files, state_dict=state_dict)
+            # The inner save publishes into the staging folder, the outer one into output_dir.
+            with atomic_directory(output_dir) as staging:
+                save_checkpoint(model, self.processing_class, staging, files, state_dict=state_dict)
+                written = sorted(path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file())
         self.accelerator.wait_for_everyone()
+        return written
+
+    def _upload_merged(
+        self, folder: str | os.PathLike, files: list[str], commit_message: str | None, revision: str | None,
+        token: str | None = None, blocking: bool = True,
+    ) -> CommitInfo | Future[CommitInfo] | None:
+        """Upload only ``files`` of ``folder`` (``allow_patterns``) to ``self.hub_model_id``, from process 0."""
+        if not self.is_world_process_zero():
+            return None
+        self._finish_current_push()
+        return hf_api().upload_folder(
+            repo_id=self.hub_model_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            token=token if token is not None else self.args.hub_token,
+            run_as_future=not blocking,
+            allow_patterns=files,
+            revision=revision if revision is not None else self.args.hub_revision,
+        )
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> CommitInfo | Future[CommitInfo] | None:
+        """Save the merged model into ``args.output_dir`` and upload exactly the files that save wrote.
+
+        What is pushed: config, weights with exact zeros, tokenizer, SEFT's ``README.md`` card (with
+        ``kwargs``: ``model_name``, ``dataset_name``, ``tags``) and ``sparsity_report.json``. Not
+        pushed: the ``checkpoint-*`` folders (SEFT's deltas, positions and optimizer state, useful only
+        to resume), logs, ``training_args.bin``, or any other file in ``output_dir``. transformers'
+        version would save the unmerged model there (SEFT's deltas and buffers included) and upload
+        the whole folder. Returns the commit (a ``Future`` if not ``blocking``), ``None`` off process 0.
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token if token is not None else self.args.hub_token, private=private)
+        tags = kwargs.pop("tags", None)
+        tags = [*([tags] if isinstance(tags, str) else tags or []), *(getattr(self.model, "model_tags", None) or [])]
+        written = self._save_merged(self.args.output_dir, tags=tags, **kwargs)
+        return self._upload_merged(self.args.output_dir, written, commit_message, revision, token, blocking)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Never push periodic checkpoints (transformers does with ``push_to_hub``, at every save).
+
+        transformers would copy the checkpoint's weights (unmerged: they carry SEFT's deltas and
+        buffers) into ``output_dir`` and upload it, and with ``hub_strategy`` "checkpoint" /
+        "all_checkpoints" (refused at construction) the checkpoint folder itself, optimizer included.
+        Checkpoints stay local for resuming; the merged model goes up from ``push_to_hub``/``save_model``.
+        """
 
     def seft_model_card(
         self, report: SparsityReport | None = None, model_name: str | None = None, dataset_name: str | None = None,

@@ -1,0 +1,116 @@
+"""``seft-trl`` and its subcommands: help, prune → report → eval on a tiny checkpoint, SEFT checkpoint budgets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from seft_trl import SEFTConfig, SEFTSFTTrainer, sparsity_report
+from seft_trl.apps.cli import COMMANDS, checkpoint_report, main
+from seft_trl.pruning import prune
+from seft_trl.testing import byte_tokenizer, tiny_model
+from trainer_helpers import seft_args, text_dataset
+
+SEFT_TRL = Path(sys.executable).parent / "seft-trl"  # the console script pip installed
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+TEXT = " ".join(f"Sentence {i} says that {i} plus one is {i + 1}." for i in range(60))
+
+
+def tiny_checkpoint(folder: Path) -> Path:
+    tiny_model("llama").save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_the_console_script_and_every_subcommand_have_help():
+    top = subprocess.run([str(SEFT_TRL), "--help"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert top.returncode == 0 and all(name in top.stdout for name in COMMANDS), top.stdout + top.stderr
+    expected = {"prune": "--prune_method", "repair": "--seft_density", "eval": "--eval_tasks", "report": "--model_name_or_path"}
+    for name, option in expected.items():
+        result = subprocess.run([str(SEFT_TRL), name, "--help"], env=ENV, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and option in result.stdout, (name, result.stderr[-2000:])
+    unknown = subprocess.run([str(SEFT_TRL), "squash"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert unknown.returncode != 0 and "unknown subcommand" in unknown.stderr
+
+
+def test_prune_then_report_then_eval(tmp_path, capsys):
+    source, pruned = tiny_checkpoint(tmp_path / "dense"), tmp_path / "pruned"
+    main(["prune", "--model_name_or_path", str(source), "--prune_method", "magnitude", "--output_dir", str(pruned)])
+    saved = json.loads((pruned / "sparsity_report.json").read_text())
+    assert saved["pruning"]["method"] == "magnitude" and saved["total"]["sparsity"] == pytest.approx(0.5)
+
+    main(["report", "--model_name_or_path", str(pruned), "--output_dir", str(tmp_path / "report")])
+    assert "pattern unstructured" in capsys.readouterr().out
+    report = json.loads((tmp_path / "report" / "sparsity_report.json").read_text())
+    assert report["total"]["nonzeros"] == saved["total"]["nonzeros"] and report["layers"].keys() == saved["layers"].keys()
+
+    text = tmp_path / "heldout.txt"
+    text.write_text(TEXT)
+    main(["eval", "--model_name_or_path", str(pruned), "--eval_text", str(text), "--eval_seqlen", "64",
+          "--output_dir", str(tmp_path / "eval")])
+    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert results["perplexity"] > 1 and results["eval_seqlen"] == 64 and results["eval_note"] == ""
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prune", "--prune_method", "wanda", "--output_dir", "x"], "needs --model_name_or_path"),
+        (["prune", "--model_name_or_path", "m", "--prune_pattern", "4:2"], "0 < N < M"),
+        (["eval", "--model_name_or_path", "m"], "needs --eval_text"),
+        (["eval", "--model_name_or_path", "m", "--eval_text", "/no/such.txt"], "does not exist"),
+    ],
+)
+def test_bad_options_stop_with_a_message_before_loading(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_report_of_a_seft_checkpoint_checks_its_budgets(tmp_path):
+    model = tiny_model()
+    prune(model, "magnitude", sparsity=0.5)
+    args = SEFTConfig(**seft_args(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=4))
+    trainer = SEFTSFTTrainer(model=model, args=args, train_dataset=text_dataset(), processing_class=byte_tokenizer())
+    trainer.train()
+    folder = tmp_path / "run" / "checkpoint-4"
+    report = checkpoint_report(folder)
+    live = {layer.name: layer for layer in sparsity_report(trainer.model).layers}
+    assert report.within_budget and len(report.layers) == len(live)
+    for layer in report.layers:
+        assert layer.budget == live[layer.name].budget and layer.support == live[layer.name].support, layer.name
+
+    # One more nonzero outside the support of a layer that is at its budget: the report must see it.
+    weights_file = folder / "model.safetensors"
+    tensors = load_file(weights_file)
+    name = report.layers[0].name
+    weight, index = tensors[f"{name}.weight"], tensors[f"{name}.delta_index"].long()
+    outside = torch.ones(weight.numel(), dtype=torch.bool)
+    outside[weight.reshape(-1) != 0] = False
+    outside[index] = False
+    weight.view(-1)[outside.nonzero()[0]] = 1.0
+    for key in [k for k in tensors if k.endswith("support_budget") and k.startswith(name)]:
+        tensors[key] = torch.tensor(report.layers[0].support)  # exactly at budget before the extra nonzero
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    tampered = checkpoint_report(folder)
+    assert not tampered.layers[0].within_budget and not tampered.within_budget
+
+
+def test_the_demo_parses_through_the_shared_option_classes():
+    from seft_trl.apps.demo import parse_args
+    from seft_trl.apps.options import EvalArguments, PruningArguments
+
+    demo, pruning, evaluation = parse_args([])
+    assert isinstance(pruning, PruningArguments) and isinstance(evaluation, EvalArguments)
+    assert (pruning.prune_method, pruning.prune_nsamples, evaluation.eval_seqlen, demo.train_seqlen) == ("wanda", 32, 512, 256)
+    demo, pruning, _ = parse_args(["--model", "m", "--sparsity", "0.6", "--steps", "5"])  # the first flags still work
+    assert (demo.model_name_or_path, pruning.prune_sparsity, demo.steps) == ("m", 0.6, 5)
+    with pytest.raises(SystemExit):
+        parse_args(["--pattern", "4:2"])
