@@ -42,14 +42,6 @@ def pruned_linear(out_features: int, in_features: int, device: torch.device, see
     return linear
 
 
-def random_delta_index(weight: torch.Tensor, density: float, seed: int) -> torch.Tensor:
-    """k = round(density · out · in) distinct flat positions among the nonzero weights (int64, unsorted)."""
-    k = round(density * weight.numel())
-    nonzero = torch.nonzero(weight.detach().reshape(-1)).squeeze(1)
-    generator = torch.Generator(device=weight.device).manual_seed(seed)
-    return nonzero[torch.randperm(nonzero.numel(), generator=generator, device=weight.device)[:k]]
-
-
 def synchronizer(device: torch.device) -> Callable[[], None]:
     """A function that waits for queued work, so wall-clock times cover GPU kernels too."""
     if device.type == "cuda":

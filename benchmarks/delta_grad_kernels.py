@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 import seft_trl.kernels as kernels
+from seft_trl.engine import initial_delta_index
 from common import RESULTS_DIR, contention_note, cpu_snapshot, interleaved_median_ms, machine_description
-from common import markdown_table, parse_shapes, pruned_linear, random_delta_index, write_report
+from common import markdown_table, parse_shapes, pruned_linear, write_report
 from seft_trl.kernels import SamplingPattern, default_sampled_kernel, dense_weight_gradient, sampled_weight_gradient
 
 DEFAULT_SHAPES = "576x1536,1536x576,4096x11008"
@@ -114,7 +115,7 @@ def measure_shape(
 
     cases = []
     for density in densities:
-        index = random_delta_index(weight, density, args.seed + 2)
+        index = initial_delta_index(weight, round(density * weight.numel()), args.seed + 2)
         kernels_to_time = {"frozen": lambda: frozen_forward_backward(x, weight, grad_output)}
         for kernel in sampled_kernels():
             pattern = SamplingPattern(index, out_features, in_features, kernel=kernel)

@@ -33,7 +33,9 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from common import RESULTS_DIR, contention_note, cpu_snapshot, interleaved_median_ms, machine_description
-from common import markdown_table, parse_shapes, pruned_linear, random_delta_index, synchronizer, write_report
+from common import markdown_table, parse_shapes, pruned_linear, synchronizer, write_report
+from seft_trl.config import SparsityEvolutionConfig
+from seft_trl.engine import arm_window, initial_delta_index
 from seft_trl.kernels import TOKEN_CHUNK, default_sampled_kernel
 from seft_trl.layer import SparseDeltaLinear
 from seft_trl.patterns import Scope
@@ -43,7 +45,7 @@ QUICK_LAYERS = "576x1536"
 LARGE_LAYER = 4_000_000  # weights; layers this big get --large-repeats timed runs instead of --repeats
 MIB = 2**20
 # The step that opens a window, as the engine arms it with the default config (drop_fraction 0.2, factor 4).
-SWAP_FRACTION, CANDIDATE_FACTOR = 0.2, 4.0
+DEFAULTS = SparsityEvolutionConfig()
 
 FLOOR = "frozen linear, input grad only (floor)"
 SEFT = "SEFT, ordinary step"
@@ -118,14 +120,13 @@ def train_step(method: Method, x: torch.Tensor, grad_output: torch.Tensor) -> No
 
 
 def seft_layer(linear: nn.Linear, density: float, seed: int) -> SparseDeltaLinear:
-    index = random_delta_index(linear.weight, density, seed)
+    index = initial_delta_index(linear.weight, round(density * linear.weight.numel()), seed)
     return SparseDeltaLinear(linear, index, Scope("layer", linear.in_features))
 
 
-def arm_window(layer: SparseDeltaLinear) -> None:
+def arm_default_window(layer: SparseDeltaLinear) -> None:
     """Make the next backward the window-start step, as the engine does with its default config."""
-    n_swaps = round(SWAP_FRACTION * layer.delta.numel())
-    layer.begin_window(n_swaps, CANDIDATE_FACTOR)
+    arm_window(layer, DEFAULTS.drop_fraction, DEFAULTS.candidate_factor)
 
 
 def peft_lora(linear: nn.Linear, rank: int) -> nn.Module:
@@ -144,7 +145,7 @@ def methods_for(
     ordinary = seft_layer(linear, density, seed)
     window_start = seft_layer(linear, density, seed)
     in_window = seft_layer(linear, density, seed)
-    arm_window(in_window)
+    arm_default_window(in_window)
     train_step(Method("open the window", in_window), x, grad_output)  # its later steps track the candidates
     k = ordinary.delta.numel()
     rank = max(1, round(k / (linear.out_features + linear.in_features)))
@@ -153,7 +154,7 @@ def methods_for(
         Method(SEFT, ordinary),
         Method(f"LoRA r={rank} (minimal)", LoRALinear(linear, rank, alpha=2 * rank)),
         Method(f"LoRA r={rank} (peft)", peft_lora(linear, rank)),
-        Method("SEFT, window-start step (once per window)", window_start, lambda: arm_window(window_start)),
+        Method("SEFT, window-start step (once per window)", window_start, lambda: arm_default_window(window_start)),
         Method("SEFT, later step in a window", in_window),
     ]
 

@@ -98,12 +98,19 @@ def _check_ranks_agree(layers: dict[str, SparseDeltaLinear]) -> None:
         )
 
 
-def _initial_delta_index(weight: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+def initial_delta_index(weight: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """k positions drawn uniformly from the nonzero weights (SpIEL starts at random positions)."""
     nonzero = torch.nonzero(weight.detach().reshape(-1)).squeeze(1)
     generator = torch.Generator(device=weight.device).manual_seed(seed)
     choice = torch.randperm(nonzero.numel(), generator=generator, device=weight.device)[:k]
     return nonzero[choice]
+
+
+def arm_window(layer: SparseDeltaLinear, drop_fraction: float, candidate_factor: float) -> None:
+    """Make ``layer``'s next backward open an accumulation window for swapping ``drop_fraction`` of its deltas."""
+    n_swaps = round(drop_fraction * layer.delta.numel())
+    if n_swaps > 0:
+        layer.begin_window(n_swaps, candidate_factor)
 
 
 class SparsityEvolution:
@@ -130,7 +137,7 @@ class SparsityEvolution:
         self.layers: dict[str, SparseDeltaLinear] = {}
         for ordinal, (name, linear) in enumerate(targets.items()):
             scope = Scope.for_layer(self.pattern, config.sparsity_scope, linear.in_features)
-            index = _initial_delta_index(linear.weight, counts[name], seed=config.seed * 1_000_003 + ordinal)
+            index = initial_delta_index(linear.weight, counts[name], seed=config.seed * 1_000_003 + ordinal)
             layer = SparseDeltaLinear(linear, index, scope, self.criteria)
             model.set_submodule(name, layer)
             self.layers[name] = layer
@@ -230,9 +237,7 @@ class SparsityEvolution:
             return
         fraction = self.drop_fraction(update_step)
         for layer in self.layers.values():
-            n_swaps = round(fraction * layer.delta.numel())
-            if n_swaps > 0:
-                layer.begin_window(n_swaps, self.config.candidate_factor)
+            arm_window(layer, fraction, self.config.candidate_factor)
 
     def update_topology(self) -> dict[str, UpdateStats]:
         """Drop, grow and adapt in every layer now; seeds (or resets) the optimizer state of moved slots.

@@ -20,7 +20,6 @@ import torch
 from trl import TrlParser
 
 from ..evaluation import perplexity
-from ..pruning import prune
 from ..report import SparsityReport, sparsity_report
 from ..text import token_ids, training_chunks
 from ..trainer.sft_config import SEFTConfig
@@ -144,10 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     stage(f"Pruning with {options.method} ({options.pattern}, sparsity {options.sparsity:.0%})")
     pruning_started = time.perf_counter()
-    before = prune(model, method=options.method, sparsity=options.sparsity, pattern=str(options.pattern),
-                   calibration=pruning.calibration_source() or train_texts, tokenizer=tokenizer,
-                   nsamples=pruning.prune_nsamples, seqlen=pruning.prune_seqlen, granularity=pruning.prune_granularity,
-                   text_field=pruning.prune_text_field, progress=True)
+    before = pruning.prune(model, tokenizer, seed=0, fallback_calibration=train_texts)
     prune_s = time.perf_counter() - pruning_started
     pruned_ppl = perplexity(model, tokenizer, heldout_texts, seqlen=evaluation.eval_seqlen)
     print(f"pruned: {pruned_ppl:.2f}, sparsity {before.sparsity:.2%}")

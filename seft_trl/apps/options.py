@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..pruning import METHODS, PruningOptions, resolve_options
+from ..pruning import METHODS, PruningOptions, prune, resolve_options
+from ..report import SparsityReport
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -80,6 +81,27 @@ class PruningArguments:
 
     def calibration_source(self) -> Path | None:
         return Path(self.prune_calibration) if self.prune_calibration else None
+
+    def prune(self, model, tokenizer, *, seed: int, fallback_calibration: list[str] | None = None,
+              device: str | None = None) -> SparsityReport:
+        """Prune ``model`` in place with these options; calibrate on ``prune_calibration`` or the fallback texts."""
+        options = self.options()
+        return prune(
+            model,
+            method=options.method,
+            sparsity=options.sparsity,
+            pattern=str(options.pattern),
+            calibration=self.calibration_source() or fallback_calibration,
+            tokenizer=tokenizer,
+            nsamples=self.prune_nsamples,
+            seqlen=self.prune_seqlen,
+            target_modules=self.prune_target_modules,
+            seed=seed,
+            granularity=self.prune_granularity,
+            device=device,
+            text_field=self.prune_text_field,
+            progress=True,
+        )
 
 
 @dataclass

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from trl import TrlParser
 
-from ..pruning import prune
 from ..saving import check_target, save_checkpoint
 from .options import CheckpointArguments, PruningArguments
 
@@ -37,22 +36,7 @@ def prune_checkpoint(checkpoint: CheckpointArguments, pruning: PruningArguments)
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=checkpoint.torch_dtype())
-    report = prune(
-        model,
-        method=options.method,
-        sparsity=options.sparsity,
-        pattern=str(options.pattern),
-        calibration=calibration,
-        tokenizer=tokenizer,
-        nsamples=pruning.prune_nsamples,
-        seqlen=pruning.prune_seqlen,
-        target_modules=pruning.prune_target_modules,
-        seed=checkpoint.seed,
-        granularity=pruning.prune_granularity,
-        device=checkpoint.device,
-        text_field=pruning.prune_text_field,
-        progress=True,
-    )
+    report = pruning.prune(model, tokenizer, seed=checkpoint.seed, device=checkpoint.device)
     provenance = {**model.config.pruning_config, "model": model_path}
     if calibration is not None:
         provenance["calibration"] = str(calibration)

@@ -23,7 +23,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser
 
 from ..evaluation import perplexity
-from ..pruning import prune
 from ..report import sparsity_report
 from ..text import TextSource, token_ids
 from ..trainer.sft_config import SEFTConfig
@@ -142,22 +141,7 @@ def repair(data: DataArguments, pruning: PruningArguments, evaluation: EvalArgum
 
     if pruning.prune_method is not None:
         measure("dense")
-        options = pruning.options()
-        prune(
-            model,
-            method=options.method,
-            sparsity=options.sparsity,
-            pattern=str(options.pattern),
-            calibration=pruning.calibration_source() or [as_text(r) for r in train_records],
-            tokenizer=tokenizer,
-            nsamples=pruning.prune_nsamples,
-            seqlen=pruning.prune_seqlen,
-            target_modules=pruning.prune_target_modules,
-            seed=args.seed,
-            granularity=pruning.prune_granularity,
-            text_field=pruning.prune_text_field,
-            progress=True,
-        )
+        pruning.prune(model, tokenizer, seed=args.seed, fallback_calibration=[as_text(r) for r in train_records])
     measure("pruned")
     results: dict[str, float | str | None] = {"model": model_name}
     results["pruned_sparsity"] = sparsity_report(model).sparsity

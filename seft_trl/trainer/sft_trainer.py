@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitInfo, ModelCard
-
 from torch import nn
 from transformers import PreTrainedModel, TrainingArguments
 from transformers.trainer_utils import HubStrategy, SaveStrategy
