@@ -28,11 +28,17 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def declared() -> list[Requirement]:
+# What `make test` installs: the dependencies, the dev extra and the extras dev pulls in.
+TEST_EXTRAS = ("dev", "eval", "cpu")
+
+
+def declared(extras: tuple[str, ...] | None = None) -> list[Requirement]:
+    """The declared requirements: the dependencies and ``extras`` (default: every extra)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     requirements = [Requirement(r) for r in project["dependencies"]]
-    for extra in project["optional-dependencies"].values():
-        requirements += [Requirement(r) for r in extra if not r.startswith("seft_trl")]
+    for name, extra in project["optional-dependencies"].items():
+        if extras is None or name in extras:
+            requirements += [Requirement(r) for r in extra if not r.startswith("seft_trl")]
     return requirements
 
 
@@ -50,7 +56,7 @@ def test_dependencies_are_ranges_that_admit_the_pinned_set():
 def test_this_environment_is_the_pinned_set():
     # make test installs with -c constraints.txt; a plain `pip install -e .` would drift from it.
     pinned = pins()
-    for requirement in declared():
+    for requirement in declared(TEST_EXTRAS):
         if requirement.marker is not None and not requirement.marker.evaluate():
             continue
         installed = Version(version(requirement.name))
