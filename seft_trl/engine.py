@@ -106,9 +106,9 @@ def initial_delta_index(weight: torch.Tensor, k: int, seed: int) -> torch.Tensor
     return nonzero[choice]
 
 
-def arm_window(layer: SparseDeltaLinear, drop_fraction: float, candidate_factor: float) -> None:
-    """Make ``layer``'s next backward open an accumulation window for swapping ``drop_fraction`` of its deltas."""
-    n_swaps = round(drop_fraction * layer.delta.numel())
+def arm_window(layer: SparseDeltaLinear, fraction: float, candidate_factor: float) -> None:
+    """Make ``layer``'s next backward open an accumulation window for swapping ``fraction`` of its deltas."""
+    n_swaps = layer.swap_count(fraction)
     if n_swaps > 0:
         layer.begin_window(n_swaps, candidate_factor)
 
@@ -219,11 +219,12 @@ class SparsityEvolution:
             for layer in self.layers.values():
                 layer.materialize()
             due = is_update_step(self.step_count, self.config.update_interval, self.end_step)
-            if due and self.drop_fraction(self.step_count) > 0:
+            if due and self.scheduled_drop_fraction(self.step_count) > 0:
                 self.update_topology()
         self._arm_window()
 
-    def drop_fraction(self, step: int) -> float:
+    def scheduled_drop_fraction(self, step: int) -> float:
+        """The fraction of deltas an update at ``step`` swaps (``config.drop_fraction`` decayed by the schedule)."""
         return drop_fraction_at(step, self.end_step, self.config.drop_fraction, self.config.drop_schedule)
 
     def _arm_window(self) -> None:
@@ -235,7 +236,7 @@ class SparsityEvolution:
             return
         if next_step != update_step - self.config.accumulation_steps + 1:
             return
-        fraction = self.drop_fraction(update_step)
+        fraction = self.scheduled_drop_fraction(update_step)
         for layer in self.layers.values():
             arm_window(layer, fraction, self.config.candidate_factor)
 
@@ -249,12 +250,12 @@ class SparsityEvolution:
         if not all(finite):
             warnings.warn(f"Topology update at step {self.step_count} skipped: non-finite gradient statistics.")
             for layer in self.layers.values():
-                layer.update_topology(0)  # discards the window
+                layer.discard_window()
             return {}
-        fraction = self.drop_fraction(self.step_count)
+        fraction = self.scheduled_drop_fraction(self.step_count)
         stats = {}
         for name, layer in self.layers.items():
-            stats[name], moved_slots, mean_sq = layer.update_topology(round(fraction * layer.delta.numel()))
+            stats[name], moved_slots, mean_sq = layer.update_topology(layer.swap_count(fraction))
             if self.optimizer is None:
                 continue
             if self.config.seed_moments:

@@ -172,7 +172,7 @@ class SparseDeltaLinear(nn.Module):
         # means something rewrites delta_index in place every step.
         self.pattern_builds = 0
         self._window: WindowStatistics | None = None
-        self._select_count = 0  # > 0: the next backward selects this many growth candidates
+        self._candidate_count = 0  # > 0: the next backward opens a window with this many growth candidates
         self.criteria = criteria or TopologyCriteria.from_config(SparsityEvolutionConfig())
         # Sums a statistics tensor over data-parallel ranks in place (set by the engine under DDP).
         self.stats_all_reduce: Callable[[torch.Tensor], object] | None = None
@@ -196,7 +196,7 @@ class SparseDeltaLinear(nn.Module):
 
     def _delta_gradient(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """δ gradient [k] from grad_output [T, out] and input [T, in]; feeds the window statistics."""
-        if self._select_count > 0:
+        if self._candidate_count > 0:
             return self._open_window(g, x)
         window = self._window
         if window is None:
@@ -224,7 +224,7 @@ class SparseDeltaLinear(nn.Module):
                 self.stats_all_reduce(tensor)
         criteria = self.criteria
         candidates = select_candidates(
-            grad, self.weight, self.delta_index, self.scope, self._select_count,
+            grad, self.weight, self.delta_index, self.scope, self._candidate_count,
             criteria.regrow_pruned, criteria.growth, criteria.removal, row_sq, col_sq,
         )
         tracked = torch.cat([candidates.grow_index, candidates.remove_index])
@@ -243,7 +243,7 @@ class SparseDeltaLinear(nn.Module):
             col_sq=torch.zeros_like(col_sq),
             counters=torch.zeros(3, dtype=torch.float64, device=step_sum.device),
         )
-        self._select_count = 0
+        self._candidate_count = 0
         return grad_delta
 
     # ------------------------------------------------------------------------------ weights
@@ -305,10 +305,18 @@ class SparseDeltaLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
 
     # ----------------------------------------------------------------------------- topology
+    def swap_count(self, fraction: float) -> int:
+        """How many deltas an update at drop fraction ``fraction`` swaps (at most): the one rounding of it."""
+        return round(fraction * self.delta.numel())
+
     def begin_window(self, n_swaps: int, candidate_factor: float) -> None:
         """Arm the next backward to pick candidates for an update that swaps ``n_swaps`` deltas."""
         self._window = None
-        self._select_count = max(1, round(candidate_factor * n_swaps))
+        self._candidate_count = max(1, round(candidate_factor * n_swaps))
+
+    def discard_window(self) -> None:
+        """Forget the open window (its update was skipped) and any armed one."""
+        self._window, self._candidate_count = None, 0
 
     @torch.no_grad()
     def close_step(self, skipped: bool = False) -> None:
@@ -350,17 +358,18 @@ class SparseDeltaLinear(nn.Module):
         return all(bool(torch.isfinite(t).all()) for t in (window.grad_sum, window.grad_sq_sum, window.row_sq, window.col_sq))
 
     @torch.no_grad()
-    def update_topology(self, n_target: int) -> tuple[UpdateStats, torch.Tensor, torch.Tensor]:
-        """Swap up to ``n_target`` deltas.
+    def update_topology(self, n_swaps: int) -> tuple[UpdateStats, torch.Tensor, torch.Tensor]:
+        """Swap up to ``n_swaps`` deltas, decided on the window's statistics, and close the window.
 
         Returns the stats, the delta slots whose position changed, and for them the mean-square
         gradient at their new positions in the optimizer's scale (the second-moment seeds).
         """
-        window, self._window, self._select_count = self._window, None, 0
+        window = self._window
+        self.discard_window()
         empty = self.delta_index.new_empty(0)
-        if window is None or n_target == 0 or window.steps == 0:
+        if window is None or n_swaps == 0 or window.steps == 0:
             return self._stats(0, 0, 0, 0), empty, self.delta.new_empty(0)
-        plan = self._plan(window, n_target)
+        plan = self._plan(window, n_swaps)
         self._apply_plan(plan)
         k, steps, scale = self.delta_index.numel(), window.steps, window.optimizer_scale
         grown = k + plan.grow_candidate
@@ -368,7 +377,7 @@ class SparseDeltaLinear(nn.Module):
         stats = self._stats(plan.grow_index.numel(), plan.revived, plan.remove_index.numel(), plan.refused)
         return stats, plan.drop_slots, mean_sq
 
-    def _plan(self, window: WindowStatistics, n_target: int) -> SwapPlan:
+    def _plan(self, window: WindowStatistics, n_swaps: int) -> SwapPlan:
         criteria = self.criteria
         grow_index, remove_index = window.candidates.grow_index, window.candidates.remove_index
         k, cg = self.delta_index.numel(), grow_index.numel()
@@ -403,7 +412,7 @@ class SparseDeltaLinear(nn.Module):
             remove_score=criteria.removal(weight, mean[removal], curvature[removal]),
             remove_cost=taylor_removal_cost(weight, mean[removal], curvature[removal]),
             remove_group=self.scope.group_of(remove_index),
-            n_target=n_target,
+            n_swaps=n_swaps,
             swap_test=criteria.swap_test,
         )
 

@@ -1,9 +1,9 @@
 """Topology decisions of sparsity evolution, as pure functions on tensors.
 
-One update (every ``update_interval`` optimizer steps) moves up to n delta slots:
+One update (every ``update_interval`` optimizer steps) moves up to ``n_swaps`` delta slots:
 
-* **drop** the n deltas with the smallest ``|δ|``;
-* **grow** n new positions, outside the delta set, ranked by the growth criterion (largest
+* **drop** the ``n_swaps`` deltas with the smallest ``|δ|``;
+* **grow** as many new positions, outside the delta set, ranked by the growth criterion (largest
   accumulated ``|grad|``); a grown position whose weight is zero is a *revival* of a pruned weight;
 * **adapt**: each revival is paid for inside its scope group (layer, row or N:M group), first
   from unused budget (slack: the group's, and for N:M also the layer's, so that a layer never
@@ -11,8 +11,8 @@ One update (every ``update_interval`` optimizer steps) moves up to n delta slots
   removal score (:mod:`seft_trl.criteria`). A revival that cannot be paid for is not grown;
 * **test**: with a swap test, candidates are ranked by net benefit, the predicted gain of the
   grown delta minus the predicted cost of the weight removed to pay for it, and a pair moves only
-  where that exceeds what the dropped delta would still have gained. Fewer pairs than n may move
-  (none, when nothing is worth it); the number of deltas never changes.
+  where that exceeds what the dropped delta would still have gained. Fewer pairs than ``n_swaps``
+  may move (none, when nothing is worth it); the number of deltas never changes.
 
 Candidates are chosen from one dense gradient at the start of the accumulation window
 (:func:`select_candidates`) and decided at the update from the statistics accumulated over the
@@ -87,7 +87,7 @@ def select_candidates(
     weight: torch.Tensor,
     delta_index: torch.Tensor,
     scope: Scope,
-    count: int,
+    n_candidates: int,
     regrow_pruned: bool,
     growth: GrowthScore,
     removal: RemovalScore,
@@ -98,7 +98,7 @@ def select_candidates(
 
     grad: fp32 [out, in]; weight: [out, in] (the effective weight); delta_index: [k]; row_sq [out]
     and col_sq [in]: the curvature factors of the same micro-batch (see :mod:`seft_trl.criteria`).
-    Growth: the ``count`` non-delta positions of highest growth score (pruned positions only when
+    Growth: the ``n_candidates`` non-delta positions of highest growth score (pruned positions only when
     ``regrow_pruned``). Removal: in each scope group, as many non-delta, non-candidate support
     weights of lowest removal score as the group has revival candidates (all of them in an N:M
     group, which holds at most N).
@@ -112,7 +112,7 @@ def select_candidates(
     grow_score[delta_index] = -math.inf
     if not regrow_pruned:
         grow_score[pruned] = -math.inf
-    top = top_indices(grow_score, min(count, grow_score.numel()))
+    top = top_indices(grow_score, min(n_candidates, grow_score.numel()))
     grow_index = torch.sort(top[torch.isfinite(grow_score[top])]).values
 
     revival_index = grow_index[pruned[grow_index]]
@@ -222,7 +222,7 @@ def plan_swap(
     remove_score: torch.Tensor,
     remove_cost: torch.Tensor,
     remove_group: torch.Tensor,
-    n_target: int,
+    n_swaps: int,
     swap_test: SwapTest | None,
 ) -> SwapPlan:
     """Decide one update; see the module docstring.
@@ -244,9 +244,9 @@ def plan_swap(
         paid = payment >= 0
         cost[paid] = remove_cost[payment[paid]]
         benefit = grow_gain[candidate] - cost
-        by_benefit = torch.sort(benefit, descending=True, stable=True).indices[:n_target]
+        by_benefit = torch.sort(benefit, descending=True, stable=True).indices[:n_swaps]
         candidate, payment, benefit = candidate[by_benefit], payment[by_benefit], benefit[by_benefit]
-    candidate, payment = candidate[:n_target], payment[:n_target]
+    candidate, payment = candidate[:n_swaps], payment[:n_swaps]
     drop_slots = torch.sort(delta_magnitude, stable=True).indices[: candidate.numel()]
     refused = 0
     if swap_test is not None:

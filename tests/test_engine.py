@@ -155,7 +155,7 @@ def test_drop_and_grow_counts_follow_the_schedule(pruned_llama, schedule, swap_t
     updates = train(pruned_llama, seft, 32)
     assert [step for step, _ in updates] == [4, 8, 12, 16, 20]  # step 24 = end: fraction 0
     for step, stats in updates:
-        fraction = seft.drop_fraction(step)
+        fraction = seft.scheduled_drop_fraction(step)
         for name, s in stats.items():
             target = round(fraction * seft.layers[name].delta.numel())
             assert s.dropped == s.grown

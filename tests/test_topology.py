@@ -34,7 +34,7 @@ def plan(**overrides):
         remove_index=L([200, 201, 202]),
         remove_score=L([0.3, 0.1, 0.2]),
         remove_group=L([0, 0, 0]),
-        n_target=3,
+        n_swaps=3,
         swap_test=None,
     )
     args.update(overrides)
@@ -59,7 +59,7 @@ def test_plan_uses_slack_before_removing():
 
 
 def test_unpayable_revival_is_skipped_and_fewer_deltas_move():
-    p = plan(remove_index=L([200]), remove_score=L([0.3]), remove_group=L([0]), n_target=4)
+    p = plan(remove_index=L([200]), remove_score=L([0.3]), remove_group=L([0]), n_swaps=4)
     # Only one revival can be paid: 101 (score 4) is grown, 102 is not; both non-revivals are.
     assert sorted(p.grow_index.tolist()) == [100, 101, 103]
     assert p.drop_slots.numel() == 3 and p.remove_index.tolist() == [200]
@@ -78,7 +78,7 @@ def test_payment_stays_inside_the_group():
 def test_nm_groups_below_n_fill_only_while_the_layer_has_slack():
     # Two 2:4 groups hold one weight each (slack 1 each) but the layer is at its starting count.
     common = dict(grow_revives=L([True, True, True, True]), grow_group=L([0, 1, 0, 1]), grow_slack=L([1, 1, 1, 1]),
-                  remove_group=L([0, 1, 1]), n_target=4)
+                  remove_group=L([0, 1, 1]), n_swaps=4)
     p = plan(layer_slack=0, **common)
     # Every revival must then be paid by a removal in its own group: group 0 once, group 1 twice.
     assert p.revived == p.remove_index.numel() == 3
@@ -89,7 +89,7 @@ def test_nm_groups_below_n_fill_only_while_the_layer_has_slack():
 def test_swap_test_refuses_a_revival_whose_cost_exceeds_its_gain():
     one_revival = dict(grow_index=L([100]), grow_score=L([5.0]), grow_revives=L([True]), grow_group=L([0]),
                        grow_slack=L([0]), remove_index=L([200]), remove_score=L([0.0]), remove_group=L([0]),
-                       n_target=1, swap_test=SWAP_TESTS["taylor"])
+                       n_swaps=1, swap_test=SWAP_TESTS["taylor"])
     refused = plan(grow_gain=L([1.0]), remove_cost=L([2.0]), **one_revival)
     assert refused.grow_index.numel() == 0 and refused.remove_index.numel() == 0 and refused.refused == 1
     accepted = plan(grow_gain=L([2.0]), remove_cost=L([1.0]), **one_revival)
@@ -106,7 +106,7 @@ def test_swap_test_ranks_by_net_benefit_and_pairs_the_cheapest_removal():
         grow_revives=L([True, False, True, False]),
         remove_score=L([0.3, 0.1, 0.2]),
         remove_cost=L([0.3, 0.1, 0.2]),
-        n_target=2,
+        n_swaps=2,
         swap_test=SWAP_TESTS["taylor"],
     )
     # ... but net benefit decides: 101 (3.0, free) and 102 (2.0 - 0.2), not 100 (1.0 - 0.1).

@@ -64,7 +64,7 @@ class SEFTCallback(TrainerCallback):
         nonzeros = sum(int(torch.count_nonzero(layer.weight)) for layer in layers)
         numel = sum(layer.weight.numel() for layer in layers)
         return {
-            "seft/drop_fraction": self.engine.drop_fraction(self.engine.step_count),
+            "seft/drop_fraction": self.engine.scheduled_drop_fraction(self.engine.step_count),
             "seft/grown": float(sum(s.grown for s in stats)),
             "seft/revived": float(sum(s.revived for s in stats)),
             "seft/removed": float(sum(s.removed for s in stats)),
