@@ -28,15 +28,27 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-# What `make test` installs: the dependencies, the dev extra and the extras dev pulls in.
-TEST_EXTRAS = ("dev", "eval", "cpu")
+def project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
-def declared(extras: tuple[str, ...] | None = None) -> list[Requirement]:
+def extras_of(extra: str) -> set[str]:
+    """``extra`` and every extra it pulls in through ``seft_trl[...]`` (what `make test` gets from ``dev``)."""
+    found, pending = set(), [extra]
+    while pending:
+        name = pending.pop()
+        if name not in found:
+            found.add(name)
+            pulled = [Requirement(r) for r in project()["optional-dependencies"][name] if r.startswith("seft_trl")]
+            pending += [e for requirement in pulled for e in requirement.extras]
+    return found
+
+
+def declared(extras: set[str] | None = None) -> list[Requirement]:
     """The declared requirements: the dependencies and ``extras`` (default: every extra)."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = [Requirement(r) for r in project["dependencies"]]
-    for name, extra in project["optional-dependencies"].items():
+    table = project()
+    requirements = [Requirement(r) for r in table["dependencies"]]
+    for name, extra in table["optional-dependencies"].items():
         if extras is None or name in extras:
             requirements += [Requirement(r) for r in extra if not r.startswith("seft_trl")]
     return requirements
@@ -56,7 +68,7 @@ def test_dependencies_are_ranges_that_admit_the_pinned_set():
 def test_this_environment_is_the_pinned_set():
     # make test installs with -c constraints.txt; a plain `pip install -e .` would drift from it.
     pinned = pins()
-    for requirement in declared(TEST_EXTRAS):
+    for requirement in declared(extras_of("dev")):  # make test installs .[dev]
         if requirement.marker is not None and not requirement.marker.evaluate():
             continue
         installed = Version(version(requirement.name))
