@@ -93,7 +93,7 @@ def plot_training(history: list[dict], before: SparsityReport, after: SparsityRe
 def markdown_report(results: dict, plots: list[str]) -> str:
     rows = [
         ("dense", results["dense_ppl"], "0.00%", "-"),
-        (f"Wanda {results['pruning']}", results["pruned_ppl"], f"{results['pruned_sparsity']:.2%}", f"{results['prune_s']:.0f} s"),
+        (f"pruned: {results['pruning']}", results["pruned_ppl"], f"{results['pruned_sparsity']:.2%}", f"{results['prune_s']:.0f} s"),
         ("SEFT repair", results["repaired_ppl"], f"{results['repaired_sparsity']:.2%}", f"{results['train_s']:.0f} s"),
     ]
     lines = [
