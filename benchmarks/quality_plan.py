@@ -59,6 +59,10 @@ class Regime:
     ablations: dict[str, dict[str, object]]  # SEFT with these engine options changed, at SEFT's learning rate
     ablations_everywhere: tuple[str, ...]  # also run at 2:4 and 70% (all run at FIRST_PATTERN; none where it is the default)
     stem: str  # <stem>.md, <stem>.png, <stem>_runs.csv
+    # Ablations also run at FIRST_PATTERN at fixed support's chosen rate. Where evolution's best rate
+    # lies below fixed support's, these say which part of evolution fails at the rate fixed support
+    # prefers (SEFT's own run there is a point of its grid).
+    at_fixed_rate: tuple[str, ...] = ()
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -128,6 +132,7 @@ LONG = Regime(
     # option whose default depends on the pattern; the short regime ablates everything everywhere.
     ablations_everywhere=("seft_no_revival", "seft_revival"),
     stem="quality_long",
+    at_fixed_rate=("seft_no_revival", "seft_drop0.1", "seft_zero_moments"),
 )
 REGIMES = {regime.name: regime for regime in (SHORT, LONG)}
 
@@ -410,7 +415,7 @@ class Benchmark:
         """Grids at FIRST_PATTERN, then the other patterns, the extra seeds and the ablations.
 
         The order puts the decisions later runs depend on (learning rates, the headline baseline)
-        first, and the ablations last; a step that waits on a method outside ``--methods`` is skipped.
+        first, and the ablations last (those at fixed support's rate after those at SEFT's); a step that waits on a method outside ``--methods`` is skipped.
         """
         self.result(UNPRUNED, "dense", 0.0)
         self.result(FIRST_PATTERN, "pruned", 0.0)
@@ -425,6 +430,9 @@ class Benchmark:
         for pattern in PATTERNS:
             for method in self.planned(self.regime.ablations_at(pattern)):
                 self.attempt(f"{method} at {pattern}", lambda: self.result(pattern, method, self.lr_of(method)))
+        for method in self.planned(self.regime.at_fixed_rate):
+            self.attempt(f"{method} at fixed support's rate",
+                         lambda: self.result(FIRST_PATTERN, method, self.best_lr("fixed_deltas")))
 
     def planned(self, methods: tuple[str, ...] | list[str]) -> list[str]:
         return [m for m in methods if ("lora" if m == "lora*" else m) in self.runnable]

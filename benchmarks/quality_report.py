@@ -146,13 +146,17 @@ def grid_rows(bench: Benchmark) -> list[list[str]]:
     return rows
 
 
+def option_changes(bench: Benchmark, ablation: str) -> str:
+    return ", ".join(f"{key}={value}" for key, value in bench.regime.ablations[ablation].items())
+
+
 def ablation_rows(bench: Benchmark) -> list[list[str]]:
     rows = []
     for pattern in PATTERNS:
         seft = heldout_ppls(bench, pattern, "seft")
         for name in bench.regime.ablations_at(pattern):
             runs = runs_of(bench, pattern, name)
-            change = ", ".join(f"{key}={value}" for key, value in bench.regime.ablations[name].items())
+            change = option_changes(bench, name)
             if not runs:
                 rows.append([pattern, name, change] + [PENDING] * 4)
                 continue
@@ -160,6 +164,37 @@ def ablation_rows(bench: Benchmark) -> list[list[str]]:
             versus = f"{statistics.mean(tests) / statistics.mean(seft) - 1:+.1%}" if seft else PENDING
             rows.append([pattern, name, change, spread(tests), versus, gap_cell(bench, pattern, runs),
                          f"{runs[0].revived:,}"])
+    return rows
+
+
+def fixed_rate_section(bench: Benchmark) -> list[str]:
+    if not bench.regime.at_fixed_rate:
+        return []
+    rows = fixed_rate_rows(bench)
+    return [f"## At fixed support's learning rate ({FIRST_PATTERN}, seed 0; vs fixed support: test perplexity)", "",
+            "Evolution's best rate lies below fixed support's; these runs say which part of evolution fails "
+            "at the rate fixed support prefers.", "",
+            markdown_table(["method", "change", "lr", "val ppl", "test ppl", "vs fixed support", "revived"],
+                           rows) if rows else "Pending: fixed support's grid.",
+            ""]
+
+
+def fixed_rate_rows(bench: Benchmark) -> list[list[str]]:
+    """Fixed support at its chosen rate, then SEFT and the listed ablations at that same rate (seed 0)."""
+    lr = known(lambda: bench.best_lr("fixed_deltas"))
+    if lr is None:
+        return []
+    changes = {"fixed_deltas": "drop_fraction=0.0", "seft": "-"}
+    changes |= {name: option_changes(bench, name) for name in bench.regime.at_fixed_rate}
+    fixed = bench.runs[(FIRST_PATTERN, "fixed_deltas", lr, 0)]
+    rows = []
+    for method, change in changes.items():
+        run = bench.runs.get((FIRST_PATTERN, method, lr, 0))
+        if run is None:
+            rows.append([method, change, f"{lr:g}"] + [PENDING] * 4)
+            continue
+        rows.append([method, change, f"{lr:g}", f"{run.val_ppl:.2f}", f"{run.test_ppl:.2f}",
+                     f"{run.test_ppl / fixed.test_ppl - 1:+.1%}", f"{run.revived:,}"])
     return rows
 
 
@@ -261,6 +296,7 @@ def write_results(bench: Benchmark, folder: Path, wall_s: float, note: str) -> N
         markdown_table(["pattern", "ablation", "change", "test ppl", "vs SEFT", "gap recovered", "revived"],
                        ablation_rows(bench)),
         "",
+        *fixed_rate_section(bench),
         f"![test perplexity by method]({regime.stem}.png)",
         "",
         note,

@@ -123,6 +123,10 @@ def test_quality_quick_long_regime_runs_baselines_first_then_resumes(tmp_path: P
         assert heading in report
     assert "| unpruned | dense |" in report and "(n=2)" in report and "one epoch" in report
     assert "| 50% | seft_zero_moments | seed_moments=False | pending |" in report
+    # Quick grids hold one rate, so fixed support's rate is SEFT's: the ablation run there is reused.
+    assert "## At fixed support's learning rate" in report
+    assert "| seft_no_revival | regrow_pruned=False | 0.003 | pending |" not in report
+    assert "| seft_drop0.1 | drop_fraction=0.1 | 0.003 | pending |" in report
     assert "Kept from an earlier session." in report  # the notes file outlives the invocation that wrote it
     assert "| 2:4 | seft_drop0.4 |" not in report and "| 70% | seft_no_swap_test |" not in report
     assert (tmp_path / "quality_long.png").stat().st_size > 1000
