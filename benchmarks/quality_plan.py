@@ -127,6 +127,7 @@ LONG = Regime(
         "seft_interval60": {"update_interval": 60},
         "seft_drop0.1": {"drop_fraction": 0.1},
         "seft_drop0.4": {"drop_fraction": 0.4},
+        "seft_reachable_gain": {"gain_estimate": "reachable"},
     },
     # A long run takes 30-60 min on the 2-core machine: at 2:4 and 70% only revival is ablated, the
     # option whose default depends on the pattern; the short regime ablates everything everywhere.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .criteria import GROWTH_CRITERIA, REMOVAL_CRITERIA, SWAP_TESTS, check_criteria
+from .criteria import GAIN_ESTIMATES, GROWTH_CRITERIA, REMOVAL_CRITERIA, SWAP_TESTS, check_criteria
 
 DropSchedule = Literal["cosine", "linear", "constant"]
 
@@ -36,6 +36,10 @@ class SparsityEvolutionConfig:
       dropped delta would still have gained (:mod:`seft_trl.criteria`). Ranking alone
       (``|w·g|``, no test) revived weights that Wanda kept for good reason: in our
       short benchmark SEFT lost to not evolving at all, most at 2:4.
+    * ``gain_estimate="newton"``: the paper is silent on the gain. The Newton gain credits a
+      position with the loss drop of its Newton step, which at pruned positions of quiet columns
+      is far beyond any weight; ``"reachable"`` bounds the step by how far Adam can move the delta
+      in the rest of the run. The long benchmark's ablation measures which repairs better.
     * ``regrow_pruned=None``: revival in unstructured models, growth inside the pattern
       in N:M ones (the paper's N:M variant). At 2:4 the weight that pays for a revival
       is one of the two survivors of its group: in the short benchmark revival cost 14%
@@ -106,6 +110,13 @@ class SparsityEvolutionConfig:
             "gain exceeds the predicted cost; none: all of them)."
         },
     )
+    gain_estimate: str = field(
+        default="newton",
+        metadata={
+            "help": f"How the swap test predicts a grown delta's gain: {', '.join(GAIN_ESTIMATES)} (newton: the loss "
+            "drop of its Newton step; reachable: of the best step Adam can take in the rest of the run)."
+        },
+    )
     seed_moments: bool = field(
         default=True,
         metadata={
@@ -158,7 +169,7 @@ class SparsityEvolutionConfig:
             raise ValueError(f"drop_schedule must be cosine, linear or constant, got {self.drop_schedule!r}.")
         if not 0.0 <= self.update_end <= 1.0:
             raise ValueError(f"update_end must lie in [0, 1], got {self.update_end}.")
-        check_criteria(self.growth_criterion, self.removal_criterion, self.swap_test)
+        check_criteria(self.growth_criterion, self.removal_criterion, self.swap_test, self.gain_estimate)
         if self.sparsity_scope not in ("layer", "row"):
             raise ValueError(f"sparsity_scope must be layer or row, got {self.sparsity_scope!r}.")
         if self.drop_mode not in ("freeze", "revert"):

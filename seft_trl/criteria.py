@@ -13,7 +13,9 @@ the same estimate on both sides:
   factorises as ``h ≈ row_sq[r] · col_sq[c]`` with ``row_sq = Σ_t g²`` and ``col_sq = Σ_t x²``
   (O(out + in) statistics per layer; exact when the loss is the mean over the tokens seen);
 * **gain** of growing a delta at a position with mean gradient ``m``: ``m² / (2h)``, the loss drop
-  of the Newton step there, with ``m²`` debiased by the window's sampling noise;
+  of the Newton step there, with ``m²`` debiased by the window's sampling noise (``"newton"``); or
+  the loss drop of the best step Adam can take in the rest of the run (``"reachable"``, see
+  :func:`reachable_gain`);
 * **cost** of removing (zeroing) weight ``w``: ``½ w² h`` (optimal brain damage: what Wanda's
   kept weights are protected by and ``|w·g|`` ignores) plus the first-order term ``−w m`` where it
   is a cost; it is never credited as a gain (see :func:`taylor_removal_cost`).
@@ -21,6 +23,7 @@ the same estimate on both sides:
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -33,6 +36,10 @@ RemovalScore = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
 # (gain minus the cost of the weight removed to pay for it) [n], and what each paired drop gives
 # up [n]; returns bool [n].
 SwapTest = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Gain estimates: predicted loss drop of training a delta at each position. Arguments: mean and mean
+# square of the window's per-step gradient [c], the window's steps, curvature [c], and the sum of the
+# learning rates left in the run (a float, inf when unknown); returns [c].
+GainEstimate = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor, float], torch.Tensor]
 
 
 def _gradient_growth(grad: torch.Tensor) -> torch.Tensor:
@@ -83,10 +90,11 @@ def lookup(registry: dict[str, Callable | None], kind: str, name: str) -> Callab
     return registry[name]
 
 
-def check_criteria(growth: str, removal: str, swap_test: str) -> None:
+def check_criteria(growth: str, removal: str, swap_test: str, gain: str) -> None:
     lookup(GROWTH_CRITERIA, "growth_criterion", growth)
     lookup(REMOVAL_CRITERIA, "removal_criterion", removal)
     lookup(SWAP_TESTS, "swap_test", swap_test)
+    lookup(GAIN_ESTIMATES, "gain_estimate", gain)
 
 
 def curvature_at(flat_index: torch.Tensor, row_sq: torch.Tensor, col_sq: torch.Tensor, scale: float) -> torch.Tensor:
@@ -95,15 +103,50 @@ def curvature_at(flat_index: torch.Tensor, row_sq: torch.Tensor, col_sq: torch.T
     return row_sq[flat_index // in_features] * col_sq[flat_index % in_features] * scale
 
 
-def newton_gain(mean: torch.Tensor, mean_sq: torch.Tensor, steps: int, curvature: torch.Tensor) -> torch.Tensor:
-    """Predicted loss drop of a Newton step at positions with window gradient statistics, [c] -> [c].
+def debiased_square(mean: torch.Tensor, mean_sq: torch.Tensor, steps: int) -> torch.Tensor:
+    """The squared true gradient estimated from a window's per-step ``mean`` and ``mean_sq``, [c] -> [c].
 
-    ``mean`` and ``mean_sq`` are the mean and mean square of the per-step gradient over ``steps``
-    steps. The square of a sample mean overestimates the squared true gradient by the variance of
-    the mean, which would credit every position with fitting the window's noise; with two or more
-    steps that variance, ``(mean_sq − mean²) / (steps − 1)``, is subtracted.
+    The square of a sample mean overestimates the squared true gradient by the variance of the mean,
+    which would credit every position with fitting the window's noise; with two or more steps that
+    variance, ``(mean_sq − mean²) / (steps − 1)``, is subtracted.
     """
     signal = mean * mean
     if steps > 1:
         signal = ((steps * signal - mean_sq) / (steps - 1)).clamp(min=0.0)
-    return signal / (2.0 * curvature.clamp(min=torch.finfo(curvature.dtype).tiny))
+    return signal
+
+
+def newton_gain(mean: torch.Tensor, mean_sq: torch.Tensor, steps: int, curvature: torch.Tensor,
+                rate_sum: float = math.inf) -> torch.Tensor:
+    """Predicted loss drop of a Newton step at positions with window gradient statistics, [c] -> [c].
+
+    ``mean`` and ``mean_sq`` are the mean and mean square of the per-step gradient over ``steps``
+    steps; ``rate_sum`` is not used (see :func:`reachable_gain`).
+    """
+    return debiased_square(mean, mean_sq, steps) / (2.0 * curvature.clamp(min=torch.finfo(curvature.dtype).tiny))
+
+
+def reachable_gain(mean: torch.Tensor, mean_sq: torch.Tensor, steps: int, curvature: torch.Tensor,
+                   rate_sum: float) -> torch.Tensor:
+    """Predicted loss drop of the best step a delta can take under Adam in the rest of the run, [c] -> [c].
+
+    The Newton gain ``m²/2h`` assumes the delta reaches its Newton step ``|m|/h``. Where the
+    curvature is small, as at pruned positions of low-activation columns, that step is far larger
+    than any weight, and the gain credits a revival with a loss drop no run of this length can
+    collect. Adam moves a weight fed a steady gradient by about ``lr · |E g| / √E g²`` a step, so
+    in the rest of the run by at most ``reach = rate_sum · snr``, with ``rate_sum`` the sum of the
+    learning rates left. On the quadratic model the best step within that reach is
+    ``s = min(|m|/h, reach)`` and its loss drop ``|m|·s − ½·h·s²``: the Newton gain where the
+    Newton step is reachable, about ``|m|·reach`` where it is not.
+    """
+    if math.isinf(rate_sum):  # no schedule known (no optimizer attached): nothing bounds the step
+        return newton_gain(mean, mean_sq, steps, curvature)
+    tiny = torch.finfo(curvature.dtype).tiny
+    signal = debiased_square(mean, mean_sq, steps)
+    slope, curvature = signal.sqrt(), curvature.clamp(min=tiny)
+    snr = (signal / mean_sq.clamp(min=tiny)).sqrt().clamp(max=1.0)
+    step = torch.minimum(slope / curvature, rate_sum * snr)
+    return slope * step - 0.5 * curvature * step * step
+
+
+GAIN_ESTIMATES: dict[str, GainEstimate] = {"newton": newton_gain, "reachable": reachable_gain}

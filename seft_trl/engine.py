@@ -16,6 +16,7 @@ Every check runs before the model is touched, so bad input leaves it unchanged.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Iterator
 
@@ -255,7 +256,7 @@ class SparsityEvolution:
         fraction = self.scheduled_drop_fraction(self.step_count)
         stats = {}
         for name, layer in self.layers.items():
-            stats[name], moved_slots, mean_sq = layer.update_topology(layer.swap_count(fraction))
+            stats[name], moved_slots, mean_sq = layer.update_topology(layer.swap_count(fraction), self.rates_left(layer))
             if self.optimizer is None:
                 continue
             if self.config.seed_moments:
@@ -264,6 +265,18 @@ class SparsityEvolution:
                 reset_optimizer_slots(self.optimizer, layer.delta, moved_slots)
         self.last_update = stats
         return stats
+
+    def rates_left(self, layer: SparseDeltaLinear) -> float:
+        """The learning rates of ``layer``'s deltas left in the run, summed; inf without an optimizer.
+
+        The scheduler is not the engine's to see, so the rate is taken to decay from its current
+        value to zero by the last step, as the linear and cosine schedules do: half the current
+        rate times the steps left (an overestimate late in a cosine decay, where this matters least).
+        """
+        if self.optimizer is None or self.total_steps is None:
+            return math.inf
+        group = next(g for g in self.optimizer.param_groups if any(p is layer.delta for p in g["params"]))
+        return 0.5 * float(group["lr"]) * max(0, self.total_steps - self.step_count)
 
     # -------------------------------------------------------------------------------- output
     def merge(self) -> nn.Module:

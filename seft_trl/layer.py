@@ -15,6 +15,7 @@ positions) is recomputed from the weight when needed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,15 +25,16 @@ from torch import nn
 
 from .config import SparsityEvolutionConfig
 from .criteria import (
+    GAIN_ESTIMATES,
     GROWTH_CRITERIA,
     REMOVAL_CRITERIA,
     SWAP_TESTS,
+    GainEstimate,
     GrowthScore,
     RemovalScore,
     SwapTest,
     curvature_at,
     lookup,
-    newton_gain,
     taylor_removal_cost,
 )
 from .kernels import SamplingPattern, dense_weight_gradient, sampled_weight_gradient, token_square_sums
@@ -60,6 +62,7 @@ class TopologyCriteria:
     growth: GrowthScore
     removal: RemovalScore
     swap_test: SwapTest | None
+    gain: GainEstimate
     regrow_pruned: bool
     drop_mode: str
 
@@ -70,6 +73,7 @@ class TopologyCriteria:
             growth=lookup(GROWTH_CRITERIA, "growth_criterion", config.growth_criterion),
             removal=lookup(REMOVAL_CRITERIA, "removal_criterion", config.removal_criterion),
             swap_test=lookup(SWAP_TESTS, "swap_test", config.swap_test),
+            gain=lookup(GAIN_ESTIMATES, "gain_estimate", config.gain_estimate),
             regrow_pruned=config.revives_pruned(pattern is not None and pattern.is_nm),
             drop_mode=config.drop_mode,
         )
@@ -358,8 +362,11 @@ class SparseDeltaLinear(nn.Module):
         return all(bool(torch.isfinite(t).all()) for t in (window.grad_sum, window.grad_sq_sum, window.row_sq, window.col_sq))
 
     @torch.no_grad()
-    def update_topology(self, n_swaps: int) -> tuple[UpdateStats, torch.Tensor, torch.Tensor]:
+    def update_topology(self, n_swaps: int, rate_sum: float = math.inf) -> tuple[UpdateStats, torch.Tensor, torch.Tensor]:
         """Swap up to ``n_swaps`` deltas, decided on the window's statistics, and close the window.
+
+        ``rate_sum``: the learning rates left in the run, summed (inf when unknown), which bounds how
+        far a delta can still move (``gain_estimate="reachable"``).
 
         Returns the stats, the delta slots whose position changed, and for them the mean-square
         gradient at their new positions in the optimizer's scale (the second-moment seeds).
@@ -369,7 +376,7 @@ class SparseDeltaLinear(nn.Module):
         empty = self.delta_index.new_empty(0)
         if window is None or n_swaps == 0 or window.steps == 0:
             return self._stats(0, 0, 0, 0), empty, self.delta.new_empty(0)
-        plan = self._plan(window, n_swaps)
+        plan = self._plan(window, n_swaps, rate_sum)
         self._apply_plan(plan)
         k, steps, scale = self.delta_index.numel(), window.steps, window.optimizer_scale
         grown = k + plan.grow_candidate
@@ -377,7 +384,7 @@ class SparseDeltaLinear(nn.Module):
         stats = self._stats(plan.grow_index.numel(), plan.revived, plan.remove_index.numel(), plan.refused)
         return stats, plan.drop_slots, mean_sq
 
-    def _plan(self, window: WindowStatistics, n_swaps: int) -> SwapPlan:
+    def _plan(self, window: WindowStatistics, n_swaps: int, rate_sum: float) -> SwapPlan:
         criteria = self.criteria
         grow_index, remove_index = window.candidates.grow_index, window.candidates.remove_index
         k, cg = self.delta_index.numel(), grow_index.numel()
@@ -386,7 +393,7 @@ class SparseDeltaLinear(nn.Module):
         mean, mean_sq = window.grad_sum / steps, window.grad_sq_sum / steps
         # Per-step curvature in the units of the summed per-rank losses (criteria module docstring).
         curvature = curvature_at(positions, window.row_sq, window.col_sq, 1.0 / (self.world_size * steps * steps))
-        gain = newton_gain(mean, mean_sq, steps, curvature)
+        gain = criteria.gain(mean, mean_sq, steps, curvature, rate_sum)
 
         forgone = gain[:k]  # a dropped delta stops training: it gives up its own predicted gain
         if criteria.drop_mode == "revert":  # and reverting its value changes the loss by -δ·g + ½δ²h

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -143,6 +144,25 @@ def test_no_revival_when_regrow_pruned_is_off(pruned_llama):
     assert all(s.revived == 0 and s.removed == 0 for _, stats in updates for s in stats.values())
     for name, layer in seft.layers.items():
         assert torch.equal(layer.weight == 0, start[name] == 0)
+
+
+def test_reachable_gain_sees_the_learning_rate_left_and_keeps_the_budget(pruned_llama):
+    model = pruned_llama
+    seft = SparsityEvolution(model, SparsityEvolutionConfig(gain_estimate="reachable", **FAST))
+    layer = next(iter(seft.layers.values()))
+    assert seft.rates_left(layer) == math.inf  # no optimizer yet: nothing bounds a step
+    optimizer = torch.optim.AdamW(seft.parameters(), lr=1e-2)
+    budgets = {name: int(layer.support_budget) for name, layer in seft.layers.items()}
+    seen = []
+
+    def check(step):
+        seen.append(seft.rates_left(layer))
+        assert all(int((l.weight != 0).sum()) <= budgets[n] for n, l in seft.layers.items())
+
+    updates = train(model, seft, 12, optimizer=optimizer, after_step=check)
+    # Half the current rate times the steps left: the rate is taken to decay to zero by the end.
+    assert seen[0] == pytest.approx(0.5 * 1e-2 * 11) and seen[-1] == 0.0
+    assert sum(s.grown for _, stats in updates for s in stats.values()) > 0
 
 
 @pytest.mark.parametrize("schedule,swap_test", [("cosine", "none"), ("linear", "none"), ("cosine", "taylor")])
@@ -367,7 +387,7 @@ def test_bad_config_values_are_rejected(config):
         SparsityEvolutionConfig(**config)
 
 
-@pytest.mark.parametrize("option", ["growth_criterion", "removal_criterion", "swap_test"])
+@pytest.mark.parametrize("option", ["growth_criterion", "removal_criterion", "swap_test", "gain_estimate"])
 def test_unknown_criterion_is_an_error_that_lists_the_choices(option):
     with pytest.raises(ValueError, match=f"Unknown {option} 'bogus': choose one of"):
         SparsityEvolutionConfig(**{option: "bogus"})

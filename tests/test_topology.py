@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from seft_trl.criteria import GROWTH_CRITERIA, REMOVAL_CRITERIA, SWAP_TESTS
+from seft_trl.criteria import GAIN_ESTIMATES, GROWTH_CRITERIA, REMOVAL_CRITERIA, SWAP_TESTS
 from seft_trl.patterns import Scope, SparsityPattern, detect_pattern, satisfies
 from seft_trl.topology import drop_fraction_at, is_update_step, plan_swap, select_candidates
 
@@ -97,6 +99,38 @@ def test_swap_test_refuses_a_revival_whose_cost_exceeds_its_gain():
     # ... and what the dropped delta would still have gained counts against the swap.
     forgone = torch.full((6,), 1.5)
     assert plan(grow_gain=L([2.0]), remove_cost=L([1.0]), drop_forgone=forgone, **one_revival).grow_index.numel() == 0
+
+
+def test_reachable_gain_is_newtons_within_reach_and_bounded_by_slope_times_reach_beyond():
+    newton, reachable = GAIN_ESTIMATES["newton"], GAIN_ESTIMATES["reachable"]
+    # A steady gradient (mean_sq = mean², one step: no noise to remove, snr 1) of slope 2 at three
+    # curvatures: Newton steps 2/4 = 0.5, 2/1 = 2 and 2/0.01 = 200; reach = rate_sum = 1.
+    mean, curvature = torch.full((3,), 2.0), torch.tensor([4.0, 1.0, 0.01])
+    full, bounded = newton(mean, mean * mean, 1, curvature), reachable(mean, mean * mean, 1, curvature, 1.0)
+    torch.testing.assert_close(full, torch.tensor([0.5, 2.0, 200.0]))
+    assert bounded[0] == full[0]  # the Newton step is within reach: same gain
+    torch.testing.assert_close(bounded[1:], torch.tensor([2.0 - 0.5, 2.0 - 0.005]))  # |m|·1 − ½·h·1²
+    assert bool((bounded <= full).all()) and bool((bounded <= 2.0 * 1.0).all())
+    # Noise shrinks the reach: snr = |E g| / √E g² = 2 / 4 (the mean square also carries the variance).
+    noisy = reachable(mean, torch.full((3,), 16.0), 1, curvature, 1.0)
+    torch.testing.assert_close(noisy[2], torch.tensor(2.0 * 0.5 - 0.5 * 0.01 * 0.25))
+    # No schedule known (rate_sum inf): the Newton gain.
+    torch.testing.assert_close(reachable(mean, mean * mean, 1, curvature, math.inf), full)
+
+
+def test_reachable_gain_refuses_a_revival_that_only_an_unreachable_newton_step_pays_for():
+    # A pruned position in a quiet column: slope 1, curvature 1e-4, so a Newton step of 1e4 and a
+    # Newton gain of 5000; the kept weight that pays costs 0.5. With 0.1 of learning rate left in
+    # the run the delta can move 0.1 at most: gain ≈ 0.1 < 0.5, and the swap test refuses.
+    slope, curvature = torch.ones(1), torch.full((1,), 1e-4)
+    one_revival = dict(grow_index=L([100]), grow_score=L([1.0]), grow_revives=L([True]), grow_group=L([0]),
+                       grow_slack=L([0]), remove_index=L([200]), remove_score=L([0.0]), remove_group=L([0]),
+                       remove_cost=L([0.5]), n_swaps=1, swap_test=SWAP_TESTS["taylor"])
+    newton_gain = GAIN_ESTIMATES["newton"](slope, slope, 1, curvature, 0.1)
+    assert plan(grow_gain=newton_gain, **one_revival).revived == 1
+    reachable_gain = GAIN_ESTIMATES["reachable"](slope, slope, 1, curvature, 0.1)
+    refused = plan(grow_gain=reachable_gain, **one_revival)
+    assert refused.revived == 0 and refused.remove_index.numel() == 0 and refused.refused == 1
 
 
 def test_swap_test_ranks_by_net_benefit_and_pairs_the_cheapest_removal():
