@@ -56,6 +56,7 @@ class SEFTConfig(SFTConfig):
     seft_growth_criterion: str = _engine_option("growth_criterion")
     seft_removal_criterion: str = _engine_option("removal_criterion")
     seft_swap_test: str = _engine_option("swap_test")
+    seft_gain_estimate: str = _engine_option("gain_estimate")
     seft_seed_moments: bool = _engine_option("seed_moments")
     seft_sparsity_scope: Literal["layer", "row"] = _engine_option("sparsity_scope")
     seft_sparsity_pattern: str = _engine_option("sparsity_pattern")
