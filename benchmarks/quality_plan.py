@@ -416,7 +416,8 @@ class Benchmark:
         """Grids at FIRST_PATTERN, then the other patterns, the extra seeds and the ablations.
 
         The order puts the decisions later runs depend on (learning rates, the headline baseline)
-        first, and the ablations last (those at fixed support's rate after those at SEFT's); a step that waits on a method outside ``--methods`` is skipped.
+        first, and the ablations last (those at fixed support's rate after those at SEFT's); a step
+        that waits on a method outside ``--methods`` is skipped.
         """
         self.result(UNPRUNED, "dense", 0.0)
         self.result(FIRST_PATTERN, "pruned", 0.0)

@@ -39,7 +39,8 @@ class SparsityEvolutionConfig:
     * ``gain_estimate="newton"``: the paper is silent on the gain. The Newton gain credits a
       position with the loss drop of its Newton step, which at pruned positions of quiet columns
       is far beyond any weight; ``"reachable"`` bounds the step by how far Adam can move the delta
-      in the rest of the run. The long benchmark's ablation measures which repairs better.
+      in the rest of the run. In the long benchmark it was no better on validation and kept most
+      revivals (``benchmarks/results/engine_experiments.md``), so it is an option, not the default.
     * ``regrow_pruned=None``: revival in unstructured models, growth inside the pattern
       in N:M ones (the paper's N:M variant). At 2:4 the weight that pays for a revival
       is one of the two survivors of its group: in the short benchmark revival cost 14%
