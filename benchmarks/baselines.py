@@ -190,15 +190,20 @@ def seft_adapter(model: nn.Module, config: SparsityEvolutionConfig) -> Adapter:
 def engine_adapter(seft: SparsityEvolution) -> Adapter:
     """An engine already injected into its model, as an adapter of the shared loop.
 
-    ``notes["revived"]`` counts the pruned weights revived over the run (as many were removed);
+    ``notes["revived"]`` counts the pruned weights revived over the run (as many were removed),
+    ``notes["swapped"]`` all the deltas moved and ``notes["refused"]`` the ranked swaps the swap test
+    turned down, so a run's log says how much evolution did and how much the test held back;
     ``notes["nonzero_growth"]`` is the :class:`NonzeroGuard`'s maximum growth over the steps (<= 0
     when the budget held); a violation raises :class:`NonzeroBudgetError` at once.
     """
     guard = NonzeroGuard(seft)
-    notes = {"revived": 0.0}
+    notes = {"revived": 0.0, "swapped": 0.0, "refused": 0.0}
 
     def after_step() -> None:  # the engine's optimizer hook has just run this step's update, if any
-        notes["revived"] += sum(stats.revived for stats in seft.last_update.values())
+        for stats in seft.last_update.values():
+            notes["revived"] += stats.revived
+            notes["swapped"] += stats.grown
+            notes["refused"] += stats.refused
         guard.after_step()
         # Set after the first step; a resumed run's notes hold the steps before the checkpoint.
         notes["nonzero_growth"] = float(max(guard.max_growth, notes.get("nonzero_growth", -math.inf)))

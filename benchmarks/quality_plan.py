@@ -155,7 +155,8 @@ def train(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], lr: f
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        adapter.notes.update(saved["notes"])
+        # A count the checkpoint's code did not keep is unknown for the whole run, not zero.
+        adapter.notes.update({key: math.nan for key in adapter.notes} | saved["notes"])
         losses, start, earlier_s = saved["losses"], saved["steps"], saved["train_s"]
         print(f"  resumed at step {start} of {len(batches)}", flush=True)
     adapter.attach(optimizer, len(batches), start)
@@ -236,6 +237,12 @@ def kept(before: SparsityReport, after: SparsityReport) -> bool:
     """No layer holds more nonzeros than after pruning, and an N:M pattern still holds."""
     per_layer = all(a.nonzeros <= b.nonzeros for a, b in zip(after.layers, before.layers))
     return per_layer and after.pattern_holds
+
+
+def count_note(notes: dict[str, float], key: str) -> int | None:
+    """An adapter's count as a run-log cell: None where it was not counted (no engine, or an old checkpoint)."""
+    value = notes.get(key, math.nan)
+    return None if math.isnan(value) else int(value)
 
 
 class Benchmark:
@@ -365,6 +372,7 @@ class Benchmark:
                 sparsity_kept=kept(before, after), trainable=count, revived=int(adapter.notes.get("revived", 0)),
                 final_loss=final_loss, train_s=train_s, wall_s=wall_s,
                 nonzero_growth=None if growth is None or name == "lora*" else int(growth),
+                swapped=count_note(adapter.notes, "swapped"), refused=count_note(adapter.notes, "refused"),
             ))
             print(f"[{pattern}] {name:17s} lr {lr:.2e} seed {seed}: val {val:8.2f}  test {test:8.2f}  "
                   f"sparsity {after.sparsity:.2%} kept {results[-1].sparsity_kept}  ({train_s:.0f} s train, "

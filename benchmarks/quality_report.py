@@ -163,8 +163,21 @@ def ablation_rows(bench: Benchmark) -> list[list[str]]:
             tests = [run.test_ppl for run in runs]
             versus = f"{statistics.mean(tests) / statistics.mean(seft) - 1:+.1%}" if seft else PENDING
             rows.append([pattern, name, change, spread(tests), versus, gap_cell(bench, pattern, runs),
-                         f"{runs[0].revived:,}"])
+                         swaps_cell(runs[0])])
     return rows
+
+
+SWAPS_HEADER = "moved / revived / refused"
+
+
+def swaps_cell(run: RunResult) -> str:
+    """Deltas moved, pruned weights revived and swaps the test refused over the run (seed 0's run).
+
+    Runs logged before the moves and refusals were counted show only their revivals.
+    """
+    if run.swapped is None:
+        return f"- / {run.revived:,} / -"
+    return f"{run.swapped:,} / {run.revived:,} / {run.refused:,}"
 
 
 def fixed_rate_section(bench: Benchmark) -> list[str]:
@@ -174,7 +187,7 @@ def fixed_rate_section(bench: Benchmark) -> list[str]:
     return [f"## At fixed support's learning rate ({FIRST_PATTERN}, seed 0; vs fixed support: test perplexity)", "",
             "Evolution's best rate lies below fixed support's; these runs say which part of evolution fails "
             "at the rate fixed support prefers.", "",
-            markdown_table(["method", "change", "lr", "val ppl", "test ppl", "vs fixed support", "revived"],
+            markdown_table(["method", "change", "lr", "val ppl", "test ppl", "vs fixed support", SWAPS_HEADER],
                            rows) if rows else "Pending: fixed support's grid.",
             ""]
 
@@ -194,7 +207,7 @@ def fixed_rate_rows(bench: Benchmark) -> list[list[str]]:
             rows.append([method, change, f"{lr:g}"] + [PENDING] * 4)
             continue
         rows.append([method, change, f"{lr:g}", f"{run.val_ppl:.2f}", f"{run.test_ppl:.2f}",
-                     f"{run.test_ppl / fixed.test_ppl - 1:+.1%}", f"{run.revived:,}"])
+                     f"{run.test_ppl / fixed.test_ppl - 1:+.1%}", swaps_cell(run)])
     return rows
 
 
@@ -293,7 +306,7 @@ def write_results(bench: Benchmark, folder: Path, wall_s: float, note: str) -> N
         "",
         "## Ablations (SEFT with one option changed, at SEFT's learning rate; vs SEFT: test perplexity)",
         "",
-        markdown_table(["pattern", "ablation", "change", "test ppl", "vs SEFT", "gap recovered", "revived"],
+        markdown_table(["pattern", "ablation", "change", "test ppl", "vs SEFT", "gap recovered", SWAPS_HEADER],
                        ablation_rows(bench)),
         "",
         *fixed_rate_section(bench),

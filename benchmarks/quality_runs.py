@@ -51,6 +51,9 @@ class RunResult:
     wall_s: float = math.nan  # the whole run: adapter, training, merge, evaluation
     # SEFT-engine methods: max over steps and layers of (nonzeros - nonzeros after pruning); <= 0 when kept.
     nonzero_growth: int | None = None
+    # SEFT-engine methods: deltas moved over the run, and ranked swaps the swap test turned down.
+    swapped: int | None = None
+    refused: int | None = None
 
     @property
     def key(self) -> RunKey:
@@ -66,7 +69,7 @@ def _parse(row: dict[str, str | None]) -> RunResult:
             continue
         if field.name == "sparsity_kept":
             values[field.name] = text == "True"
-        elif field.name in ("seed", "trainable", "revived", "nonzero_growth"):
+        elif field.name in ("seed", "trainable", "revived", "nonzero_growth", "swapped", "refused"):
             values[field.name] = int(text)
         elif field.name in ("pattern", "method"):
             values[field.name] = text

@@ -23,7 +23,7 @@ SCRIPT = Path(__file__).parents[1] / "benchmarks" / "quality.py"
 sys.path.insert(0, str(SCRIPT.parent))  # the benchmark modules import each other by bare name
 
 from baselines import NonzeroBudgetError, masked_full_adapter, peft_lora_adapter, seft_adapter  # noqa: E402
-from quality_plan import LONG, Benchmark, pruning_fingerprint, train  # noqa: E402
+from quality_plan import LONG, Benchmark, count_note, pruning_fingerprint, train  # noqa: E402
 from quality_runs import OutOfTime, RunCheckpoint, RunResult, append_run, read_runs  # noqa: E402
 from quality_workloads import quick_workload  # noqa: E402
 
@@ -76,6 +76,12 @@ def test_quality_quick_runs_every_method_and_keeps_sparsity(tmp_path: Path) -> N
         revives = pattern != "2:4"
         assert (int(runs[(pattern, "seft")]["revived"]) > 0) == revives
         assert (int(runs[(pattern, revival_ablation[pattern])]["revived"]) > 0) != revives
+        # Engine runs log how much evolution moved and what the swap test held back; others log nothing.
+        seft = runs[(pattern, "seft")]
+        assert int(seft["swapped"]) >= max(1, int(seft["revived"])) and int(seft["refused"]) >= 0
+        assert int(runs[(pattern, "fixed_deltas")]["swapped"]) == 0
+        assert int(runs[(pattern, "seft_no_swap_test")]["refused"]) == 0
+        assert runs[(pattern, "masked_lora")]["swapped"] == runs[(pattern, "masked_lora")]["refused"] == ""
         # Every method trains the same number of parameters except masked full fine-tuning.
         counts = {int(runs[(pattern, m)]["trainable"]) for m in sparse_methods - {"masked_full"}}
         assert len(counts) == 1 and int(runs[(pattern, "masked_full")]["trainable"]) > counts.pop()
@@ -214,9 +220,10 @@ def test_run_log_reads_old_rows_with_defaults_and_rewrites_them_under_the_new_he
 
     new = RunResult("unpruned", "dense", 0.0, 0, 30.0, 31.1, 0.0, False, 0, 0, math.nan, 0.0, wall_s=12.0)
     append_run(log, new)
-    assert log.read_text().splitlines()[0] == old_header + ",wall_s,nonzero_growth"
+    assert log.read_text().splitlines()[0] == old_header + ",wall_s,nonzero_growth,swapped,refused"
     runs = read_runs(log)
     assert runs[old.key].revived == 329280 and math.isnan(runs[old.key].wall_s) and runs[old.key].nonzero_growth is None
+    assert runs[old.key].swapped is None and runs[old.key].refused is None
     assert runs[new.key].wall_s == 12.0 and runs[new.key].nonzero_growth is None
 
 
@@ -252,6 +259,26 @@ def test_a_run_paused_at_the_deadline_resumes_mid_run_to_the_uninterrupted_resul
     if method == "seft":
         assert notes["revived"] > 0  # the resumed window led to an update that revived weights
     assert torch.load(path, weights_only=False)["steps"] == 4  # the periodic save; the last step saves nothing
+
+
+def test_a_count_the_checkpoint_lacks_is_unknown_after_resuming_not_zero(tmp_path: Path) -> None:
+    batches = [random_batch(2, 16, seed=step) for step in range(4)]
+    path = tmp_path / "partial" / "run.pt"
+
+    def run(checkpoint: RunCheckpoint) -> dict[str, float]:
+        model = prune_linears(tiny_model("llama"))
+        adapter = RESUMABLE_ADAPTERS["seft"](model)
+        train(model, adapter, batches, 1e-2, checkpoint)
+        return adapter.notes
+
+    with pytest.raises(OutOfTime):
+        run(RunCheckpoint(path, every=4, deadline=-math.inf))
+    saved = torch.load(path, weights_only=False)
+    del saved["notes"]["swapped"]  # as a checkpoint written before moves were counted
+    torch.save(saved, path)
+    notes = run(RunCheckpoint(path, every=4))
+    assert count_note(notes, "swapped") is None
+    assert count_note(notes, "refused") == int(notes["refused"]) >= 0 and count_note(notes, "revived") > 0
 
 
 def test_swap_probe_measures_every_update_and_none_for_fixed_support() -> None:
