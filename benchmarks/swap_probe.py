@@ -10,6 +10,7 @@ fixed support (``{"drop_fraction": 0.0}``, no updates at all).
 
     python benchmarks/swap_probe.py --pattern 2:4 '{"drop_fraction": 0.0}' '{}' '{"regrow_pruned": true}'
     python benchmarks/swap_probe.py --quick '{}'     # tiny random model, seconds
+    python benchmarks/swap_probe.py --regime long --pattern 50% --lr 6e-3 --steps 60 '{"drop_fraction": 0.0}' '{}'
 
 About 4 minutes a variant on 2 cores, after Wanda (~3 minutes, once).
 """
@@ -20,13 +21,14 @@ import argparse
 import copy
 import json
 import statistics
+from typing import Callable
 
 import torch
 from torch import nn
 
 from baselines import PROJECTIONS, engine_adapter, lora_trainable_count
 from quality_plan import PATTERNS, train, wanda
-from quality_workloads import Workload, lee_workload, quick_workload
+from quality_workloads import Workload, lee_workload, quick_workload, wikipedia_workload
 from seft_trl import SparsityEvolution, SparsityEvolutionConfig
 
 
@@ -52,8 +54,55 @@ def probe(pruned: nn.Module, work: Workload, options: dict, lr: float, steps: in
         return stats
 
     seft.update_topology = measured_update
-    train(model, engine_adapter(seft), work.batches(0), lr, stop=steps)
-    return {"options": options, "lr": lr, "steps": steps, "held_loss": held_loss(model, held), "updates": updates}
+    adapter = engine_adapter(seft)
+    mean_step = {"value": 0.0}
+    adapter.after_step = step_sizes(seft, adapter.after_step, updates, mean_step)
+    train(model, adapter, work.batches(0), lr, stop=steps)
+    return {"options": options, "lr": lr, "steps": steps, "held_loss": held_loss(model, held), "updates": updates,
+            "mean_step": mean_step["value"]}
+
+
+def step_sizes(seft: SparsityEvolution, after_step: Callable[[], None], updates: list[dict],
+               mean_step: dict[str, float]) -> Callable[[], None]:
+    """Wrap ``after_step`` to measure how far the slots an update moved travel, against the others.
+
+    Adam moves a weight by about lr × (signal-to-noise of its gradient) a step, so whether evolution's
+    trainable set is "hotter" than fixed support's shows in the mean |Δδ| a step of the slots moved
+    at the latest update over that of the slots that stayed. Each update's entry gains
+    ``moved_step`` / ``kept_step`` (mean |Δδ| a step until the next update) and their ratio;
+    ``mean_step["value"]`` is every slot's mean |Δδ| a step over the probe (fixed support too).
+    """
+    previous = {name: layer.delta.detach().clone() for name, layer in seft.layers.items()}
+    positions = {name: layer.delta_index.clone() for name, layer in seft.layers.items()}
+    moved = {name: torch.zeros_like(layer.delta, dtype=torch.bool) for name, layer in seft.layers.items()}
+    sums = {"moved": 0.0, "kept": 0.0, "moved_n": 0, "kept_n": 0}
+    whole = {"sum": 0.0, "n": 0}  # every slot over the whole probe, for fixed support as well
+
+    def measured() -> None:
+        after_step()
+        if updates and updates[-1]["step"] == seft.step_count:  # this step ended with an update: a new period
+            for name, layer in seft.layers.items():
+                moved[name] = layer.delta_index != positions[name]
+                positions[name] = layer.delta_index.clone()
+                previous[name] = layer.delta.detach().clone()
+            sums.update(moved=0.0, kept=0.0, moved_n=0, kept_n=0)
+            return
+        for name, layer in seft.layers.items():
+            change = (layer.delta.detach() - previous[name]).abs()
+            previous[name] = layer.delta.detach().clone()
+            sums["moved"] += float(change[moved[name]].sum())
+            sums["kept"] += float(change[~moved[name]].sum())
+            sums["moved_n"] += int(moved[name].sum())
+            sums["kept_n"] += int((~moved[name]).sum())
+            whole["sum"] += float(change.sum())
+            whole["n"] += change.numel()
+        mean_step["value"] = whole["sum"] / max(1, whole["n"])
+        if updates:  # the period's means so far, in the update that opened it
+            moved_step, kept_step = sums["moved"] / max(1, sums["moved_n"]), sums["kept"] / max(1, sums["kept_n"])
+            updates[-1].update(moved_step=moved_step, kept_step=kept_step,
+                               step_ratio=moved_step / kept_step if kept_step else None)
+
+    return measured
 
 
 def main() -> None:
@@ -63,11 +112,20 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=7.83e-3, help="default: SEFT's chosen short-regime rate")
     parser.add_argument("--steps", type=int, default=16, help="steps of the 32-step run to train")
     parser.add_argument("--held-batches", type=int, default=8, help="batches of seed 1's order to measure on")
+    parser.add_argument("--regime", choices=("short", "long"), default="short",
+                        help="whose run to probe the beginning of; long: Wikipedia, 256 × 4 × 256, the engine's "
+                        "cadence (updates at steps 20, 40, ...)")
     parser.add_argument("--quick", action="store_true", help="tiny random model: a smoke test")
     args = parser.parse_args()
     variants = [json.loads(text) for text in args.variants]
 
-    work = quick_workload(8, long=False) if args.quick else lee_workload(32, 4, 128, 512, 8, 24)
+    long = args.regime == "long"
+    if args.quick:
+        work = quick_workload(8, long=long)
+    elif long:
+        work = wikipedia_workload(256, 4, 256, 512, 8)
+    else:
+        work = lee_workload(32, 4, 128, 512, 8, 24)
     steps = min(args.steps, work.steps)
     pruned = work.load_model()
     wanda(pruned, args.pattern, work)
@@ -78,9 +136,10 @@ def main() -> None:
         for u in result["updates"]:
             print(f"  update at step {u['step']}: held-out loss {u['loss_before']:.4f} -> {u['loss_after']:.4f} "
                   f"({u['loss_after'] - u['loss_before']:+.4f}); grown {u['grown']:,}, revived {u['revived']:,}, "
-                  f"refused {u['refused']:,}", flush=True)
-        print(f"[{args.pattern}] {json.dumps(options)}: held-out loss {result['held_loss']:.4f} after {steps} steps",
-              flush=True)
+                  f"refused {u['refused']:,}; a step after it, moved slots {u.get('moved_step', 0):.2e}, "
+                  f"others {u.get('kept_step', 0):.2e} (ratio {u.get('step_ratio') or 0:.2f})", flush=True)
+        print(f"[{args.pattern}] {json.dumps(options)}: held-out loss {result['held_loss']:.4f} after {steps} steps, "
+              f"mean |Δδ| a step {result['mean_step']:.2e}", flush=True)
         print("RESULT " + json.dumps(result), flush=True)
 
 
