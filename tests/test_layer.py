@@ -189,3 +189,24 @@ def test_swap_test_revives_only_where_the_gain_exceeds_the_cost(kept_weight, rev
     else:
         assert stats.revived == stats.removed == 0 and stats.refused == 1 and layer.delta_index.tolist() == [0]
         assert layer.weight[0, 2] == kept_weight and moved.numel() == 0
+
+
+@pytest.mark.parametrize("density", [0.01, 0.05])  # sampled and dense paths
+def test_after_a_topology_update_the_delta_gradient_is_taken_at_the_new_positions(density):
+    layer = make_layer(out_features=96, in_features=160, density=density)
+    torch.manual_seed(2)
+    layer.begin_window(layer.swap_count(0.5), 4.0)
+    for _ in range(3):
+        x, g = torch.randn(32, 160), torch.randn(32, 96)
+        layer(x).backward(g)
+        layer.close_step()
+        layer.delta.grad = None
+    before = layer.delta_index.clone()
+    assert layer.finalize_window()
+    stats, _, _ = layer.update_topology(layer.swap_count(0.5))
+    assert stats.grown > 0 and not torch.equal(layer.delta_index, before)  # some slots moved
+
+    x, g = torch.randn(32, 160), torch.randn(32, 96)
+    _, _, reference = dense_reference(layer, x, g)  # the gradient of W' at the slots' current positions
+    layer(x).backward(g)
+    torch.testing.assert_close(layer.delta.grad, reference, rtol=1e-5, atol=1e-5)
