@@ -23,7 +23,7 @@ test: install
 bench-layer: install
 	$(PY) benchmarks/layer_speed.py
 
-# Everything that needs a GPU in one unattended run of at most 7.5 minutes (CUDA tests, layer and
+# Everything that needs a GPU in one unattended run of at most 8 minutes (CUDA tests, layer, kernel and
 # model speed and memory) into benchmarks/results/gpu.md; DRY_RUN=1 rehearses it on the CPU.
 gpu-check: install
 	$(PY) benchmarks/gpu_check.py $(if $(DRY_RUN),--dry-run)

@@ -1,4 +1,4 @@
-"""The prepared GPU check: everything that needs a GPU, in one run of at most 7.5 minutes, into results/gpu.md.
+"""The prepared GPU check: everything that needs a GPU, in one run of at most 8 minutes, into results/gpu.md.
 
 GPU machines are lent rarely and briefly, so the check is one script that runs unattended:
 
@@ -8,7 +8,10 @@ GPU machines are lent rarely and briefly, so the check is one script that runs u
    8-bit optimizer state of 2¹⁷-element deltas, AdEMAMix, and bitwise resume inside a window
    through the Trainer.
 2. **Layer speed** at 4096×11008 (``layer_speed.py --device cuda``).
-3. **Model speed and memory**: a ~0.8B LLaMA-shaped model pruned 50%, SEFT against peft LoRA and
+3. **δ-gradient kernels**: the sampled kernels against the dense product at the ~1B model's shapes
+   and 7B's MLP, bf16 and fp32 (``delta_grad_kernels.py --device cuda``): what the cost rule's
+   CUDA constant stands on.
+4. **Model speed and memory**: a ~0.8B LLaMA-shaped model pruned 50%, SEFT against peft LoRA and
    the floor, with bf16, ``adamw_8bit`` and gradient checkpointing (``speed.py``).
 
 Each step runs as its own process under its own time limit, so one failure does not hide the
@@ -59,25 +62,40 @@ def plan(dry_run: bool, workdir: Path) -> list[Step]:
     if dry_run:
         tests = ["tests/test_sampled_kernels.py::test_sampled_kernel_reads_strided_rows_and_handles_no_tokens"]
         layer = ["--device", "cpu", "--layers", "64x96", "--tokens", "64", "--repeats", "2"]
+        kernels = [["--device", "cpu", "--dtype", dtype, "--shapes", "64x96", "--tokens", "64", "--densities", "0.01",
+                    "--repeats", "2"] for dtype in ("bf16", "fp32")]
         model = ["--quick", "--device", "cpu"]
     else:
         tests = CUDA_TESTS
         layer = ["--device", "cuda", "--layers", "4096x11008", "--tokens", "4096", "--repeats", "5", "--large-repeats", "5"]
-        model = ["--device", "cuda", "--model", "llama-large", "--steps", "12"]
-    # The limits share the GPU session's 7.5 minutes; a dry run's only guard against a hang.
-    limits = (600, 600, 600) if dry_run else (180, 90, 180)
+        # bf16 at the ~1B model's shapes and 7B's MLP; fp32 at 7B's MLP only.
+        kernels = [["--device", "cuda", "--dtype", dtype, "--shapes", shapes, "--tokens", "4096",
+                    "--densities", "0.005,0.01,0.02,0.05", "--repeats", "5", "--large-repeats", "5",
+                    "--gather-max-work", "0"]
+                   for dtype, shapes in (("bf16", "2048x5632,5632x2048,2048x2048,4096x11008"), ("fp32", "4096x11008"))]
+        model = ["--device", "cuda", "--model", "llama-large", "--steps", "12", "--rounds", "2"]
+    # The limits (460 s in all) fit the GPU session's 8 minutes; a dry run's only guard against a hang.
+    limits = (600, 600, 600, 600) if dry_run else (110, 40, 40, 230)  # tests, layer, each kernel step, model
+    kernel_steps = [
+        Step(f"delta-gradient kernels, {options[options.index('--dtype') + 1]}",
+             [python, str(BENCHMARKS / "delta_grad_kernels.py"), *options,
+              "--output", str(workdir / f"kernels_{options[options.index('--dtype') + 1]}.md")],
+             limits[2], workdir / f"kernels_{options[options.index('--dtype') + 1]}.md")
+        for options in kernels
+    ]
     return [
         Step("CUDA tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], limits[0]),
         Step("layer speed", [python, str(BENCHMARKS / "layer_speed.py"), *layer, "--output", str(workdir / "layer.md")],
              limits[1], workdir / "layer.md"),
+        *kernel_steps,
         Step("model speed and memory",
              [python, str(BENCHMARKS / "speed.py"), *model, "--optim", "adamw_8bit", "--gradient-checkpointing",
               "--output", str(workdir / "speed.md")],
-             limits[2], workdir / "speed.md"),
+             limits[3], workdir / "speed.md"),
     ]
 
 
-def run(step: Step) -> Outcome:
+def run(step: Step, log_dir: Path | None) -> Outcome:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     started = time.perf_counter()
     try:
@@ -87,6 +105,8 @@ def run(step: Step) -> Outcome:
         returncode = None
         output = "".join(part.decode() if isinstance(part, bytes) else part or "" for part in (stopped.stdout, stopped.stderr))
     seconds = time.perf_counter() - started
+    if log_dir is not None:  # the whole output, where the report keeps only a failure's tail
+        (log_dir / ("".join(c if c.isascii() and c.isalnum() else "_" for c in step.name) + ".log")).write_text(output)
     status = "passed" if returncode == 0 else f"stopped at its {step.limit_s} s limit" if returncode is None else f"failed ({returncode})"
     print(f"{step.name}: {status} in {seconds:.0f} s", flush=True)
     return Outcome(step, returncode, seconds, output[-3000:])
@@ -115,6 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="the same steps at toy sizes on the CPU")
     parser.add_argument("--output", type=Path, default=None, help="default: results/gpu.md (gpu_dry_run.md with --dry-run)")
+    parser.add_argument("--log-dir", type=Path, default=None, help="also write each step's whole output there")
     args = parser.parse_args()
     output = args.output or RESULTS_DIR / ("gpu_dry_run.md" if args.dry_run else "gpu.md")
     if not args.dry_run:
@@ -123,7 +144,7 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("No CUDA device: run the GPU check on a GPU machine, or pass --dry-run to rehearse it here.")
     with tempfile.TemporaryDirectory(prefix="seft-gpu-check-") as workdir:
-        outcomes = [run(step) for step in plan(args.dry_run, Path(workdir))]
+        outcomes = [run(step, args.log_dir) for step in plan(args.dry_run, Path(workdir))]
         write_report(report(outcomes, args.dry_run), output)
     if any(outcome.returncode != 0 for outcome in outcomes):
         raise SystemExit(1)

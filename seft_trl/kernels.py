@@ -16,9 +16,11 @@ by a factor that depends on the kernel, the layer and the machine's BLAS; the co
 when ``k * SAMPLED_ENTRY_COST[kernel] < out * in`` and otherwise takes the dense product and
 gathers. Numba's factor was 4-16 on a 2-core EPYC, sampled_addmm's 5-43 there and 16-170 on a
 2-core Xeon with a faster BLAS; the constants sit at the top of those ranges, because the dense
-path also costs a transient out × in fp32 matrix. Triton's constant is sampled_addmm's until the
-GPU check measures CUDA's. The CPU paths work over token chunks where they convert dtypes, which
-bounds the fp32 copies of g and x.
+path also costs a transient out × in fp32 matrix. On an H200 (``benchmarks/results/gpu.md``, T =
+4096) the Triton kernel's factor was 309-432 in fp32 and 837-2797 in bf16, where the dense product
+runs on the tensor cores: a gather kernel cannot compete there, so the rule takes the dense
+product on CUDA at every density above 0.25%. The CPU paths work over token chunks where they
+convert dtypes, which bounds the fp32 copies of g and x.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 # Cost of one sampled entry relative to one dense entry, per sampled kernel (measured; see the
 # module docstring).
-SAMPLED_ENTRY_COST = {"numba": 16, "sampled_addmm": 40, "triton": 40}
+SAMPLED_ENTRY_COST = {"numba": 16, "sampled_addmm": 40, "triton": 400}
 # Tokens per chunk: bounds the fp32 copies of g and x (chunk × (out + in) floats).
 TOKEN_CHUNK = 1024
 KERNELS = ("dense", *SAMPLED_ENTRY_COST)
@@ -90,7 +92,13 @@ class SamplingPattern:
 
 
 def dense_weight_gradient(grad_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """fp32 gᵀx: grad_output [T, out], x [T, in] -> [out, in], over token chunks."""
+    """fp32 gᵀx: grad_output [T, out], x [T, in] -> [out, in], over token chunks.
+
+    On CUDA, 16-bit inputs go to the tensor cores as they are, accumulating into fp32 output
+    (``out_dtype``): no fp32 copies of g and x, and a GEMM an order of magnitude faster than fp32's.
+    """
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and grad_output.dtype == x.dtype:
+        return torch.mm(grad_output.t(), x, out_dtype=torch.float32)
     grad = torch.zeros(grad_output.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
     for start in range(0, x.shape[0], TOKEN_CHUNK):
         g = grad_output[start : start + TOKEN_CHUNK].float()

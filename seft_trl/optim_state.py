@@ -84,8 +84,20 @@ def _normalize(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _write_bnb_codes(codes: torch.Tensor, qmap: torch.Tensor, absmax: torch.Tensor, slots, values) -> None:
+    """Write the nearest codes in each block's existing scale.
+
+    A paged optimizer's codes are managed memory that torch sees as a CPU tensor while its scales
+    stay on the GPU: the codes are computed beside the scales and written through the host, after
+    the GPU has finished with the buffer (bitsandbytes itself syncs after a paged step).
+    """
+    slots, values = slots.to(absmax.device), values.to(absmax.device)
     block_scale = absmax.view(-1)[slots // _BNB_BLOCK]
-    codes.view(-1)[slots] = _nearest_codes(qmap, _normalize(values, block_scale)).to(torch.uint8)
+    new = _nearest_codes(qmap.to(absmax.device), _normalize(values, block_scale)).to(torch.uint8)
+    if codes.device != absmax.device:
+        if absmax.is_cuda:
+            torch.cuda.synchronize(absmax.device)
+        slots, new = slots.to(codes.device), new.to(codes.device)
+    codes.view(-1)[slots] = new
 
 
 def _write_torchao_codes(state: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
