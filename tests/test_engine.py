@@ -15,6 +15,7 @@ from seft_trl import (
     SparseDeltaLinear,
     SparsityEvolution,
     SparsityEvolutionConfig,
+    merged_state_dict,
     sparsity_report,
 )
 
@@ -253,6 +254,40 @@ def test_merge_loads_into_the_original_architecture_with_identical_logits(pruned
     report_after = sparsity_report(fresh)
     assert report_after.nonzeros <= sum(layer.budget for layer in report_before.layers)
     assert report_after.sparsity >= 0.5
+
+
+@pytest.mark.parametrize("density", [0.1, 0.01])  # the dense and the sampled δ-gradient paths
+def test_delta_gradients_equal_dense_autograd_of_the_merged_model_across_updates(density):
+    # The reference is a plain copy of the model holding W' (merged_state_dict), differentiated by
+    # ordinary autograd: independent of the layer's backward, its kernels and its positions.
+    model = prune_linears(tiny_model("llama"))
+    seft = SparsityEvolution(model, SparsityEvolutionConfig(**{**FAST, "density": density}))
+    reference = tiny_model("llama")
+    checked = []
+
+    def compare(ids):
+        reference.load_state_dict(merged_state_dict(model), strict=True)
+        for name, parameter in reference.named_parameters():
+            parameter.requires_grad_(name.removesuffix(".weight") in seft.layers)
+        reference(input_ids=ids, labels=ids).loss.backward()
+        for name, layer in seft.layers.items():
+            expected = reference.get_submodule(name).weight.grad.view(-1)[layer.delta_index]
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(layer.delta.grad, expected, rtol=1e-4, atol=1e-6 * scale)
+        reference.zero_grad(set_to_none=True)
+        checked.append(seft.step_count)
+
+    optimizer = torch.optim.AdamW(seft.parameters(), lr=1e-2)
+    seft.attach(optimizer, total_steps=12)
+    moved = 0
+    for step in range(12):
+        ids = random_batch(seed=step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        compare(ids)
+        optimizer.step()
+        optimizer.zero_grad()
+        moved += sum(stats.grown for stats in seft.last_update.values())
+    assert len(checked) == 12 and moved > 0  # gradients were checked after positions moved
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
