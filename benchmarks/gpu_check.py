@@ -62,26 +62,25 @@ def plan(dry_run: bool, workdir: Path) -> list[Step]:
     if dry_run:
         tests = ["tests/test_sampled_kernels.py::test_sampled_kernel_reads_strided_rows_and_handles_no_tokens"]
         layer = ["--device", "cpu", "--layers", "64x96", "--tokens", "64", "--repeats", "2"]
-        kernels = [["--device", "cpu", "--dtype", dtype, "--shapes", "64x96", "--tokens", "64", "--densities", "0.01",
-                    "--repeats", "2"] for dtype in ("bf16", "fp32")]
+        kernels = {dtype: ["--device", "cpu", "--dtype", dtype, "--shapes", "64x96", "--tokens", "64",
+                           "--densities", "0.01", "--repeats", "2"] for dtype in ("bf16", "fp32")}
         model = ["--quick", "--device", "cpu"]
     else:
         tests = CUDA_TESTS
         layer = ["--device", "cuda", "--layers", "4096x11008", "--tokens", "4096", "--repeats", "5", "--large-repeats", "5"]
         # bf16 at the ~1B model's shapes and 7B's MLP; fp32 at 7B's MLP only.
-        kernels = [["--device", "cuda", "--dtype", dtype, "--shapes", shapes, "--tokens", "4096",
-                    "--densities", "0.005,0.01,0.02,0.05", "--repeats", "5", "--large-repeats", "5",
-                    "--gather-max-work", "0"]
-                   for dtype, shapes in (("bf16", "2048x5632,5632x2048,2048x2048,4096x11008"), ("fp32", "4096x11008"))]
+        kernels = {dtype: ["--device", "cuda", "--dtype", dtype, "--shapes", shapes, "--tokens", "4096",
+                           "--densities", "0.005,0.01,0.02,0.05", "--repeats", "5", "--large-repeats", "5",
+                           "--gather-max-work", "0"]
+                   for dtype, shapes in (("bf16", "2048x5632,5632x2048,2048x2048,4096x11008"), ("fp32", "4096x11008"))}
         model = ["--device", "cuda", "--model", "llama-large", "--steps", "12", "--rounds", "2"]
     # The limits (460 s in all) fit the GPU session's 8 minutes; a dry run's only guard against a hang.
     limits = (600, 600, 600, 600) if dry_run else (110, 40, 40, 230)  # tests, layer, each kernel step, model
     kernel_steps = [
-        Step(f"delta-gradient kernels, {options[options.index('--dtype') + 1]}",
-             [python, str(BENCHMARKS / "delta_grad_kernels.py"), *options,
-              "--output", str(workdir / f"kernels_{options[options.index('--dtype') + 1]}.md")],
-             limits[2], workdir / f"kernels_{options[options.index('--dtype') + 1]}.md")
-        for options in kernels
+        Step(f"delta-gradient kernels, {dtype}",
+             [python, str(BENCHMARKS / "delta_grad_kernels.py"), *options, "--output", str(workdir / f"kernels_{dtype}.md")],
+             limits[2], workdir / f"kernels_{dtype}.md")
+        for dtype, options in kernels.items()
     ]
     return [
         Step("CUDA tests", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], limits[0]),

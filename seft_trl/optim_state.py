@@ -90,7 +90,7 @@ def _write_bnb_codes(codes: torch.Tensor, qmap: torch.Tensor, absmax: torch.Tens
     stay on the GPU: the codes are computed beside the scales and written through the host, after
     the GPU has finished with the buffer (bitsandbytes itself syncs after a paged step).
     """
-    slots, values = slots.to(absmax.device), values.to(absmax.device)
+    slots, values = slots.to(absmax.device), values.to(absmax.device, torch.float32)
     block_scale = absmax.view(-1)[slots // _BNB_BLOCK]
     new = _nearest_codes(qmap.to(absmax.device), _normalize(values, block_scale)).to(torch.uint8)
     if codes.device != absmax.device:
@@ -116,12 +116,13 @@ def _write_torchao_codes(state: torch.Tensor, slots: torch.Tensor, values: torch
 
 def _write(buffer: torch.Tensor, slots: torch.Tensor, values: torch.Tensor, qmap=None, absmax=None) -> None:
     """Write float ``values`` [s] at ``slots`` of one state buffer, whatever its storage."""
-    slots = slots.to(buffer.device if not hasattr(buffer, "codes") else buffer.codes.device)
-    values = values.to(slots.device, torch.float32)
+    if buffer.dtype == torch.uint8:  # bitsandbytes codes: computed beside their block scales
+        _write_bnb_codes(buffer, qmap, absmax, slots, values)
+        return
+    device = buffer.codes.device if hasattr(buffer, "codes") else buffer.device
+    slots, values = slots.to(device), values.to(device, torch.float32)
     if hasattr(buffer, "codes") and hasattr(buffer, "qmap"):
         _write_torchao_codes(buffer, slots, values)
-    elif buffer.dtype == torch.uint8:
-        _write_bnb_codes(buffer, qmap, absmax, slots, values)
     else:
         buffer.view(-1)[slots] = values.to(buffer.dtype)
 
