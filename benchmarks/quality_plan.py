@@ -128,12 +128,13 @@ LONG = Regime(
         "seft_drop0.1": {"drop_fraction": 0.1},
         "seft_drop0.4": {"drop_fraction": 0.4},
         "seft_reachable_gain": {"gain_estimate": "reachable"},
+        "seft_column_cap2": {"column_cap": 2.0},
     },
     # A long run takes 30-60 min on the 2-core machine: at 2:4 and 70% only revival is ablated, the
     # option whose default depends on the pattern; the short regime ablates everything everywhere.
     ablations_everywhere=("seft_no_revival", "seft_revival"),
     stem="quality_long",
-    at_fixed_rate=("seft_no_revival", "seft_drop0.1", "seft_zero_moments"),
+    at_fixed_rate=("seft_no_revival", "seft_drop0.1", "seft_zero_moments", "seft_column_cap2"),
 )
 REGIMES = {regime.name: regime for regime in (SHORT, LONG)}
 

@@ -37,8 +37,16 @@ def held_loss(model: nn.Module, held: list[torch.Tensor]) -> float:
     return statistics.mean(model(input_ids=batch, labels=batch).loss.item() for batch in held)
 
 
-def probe(pruned: nn.Module, work: Workload, options: dict, lr: float, steps: int, held: list[torch.Tensor]) -> dict:
-    """One variant: the loss jump of every update, the swap counts, and the held-out loss after ``steps``."""
+def probe(pruned: nn.Module, work: Workload, options: dict, lr: float, steps: int, held: list[torch.Tensor],
+          freeze_moved: bool = False) -> dict:
+    """One variant: the loss jump of every update, the swap counts, and the held-out loss after ``steps``.
+
+    Each update's entry also says how concentrated its grown deltas are: ``busy_column_share``, the
+    median over layers of the share of the layer's grown deltas that land in its 5% busiest input
+    columns (0.05 if spread evenly). ``freeze_moved`` holds the slots an update moved at zero until
+    the next update: the dropped deltas stop training and the grown ones never start, which says
+    whether the loss after a move is lost in the grown slots' training or in the dropped slots'.
+    """
     model = copy.deepcopy(pruned)
     config = SparsityEvolutionConfig(num_deltas=lora_trainable_count(model, work.rank), target_modules=PROJECTIONS,
                                      seed=0, **{**work.cadence, **options})
@@ -46,20 +54,53 @@ def probe(pruned: nn.Module, work: Workload, options: dict, lr: float, steps: in
     updates = []
     update = seft.update_topology
 
+    moved: dict[str, torch.Tensor] = {}
+
     def measured_update():  # the engine calls this inside the optimizer step that ends a window
         before = held_loss(model, held)
+        positions = {name: layer.delta_index.clone() for name, layer in seft.layers.items()}
         stats = update()
+        shares = []
+        for name, layer in seft.layers.items():
+            moved[name] = torch.nonzero(layer.delta_index != positions[name]).squeeze(1)
+            if moved[name].numel():
+                shares.append(busy_column_share(layer.delta_index[moved[name]], layer.in_features))
         updates.append({"step": seft.step_count, "loss_before": before, "loss_after": held_loss(model, held),
-                        **{key: sum(getattr(s, key) for s in stats.values()) for key in ("grown", "revived", "refused")}})
+                        **{key: sum(getattr(s, key) for s in stats.values()) for key in ("grown", "revived", "refused")},
+                        "busy_column_share": statistics.median(shares) if shares else None})
         return stats
 
     seft.update_topology = measured_update
     adapter = engine_adapter(seft)
     mean_step = {"value": 0.0}
     adapter.after_step = step_sizes(seft, adapter.after_step, updates, mean_step)
+    if freeze_moved:
+        adapter.after_step = holding_at_zero(seft, adapter.after_step, moved)
     train(model, adapter, work.batches(0), lr, stop=steps)
     return {"options": options, "lr": lr, "steps": steps, "held_loss": held_loss(model, held), "updates": updates,
-            "mean_step": mean_step["value"]}
+            "mean_step": mean_step["value"], "freeze_moved": freeze_moved}
+
+
+def busy_column_share(flat_index: torch.Tensor, in_features: int) -> float:
+    """Share of the positions [n] that lie in the 5% of input columns holding the most of them."""
+    per_column = torch.bincount(flat_index.long() % in_features, minlength=in_features)
+    busiest = torch.sort(per_column, descending=True).values[: max(1, in_features // 20)]
+    return float(busiest.sum()) / flat_index.numel()
+
+
+def holding_at_zero(seft: SparsityEvolution, after_step: Callable[[], None],
+                    moved: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """Wrap ``after_step`` to put the slots in ``moved`` (per layer, refilled by every update) back to zero."""
+
+    @torch.no_grad()
+    def held() -> None:
+        for name, slots in moved.items():
+            layer = seft.layers[name]
+            layer.delta[slots] = 0.0
+            layer.materialize()
+        after_step()
+
+    return held
 
 
 def step_sizes(seft: SparsityEvolution, after_step: Callable[[], None], updates: list[dict],
@@ -116,6 +157,8 @@ def main() -> None:
                         help="whose run to probe the beginning of; long: Wikipedia, 256 × 4 × 256, the engine's "
                         "cadence (updates at steps 20, 40, ...)")
     parser.add_argument("--quick", action="store_true", help="tiny random model: a smoke test")
+    parser.add_argument("--freeze-moved", action="store_true",
+                        help="hold the slots each update moves at zero until the next update (every variant)")
     args = parser.parse_args()
     variants = [json.loads(text) for text in args.variants]
 
@@ -132,12 +175,13 @@ def main() -> None:
     held = work.batches(1)[: args.held_batches]
     print(f"[{args.pattern}] pruned: held-out loss {held_loss(pruned, held):.4f}", flush=True)
     for options in variants:
-        result = probe(pruned, work, options, args.lr, steps, held)
+        result = probe(pruned, work, options, args.lr, steps, held, args.freeze_moved)
         for u in result["updates"]:
             print(f"  update at step {u['step']}: held-out loss {u['loss_before']:.4f} -> {u['loss_after']:.4f} "
                   f"({u['loss_after'] - u['loss_before']:+.4f}); grown {u['grown']:,}, revived {u['revived']:,}, "
                   f"refused {u['refused']:,}; a step after it, moved slots {u.get('moved_step', 0):.2e}, "
-                  f"others {u.get('kept_step', 0):.2e} (ratio {u.get('step_ratio') or 0:.2f})", flush=True)
+                  f"others {u.get('kept_step', 0):.2e} (ratio {u.get('step_ratio') or 0:.2f}); grown in the 5% busiest "
+                  f"columns {u['busy_column_share'] or 0:.0%}", flush=True)
         print(f"[{args.pattern}] {json.dumps(options)}: held-out loss {result['held_loss']:.4f} after {steps} steps, "
               f"mean |Δδ| a step {result['mean_step']:.2e}", flush=True)
         print("RESULT " + json.dumps(result), flush=True)

@@ -144,6 +144,14 @@ class SparsityEvolutionConfig:
         default=4.0,
         metadata={"help": "Candidates tracked per layer for growth and removal, as a multiple of the swaps."},
     )
+    column_cap: float | None = field(
+        default=None,
+        metadata={
+            "help": "Most deltas an input column may hold after growth, as a multiple of the layer's mean deltas "
+            "per column (None: no cap). Growth by |grad| piles deltas into the few input columns of largest "
+            "activations; a cap of 2 keeps it near the spread of the initial random placement."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the initial delta positions."})
 
     def revives_pruned(self, nm_pattern: bool) -> bool:
@@ -177,6 +185,11 @@ class SparsityEvolutionConfig:
             raise ValueError(f"drop_mode must be freeze or revert, got {self.drop_mode!r}.")
         if self.candidate_factor < 1.0:
             raise ValueError(f"candidate_factor must be >= 1, got {self.candidate_factor}.")
+        if self.column_cap is not None and self.column_cap < 1.0:
+            raise ValueError(
+                f"column_cap must be None (no cap) or >= 1 (a multiple of the mean deltas per column), "
+                f"got {self.column_cap}."
+            )
         if self.sparsity_pattern != "auto":
             from .patterns import SparsityPattern
 

@@ -65,6 +65,7 @@ class TopologyCriteria:
     gain: GainEstimate
     regrow_pruned: bool
     drop_mode: str
+    column_cap: float | None = None
 
     @classmethod
     def from_config(cls, config: SparsityEvolutionConfig, pattern: SparsityPattern | None = None) -> "TopologyCriteria":
@@ -76,6 +77,7 @@ class TopologyCriteria:
             gain=lookup(GAIN_ESTIMATES, "gain_estimate", config.gain_estimate),
             regrow_pruned=config.revives_pruned(pattern is not None and pattern.is_nm),
             drop_mode=config.drop_mode,
+            column_cap=config.column_cap,
         )
 
 
@@ -405,6 +407,12 @@ class SparseDeltaLinear(nn.Module):
         group_budget = self.scope.group_budget(self.support_budget, self.row_budget)
         group_slack = (group_budget - self.scope.group_support(support)).clamp(min=0)
         grow_group = self.scope.group_of(grow_index)
+        grow_column = grow_column_room = None
+        if criteria.column_cap is not None:
+            grow_column = grow_index % self.in_features
+            per_column = torch.bincount(self.delta_index.long() % self.in_features, minlength=self.in_features)
+            cap = math.ceil(criteria.column_cap * k / self.in_features)
+            grow_column_room = (cap - per_column[grow_column]).clamp(min=0)
         return plan_swap(
             delta_magnitude=self.delta.detach().abs(),
             drop_forgone=forgone,
@@ -421,6 +429,8 @@ class SparseDeltaLinear(nn.Module):
             remove_group=self.scope.group_of(remove_index),
             n_swaps=n_swaps,
             swap_test=criteria.swap_test,
+            grow_column=grow_column,
+            grow_column_room=grow_column_room,
         )
 
     def _apply_plan(self, plan: SwapPlan) -> None:

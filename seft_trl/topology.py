@@ -12,7 +12,10 @@ One update (every ``update_interval`` optimizer steps) moves up to ``n_swaps`` d
 * **test**: with a swap test, candidates are ranked by net benefit, the predicted gain of the
   grown delta minus the predicted cost of the weight removed to pay for it, and a pair moves only
   where that exceeds what the dropped delta would still have gained. Fewer pairs than ``n_swaps``
-  may move (none, when nothing is worth it); the number of deltas never changes.
+  may move (none, when nothing is worth it); the number of deltas never changes;
+* **spread** (optional): an input column takes grown deltas only up to its room under a cap, so
+  growth cannot pile the layer's deltas into the few columns of largest activations, where they all
+  move the outputs along one input feature (see ``column_cap`` in :mod:`seft_trl.config`).
 
 Candidates are chosen from one dense gradient at the start of the accumulation window
 (:func:`select_candidates`) and decided at the update from the statistics accumulated over the
@@ -224,6 +227,8 @@ def plan_swap(
     remove_group: torch.Tensor,
     n_swaps: int,
     swap_test: SwapTest | None,
+    grow_column: torch.Tensor | None = None,
+    grow_column_room: torch.Tensor | None = None,
 ) -> SwapPlan:
     """Decide one update; see the module docstring.
 
@@ -233,6 +238,9 @@ def plan_swap(
     Per removal candidate [cr]: removal score (lower goes first), predicted cost, group.
     ``swap_test`` None ranks by growth score and swaps every feasible pair; a test ranks by net
     benefit (gain − cost of the removal that pays) and keeps the pairs it accepts.
+    ``grow_column`` / ``grow_column_room`` [cg]: each candidate's input column and how many more
+    deltas that column may take; in priority order, candidates past their column's room are passed
+    over (None: no cap).
     """
     order = torch.sort(grow_score, descending=True, stable=True).indices
     feasible, payment = _assign_payments(
@@ -244,9 +252,16 @@ def plan_swap(
         paid = payment >= 0
         cost[paid] = remove_cost[payment[paid]]
         benefit = grow_gain[candidate] - cost
-        by_benefit = torch.sort(benefit, descending=True, stable=True).indices[:n_swaps]
+        by_benefit = torch.sort(benefit, descending=True, stable=True).indices
         candidate, payment, benefit = candidate[by_benefit], payment[by_benefit], benefit[by_benefit]
+    if grow_column_room is not None:
+        fits = _rank_within_groups(grow_column[candidate]) < grow_column_room[candidate]
+        candidate, payment = candidate[fits], payment[fits]
+        if swap_test is not None:
+            benefit = benefit[fits]
     candidate, payment = candidate[:n_swaps], payment[:n_swaps]
+    if swap_test is not None:
+        benefit = benefit[:n_swaps]
     drop_slots = torch.sort(delta_magnitude, stable=True).indices[: candidate.numel()]
     refused = 0
     if swap_test is not None:

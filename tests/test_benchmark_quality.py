@@ -292,3 +292,16 @@ def test_swap_probe_measures_every_update_and_none_for_fixed_support() -> None:
     assert [u["step"] for u in seft["updates"]] == [2, 4]  # quick cadence: every 2 steps until 80% of 8
     assert all(u["grown"] > 0 and math.isfinite(u["loss_after"] - u["loss_before"]) for u in seft["updates"])
     assert sum(u["revived"] for u in seft["updates"]) > 0
+    assert all(0.05 <= u["busy_column_share"] <= 1.0 for u in seft["updates"])
+
+
+def test_swap_probe_freeze_holds_moved_slots_at_zero() -> None:
+    """Frozen, the slots an update moved never step; the others still do."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    probe = [sys.executable, str(SCRIPT.parent / "swap_probe.py"), "--quick", "--pattern", "50%", "--freeze-moved", "{}"]
+    done = subprocess.run(probe, cwd=SCRIPT.parents[1], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (seft,) = [json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert seft["freeze_moved"] and len(seft["updates"]) == 2
+    first = seft["updates"][0]  # its period runs to the second update: moved slots held, the others trained
+    assert first["moved_step"] == 0.0 and first["kept_step"] > 0.0

@@ -147,6 +147,35 @@ def test_no_revival_when_regrow_pruned_is_off(pruned_llama):
         assert torch.equal(layer.weight == 0, start[name] == 0)
 
 
+def columns_grown_past_cap(column_cap: float | None) -> tuple[int, int]:
+    """Train a pruned tiny LLaMA 12 steps; count (grown deltas, times a column grew past ceil(1 x mean))."""
+    model = prune_linears(tiny_model("llama"))
+    seft = SparsityEvolution(model, SparsityEvolutionConfig(column_cap=column_cap, drop_schedule="constant", **FAST))
+    counts = {}
+    past = 0
+
+    def check(step):
+        nonlocal past
+        for name, layer in seft.layers.items():
+            now = torch.bincount(layer.delta_index.long() % layer.in_features, minlength=layer.in_features)
+            cap = math.ceil(layer.delta_index.numel() / layer.in_features)
+            if name in counts:
+                past += int((now > torch.clamp(counts[name], min=cap)).sum())
+            counts[name] = now
+
+    check(-1)
+    updates = train(model, seft, 12, after_step=check, batch_seed=0)
+    return sum(s.grown for _, stats in updates for s in stats.values()), past
+
+
+def test_column_cap_keeps_growth_out_of_full_columns():
+    """With the cap no update adds a delta to a column at its cap; without it, growth does."""
+    grown, past = columns_grown_past_cap(1.0)
+    assert grown > 0 and past == 0
+    grown, past = columns_grown_past_cap(None)
+    assert grown > 0 and past > 0  # the check above could fail: uncapped growth piles into columns
+
+
 def test_reachable_gain_sees_the_learning_rate_left_and_keeps_the_budget(pruned_llama):
     model = pruned_llama
     seft = SparsityEvolution(model, SparsityEvolutionConfig(gain_estimate="reachable", **FAST))
@@ -415,7 +444,8 @@ def test_bad_input_raises_before_changing_the_model(pruned_llama, config, messag
 
 
 @pytest.mark.parametrize(
-    "config", [dict(density=0.0), dict(density=1.5), dict(accumulation_steps=30), dict(sparsity_pattern="5:4")]
+    "config", [dict(density=0.0), dict(density=1.5), dict(accumulation_steps=30), dict(sparsity_pattern="5:4"),
+               dict(column_cap=0.5)]
 )
 def test_bad_config_values_are_rejected(config):
     with pytest.raises(ValueError):

@@ -55,6 +55,21 @@ def test_plan_grows_top_scores_drops_smallest_and_pays_each_revival():
     assert p.remove_index.tolist() == [201, 202]  # lowest scores 0.1, 0.2
 
 
+def test_column_cap_passes_over_candidates_past_their_columns_room():
+    # Priority 101, 102 (column 0), 103 (column 1), 100 (column 0); column 0 has room for one more.
+    p = plan(grow_column=L([0, 0, 0, 1]), grow_column_room=L([1, 1, 1, 5]))
+    assert sorted(p.grow_index.tolist()) == [101, 103]  # 102 and 100 are past column 0's room
+    assert p.drop_slots.tolist() == [1, 3]  # only as many slots move as positions grow
+    assert p.revived == 1 and p.remove_index.tolist() == [201]  # 102's payment is not spent
+
+
+def test_column_cap_follows_the_swap_tests_ranking():
+    # Ranked by benefit (gain - cost), 100 comes first in column 0 and takes its only room.
+    p = plan(grow_column=L([0, 0, 0, 1]), grow_column_room=L([1, 1, 1, 1]), grow_gain=L([9.0, 1.0, 1.0, 1.0]),
+             swap_test=SWAP_TESTS["taylor"], drop_forgone=torch.full((6,), -1.0))
+    assert sorted(p.grow_index.tolist()) == [100, 103] and p.revived == 0 and p.remove_index.numel() == 0
+
+
 def test_plan_uses_slack_before_removing():
     p = plan(grow_slack=L([1, 1, 1, 1]))
     assert p.revived == 2 and p.remove_index.tolist() == [201]

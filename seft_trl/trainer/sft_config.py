@@ -62,6 +62,7 @@ class SEFTConfig(SFTConfig):
     seft_sparsity_pattern: str = _engine_option("sparsity_pattern")
     seft_drop_mode: Literal["freeze", "revert"] = _engine_option("drop_mode")
     seft_candidate_factor: float = _engine_option("candidate_factor")
+    seft_column_cap: float | None = _engine_option("column_cap")
     seft_min_8bit_size: int = field(
         default=0,
         metadata={
