@@ -49,6 +49,10 @@ class SparsityEvolutionConfig:
       window's mean-square gradient instead of zero, which the global bias correction
       would turn into steps of several times the learning rate; its first moment starts
       at zero, so it ramps up (:mod:`seft_trl.optim_state`).
+    * ``column_cap=None``: growth by |grad| puts about half of the grown deltas into the 5% of
+      input columns with the largest activations, and training them there cost more held-out loss
+      than not training them (a probe at 6e-3; a cap of 2 removed the loss). Off until the long
+      benchmark has judged it over whole runs (``benchmarks/results/engine_experiments.md``).
     """
 
     density: float | None = field(
