@@ -54,7 +54,8 @@ def probe(pruned: nn.Module, work: Workload, options: dict, lr: float, steps: in
     updates = []
     update = seft.update_topology
 
-    moved: dict[str, torch.Tensor] = {}
+    # Per layer, the slots [k] (bool) whose position the latest update changed.
+    moved = {name: torch.zeros_like(layer.delta, dtype=torch.bool) for name, layer in seft.layers.items()}
 
     def measured_update():  # the engine calls this inside the optimizer step that ends a window
         before = held_loss(model, held)
@@ -62,8 +63,8 @@ def probe(pruned: nn.Module, work: Workload, options: dict, lr: float, steps: in
         stats = update()
         shares = []
         for name, layer in seft.layers.items():
-            moved[name] = torch.nonzero(layer.delta_index != positions[name]).squeeze(1)
-            if moved[name].numel():
+            moved[name] = layer.delta_index != positions[name]
+            if bool(moved[name].any()):
                 shares.append(busy_column_share(layer.delta_index[moved[name]], layer.in_features))
         updates.append({"step": seft.step_count, "loss_before": before, "loss_after": held_loss(model, held),
                         **{key: sum(getattr(s, key) for s in stats.values()) for key in ("grown", "revived", "refused")},
@@ -73,7 +74,7 @@ def probe(pruned: nn.Module, work: Workload, options: dict, lr: float, steps: in
     seft.update_topology = measured_update
     adapter = engine_adapter(seft)
     mean_step = {"value": 0.0}
-    adapter.after_step = step_sizes(seft, adapter.after_step, updates, mean_step)
+    adapter.after_step = step_sizes(seft, adapter.after_step, updates, moved, mean_step)
     if freeze_moved:
         adapter.after_step = holding_at_zero(seft, adapter.after_step, moved)
     train(model, adapter, work.batches(0), lr, stop=steps)
@@ -93,18 +94,18 @@ def holding_at_zero(seft: SparsityEvolution, after_step: Callable[[], None],
     """Wrap ``after_step`` to put the slots in ``moved`` (per layer, refilled by every update) back to zero."""
 
     @torch.no_grad()
-    def held() -> None:
+    def hold_then_step() -> None:
         for name, slots in moved.items():
             layer = seft.layers[name]
             layer.delta[slots] = 0.0
             layer.materialize()
         after_step()
 
-    return held
+    return hold_then_step
 
 
 def step_sizes(seft: SparsityEvolution, after_step: Callable[[], None], updates: list[dict],
-               mean_step: dict[str, float]) -> Callable[[], None]:
+               moved: dict[str, torch.Tensor], mean_step: dict[str, float]) -> Callable[[], None]:
     """Wrap ``after_step`` to measure how far the slots an update moved travel, against the others.
 
     Adam moves a weight by about lr × (signal-to-noise of its gradient) a step, so whether evolution's
@@ -112,10 +113,9 @@ def step_sizes(seft: SparsityEvolution, after_step: Callable[[], None], updates:
     at the latest update over that of the slots that stayed. Each update's entry gains
     ``moved_step`` / ``kept_step`` (mean |Δδ| a step until the next update) and their ratio;
     ``mean_step["value"]`` is every slot's mean |Δδ| a step over the probe (fixed support too).
+    ``moved``: per layer, the slots [k] (bool) the latest update moved (kept by the probe's update).
     """
     previous = {name: layer.delta.detach().clone() for name, layer in seft.layers.items()}
-    positions = {name: layer.delta_index.clone() for name, layer in seft.layers.items()}
-    moved = {name: torch.zeros_like(layer.delta, dtype=torch.bool) for name, layer in seft.layers.items()}
     sums = {"moved": 0.0, "kept": 0.0, "moved_n": 0, "kept_n": 0}
     whole = {"sum": 0.0, "n": 0}  # every slot over the whole probe, for fixed support as well
 
@@ -123,8 +123,6 @@ def step_sizes(seft: SparsityEvolution, after_step: Callable[[], None], updates:
         after_step()
         if updates and updates[-1]["step"] == seft.step_count:  # this step ended with an update: a new period
             for name, layer in seft.layers.items():
-                moved[name] = layer.delta_index != positions[name]
-                positions[name] = layer.delta_index.clone()
                 previous[name] = layer.delta.detach().clone()
             sums.update(moved=0.0, kept=0.0, moved_n=0, kept_n=0)
             return

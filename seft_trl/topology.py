@@ -252,16 +252,16 @@ def plan_swap(
         paid = payment >= 0
         cost[paid] = remove_cost[payment[paid]]
         benefit = grow_gain[candidate] - cost
-        by_benefit = torch.sort(benefit, descending=True, stable=True).indices
-        candidate, payment, benefit = candidate[by_benefit], payment[by_benefit], benefit[by_benefit]
+        ranked = torch.sort(benefit, descending=True, stable=True).indices
+    else:
+        ranked = torch.arange(candidate.numel(), device=candidate.device)  # already in growth-score order
     if grow_column_room is not None:
-        fits = _rank_within_groups(grow_column[candidate]) < grow_column_room[candidate]
-        candidate, payment = candidate[fits], payment[fits]
-        if swap_test is not None:
-            benefit = benefit[fits]
-    candidate, payment = candidate[:n_swaps], payment[:n_swaps]
+        in_order = candidate[ranked]
+        ranked = ranked[_rank_within_groups(grow_column[in_order]) < grow_column_room[in_order]]
+    ranked = ranked[:n_swaps]
+    candidate, payment = candidate[ranked], payment[ranked]
     if swap_test is not None:
-        benefit = benefit[:n_swaps]
+        benefit = benefit[ranked]
     drop_slots = torch.sort(delta_magnitude, stable=True).indices[: candidate.numel()]
     refused = 0
     if swap_test is not None:
