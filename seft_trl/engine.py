@@ -28,6 +28,7 @@ from .config import SparsityEvolutionConfig
 from .layer import SparseDeltaLinear, TopologyCriteria, UpdateStats
 from .optim_state import check_optimizer_supported, reset_optimizer_slots, seed_optimizer_slots, unwrap_optimizer
 from .patterns import Scope, SparsityPattern, detect_pattern, satisfies
+from .sharding import is_sharded, whole
 from .targets import find_target_linears
 from .topology import drop_fraction_at, is_update_step
 
@@ -122,6 +123,11 @@ class SparsityEvolution:
         if any(isinstance(module, SparseDeltaLinear) for module in model.modules()):
             raise ValueError("This model already has SEFT layers; merge it (seft_trl.merge) before injecting again.")
         targets = find_target_linears(model, config.target_modules)
+        if any(is_sharded(linear.weight) for linear in targets.values()):
+            raise ValueError(
+                "The target layers are already sharded (FSDP2): build SparsityEvolution on the whole model first, "
+                "then call fully_shard, then build the optimizer from SparsityEvolution.parameters()."
+            )
         weights = {name: linear.weight.detach() for name, linear in targets.items()}
         self.pattern = _resolve_pattern(weights, config.sparsity_pattern)
         counts = _delta_counts(targets, config)
@@ -153,7 +159,7 @@ class SparsityEvolution:
     @property
     def delta_norm(self) -> float:
         """L2 norm of all deltas together."""
-        return float(torch.sqrt(sum(layer.delta.detach().float().pow(2).sum() for layer in self.layers.values())))
+        return float(torch.sqrt(sum(whole(layer.delta.detach()).float().pow(2).sum() for layer in self.layers.values())))
 
     # ----------------------------------------------------------------------------- training
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -259,10 +265,11 @@ class SparsityEvolution:
             stats[name], moved_slots, mean_sq = layer.update_topology(layer.swap_count(fraction), self.rates_left(layer))
             if self.optimizer is None:
                 continue
+            mine, slots = layer.own_slots(moved_slots)  # under FSDP2 a rank's optimizer holds its slot chunk
             if self.config.seed_moments:
-                seed_optimizer_slots(self.optimizer, layer.delta, moved_slots, mean_sq)
+                seed_optimizer_slots(self.optimizer, layer.delta, slots, mean_sq[mine])
             else:
-                reset_optimizer_slots(self.optimizer, layer.delta, moved_slots)
+                reset_optimizer_slots(self.optimizer, layer.delta, slots)
         self.last_update = stats
         return stats
 

@@ -39,6 +39,7 @@ from .criteria import (
 )
 from .kernels import SamplingPattern, dense_weight_gradient, sampled_weight_gradient, token_square_sums
 from .patterns import Scope, SparsityPattern
+from .sharding import is_sharded, local, own, row_range, whole
 from .topology import Candidates, SwapPlan, plan_swap, select_candidates
 
 
@@ -255,22 +256,36 @@ class SparseDeltaLinear(nn.Module):
     # ------------------------------------------------------------------------------ weights
     @torch.no_grad()
     def materialize(self) -> None:
-        """Write W'[p] = base[p] + δ into the weight at the k delta positions."""
-        self.weight.view(-1)[self.delta_index] = (self.delta_base + self.delta).to(self.weight.dtype)
+        """Write W'[p] = base[p] + δ into the weight at the k delta positions (under FSDP2: in this rank's rows)."""
+        values = (self.delta_base + whole(self.delta.detach())).to(self.weight.dtype)  # [k]
+        if not is_sharded(self.weight):
+            self.weight.view(-1)[self.delta_index] = values
+            return
+        start, end = row_range(self.weight)
+        mine, offsets = own(self.delta_index, start * self.in_features, end * self.in_features)
+        local(self.weight).view(-1)[offsets] = values[mine]
 
     @torch.no_grad()
-    def support_mask(self) -> torch.Tensor:
-        """bool [out, in]: nonzero weights ∪ delta positions (transient; never stored)."""
-        support = self.weight != 0
+    def support_mask(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """bool [out, in]: nonzero weights ∪ delta positions (transient; never stored).
+
+        ``weight``: the layer's whole weight when the caller already holds it (else it is gathered
+        under FSDP2, a collective).
+        """
+        support = (whole(self.weight) if weight is None else weight) != 0
         support.view(-1)[self.delta_index] = True
         return support
 
-    def support_size(self) -> int:
-        return int(self.support_mask().sum())
+    def own_slots(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which delta ``slots`` [s] this rank's optimizer holds, and where in its chunk: (bool [s], offsets)."""
+        return own(slots, *row_range(self.delta))
 
-    def budget_violations(self) -> int:
+    def support_size(self, weight: torch.Tensor | None = None) -> int:
+        return int(self.support_mask(weight).sum())
+
+    def budget_violations(self, weight: torch.Tensor | None = None) -> int:
         """Number of scope groups whose support exceeds their budget (0 when the layer is valid)."""
-        support = self.support_mask()
+        support = self.support_mask(weight)
         over = self.scope.group_support(support) > self.scope.group_budget(self.support_budget, self.row_budget)
         return int(over.sum())
 
@@ -341,7 +356,7 @@ class SparseDeltaLinear(nn.Module):
             if self.delta.grad is not None:
                 # fp64 copies: a reduction over a slice can depend on its memory alignment, which
                 # would make a resumed run differ from an uninterrupted one in the last bits.
-                raw, used = window.step_sum[: self.delta_index.numel()].double(), self.delta.grad.double()
+                raw, used = window.step_sum[: self.delta_index.numel()].double(), whole(self.delta.grad).double()
                 window.counters[1] += (used * raw).sum()  # stays on the device: no sync per step
                 window.counters[2] += (raw * raw).sum()
             window.grad_sum += window.step_sum
@@ -375,18 +390,23 @@ class SparseDeltaLinear(nn.Module):
         """
         window = self._window
         self.discard_window()
-        empty = self.delta_index.new_empty(0)
+        # The whole weight: the parameter itself, or under FSDP2 a gathered copy whose own rows are
+        # written back below, so that every rank decides on the same layer.
+        weight = whole(self.weight.detach())
         if window is None or n_swaps == 0 or window.steps == 0:
-            return self._stats(0, 0, 0, 0), empty, self.delta.new_empty(0)
-        plan = self._plan(window, n_swaps, rate_sum)
-        self._apply_plan(plan)
+            return self._stats(0, 0, 0, 0, weight), self.delta_index.new_empty(0), self.delta_base.new_empty(0).float()
+        plan = self._plan(window, n_swaps, rate_sum, weight)
+        self._apply_plan(plan, weight)
+        if is_sharded(self.weight):
+            start, end = row_range(self.weight)
+            local(self.weight).copy_(weight[start:end])
         k, steps, scale = self.delta_index.numel(), window.steps, window.optimizer_scale
         grown = k + plan.grow_candidate
         mean_sq = window.grad_sq_sum[grown] * (scale * scale / steps)
-        stats = self._stats(plan.grow_index.numel(), plan.revived, plan.remove_index.numel(), plan.refused)
+        stats = self._stats(plan.grow_index.numel(), plan.revived, plan.remove_index.numel(), plan.refused, weight)
         return stats, plan.drop_slots, mean_sq
 
-    def _plan(self, window: WindowStatistics, n_swaps: int, rate_sum: float) -> SwapPlan:
+    def _plan(self, window: WindowStatistics, n_swaps: int, rate_sum: float, weight: torch.Tensor) -> SwapPlan:
         criteria = self.criteria
         grow_index, remove_index = window.candidates.grow_index, window.candidates.remove_index
         k, cg = self.delta_index.numel(), grow_index.numel()
@@ -397,13 +417,13 @@ class SparseDeltaLinear(nn.Module):
         curvature = curvature_at(positions, window.row_sq, window.col_sq, 1.0 / (self.world_size * steps * steps))
         gain = criteria.gain(mean, mean_sq, steps, curvature, rate_sum)
 
+        delta = whole(self.delta.detach())  # [k]
         forgone = gain[:k]  # a dropped delta stops training: it gives up its own predicted gain
         if criteria.drop_mode == "revert":  # and reverting its value changes the loss by -δ·g + ½δ²h
-            delta = self.delta.detach()
             forgone = forgone - delta * mean[:k] + 0.5 * delta * delta * curvature[:k]
         removal = slice(k + cg, None)
-        weight = self.weight.view(-1)[remove_index].float()
-        support = self.support_mask()
+        support = self.support_mask(weight)
+        weight = weight.view(-1)[remove_index].float()
         group_budget = self.scope.group_budget(self.support_budget, self.row_budget)
         group_slack = (group_budget - self.scope.group_support(support)).clamp(min=0)
         grow_group = self.scope.group_of(grow_index)
@@ -414,7 +434,7 @@ class SparseDeltaLinear(nn.Module):
             cap = math.ceil(criteria.column_cap * k / self.in_features)
             grow_column_room = (cap - per_column[grow_column]).clamp(min=0)
         return plan_swap(
-            delta_magnitude=self.delta.detach().abs(),
+            delta_magnitude=delta.abs(),
             drop_forgone=forgone,
             grow_index=grow_index,
             grow_score=criteria.growth(mean[k : k + cg]),
@@ -433,18 +453,20 @@ class SparseDeltaLinear(nn.Module):
             grow_column_room=grow_column_room,
         )
 
-    def _apply_plan(self, plan: SwapPlan) -> None:
-        weight = self.weight.view(-1)
+    def _apply_plan(self, plan: SwapPlan, weight: torch.Tensor) -> None:
+        """Carry out ``plan`` on the layer's whole ``weight`` [out, in], its buffers and this rank's deltas."""
+        weight = weight.view(-1)
         slots = plan.drop_slots
         if self.criteria.drop_mode == "revert":
             weight[self.delta_index[slots]] = self.delta_base[slots]
         weight[plan.remove_index] = 0
         self.delta_index[slots] = plan.grow_index.to(self.delta_index.dtype)
         self.delta_base[slots] = weight[plan.grow_index]
-        self.delta.data[slots] = 0.0
+        local(self.delta.detach())[self.own_slots(slots)[1]] = 0.0
 
-    def _stats(self, swapped: int, revived: int, removed: int, refused: int) -> UpdateStats:
-        return UpdateStats(swapped, swapped, revived, removed, refused, self.support_size(), int(self.support_budget))
+    def _stats(self, swapped: int, revived: int, removed: int, refused: int, weight: torch.Tensor) -> UpdateStats:
+        support = self.support_size(weight)
+        return UpdateStats(swapped, swapped, revived, removed, refused, support, int(self.support_budget))
 
     def extra_repr(self) -> str:
         return (

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import torch
 
+from .sharding import local
+
 _TORCH_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 _MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")  # torch and torchao
 _BNB_BLOCK = 256  # elements per absmax entry of bitsandbytes' blockwise 8-bit state
@@ -116,6 +118,7 @@ def _write_torchao_codes(state: torch.Tensor, slots: torch.Tensor, values: torch
 
 def _write(buffer: torch.Tensor, slots: torch.Tensor, values: torch.Tensor, qmap=None, absmax=None) -> None:
     """Write float ``values`` [s] at ``slots`` of one state buffer, whatever its storage."""
+    buffer = local(buffer)  # under FSDP2, state of this rank's chunk of the slots (slots are chunk offsets)
     if buffer.dtype == torch.uint8:  # bitsandbytes codes: computed beside their block scales
         _write_bnb_codes(buffer, qmap, absmax, slots, values)
         return

@@ -9,6 +9,7 @@ from torch import nn
 
 from .layer import SparseDeltaLinear
 from .patterns import SparsityPattern, detect_pattern, satisfies
+from .sharding import whole
 from .targets import output_embedding_names
 
 
@@ -98,23 +99,23 @@ def sparsity_report(model: nn.Module, pattern: str | None = None) -> SparsityRep
         layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in excluded}
     entries = []
     for name, module in layers.items():
-        weight = module.weight
+        weight = whole(module.weight)  # gathered under FSDP2, one layer at a time
         nonzeros = int(torch.count_nonzero(weight))
         if isinstance(module, SparseDeltaLinear):
-            support, budget = module.support_size(), int(module.support_budget)
-            within = module.budget_violations() == 0
+            support, budget = module.support_size(weight), int(module.support_budget)
+            within = module.budget_violations(weight) == 0
         else:
             support, budget, within = nonzeros, None, True
         entries.append(LayerSparsity(name, tuple(weight.shape), weight.numel(), nonzeros, support, budget, within))
 
     if pattern is not None:
         expected = SparsityPattern.parse(pattern)
-        holds = all(satisfies(m.weight, expected) for m in layers.values())
+        holds = all(satisfies(whole(m.weight), expected) for m in layers.values())
     else:
         scopes = [m.scope for m in layers.values() if isinstance(m, SparseDeltaLinear)]
         if scopes and scopes[0].kind == "nm":
             expected, holds = SparsityPattern(scopes[0].n, scopes[0].m), all(e.within_budget for e in entries)
         else:
-            expected = detect_pattern(m.weight for m in layers.values()) if layers else SparsityPattern()
+            expected = detect_pattern(whole(m.weight) for m in layers.values()) if layers else SparsityPattern()
             holds = True  # the detected pattern holds by construction
     return SparsityReport(entries, str(expected), holds)

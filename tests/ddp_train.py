@@ -1,6 +1,6 @@
 """Trains a tiny pruned model with SEFTSFTTrainer and saves each rank's SEFT state.
 
-Run by tests/test_ddp.py as 2 CPU processes under `accelerate launch` and alone:
+Run by tests/test_ddp.py as 2 CPU processes under `accelerate launch` (DDP or FSDP2) and alone:
 ``ddp_train.py OUTPUT_DIR PER_DEVICE_BATCH [SEFTConfig field=JSON value ...]``.
 """
 
@@ -16,29 +16,35 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).parent))
 
 from seft_trl import SEFTConfig, SEFTSFTTrainer  # noqa: E402
+from seft_trl.sharding import is_sharded, whole  # noqa: E402
 from trainer_helpers import byte_tokenizer, pruned_model, seft_args, text_dataset  # noqa: E402
 
 
-class PatternBuilds(TrainerCallback):
-    """Per optimizer step: sampling patterns built, and whether the step changed the topology."""
+class StepRecord(TrainerCallback):
+    """Per optimizer step: sampling patterns built, whether the step changed the topology, budget violations
+    (layers' groups over budget: the whole layer is checked, gathered under FSDP2) and whether weights are sharded."""
 
     def __init__(self, trainer: SEFTSFTTrainer) -> None:
-        self.trainer, self.steps = trainer, []
+        self.trainer, self.steps, self.violations, self.sharded = trainer, [], [], []
 
     def on_step_end(self, args, state, control, **kwargs):
-        builds = sum(layer.pattern_builds for layer in self.trainer.seft.layers.values())
-        self.steps.append((builds, bool(self.trainer.seft.last_update)))
+        layers = self.trainer.seft.layers.values()
+        self.steps.append((sum(layer.pattern_builds for layer in layers), bool(self.trainer.seft.last_update)))
+        self.violations.append(sum(layer.budget_violations() for layer in layers))
+        self.sharded.append(all(is_sharded(layer.weight) and is_sharded(layer.delta) for layer in layers))
 
 
 def main(output_dir: str, per_device_batch: int, overrides: dict) -> None:
     options = {"per_device_train_batch_size": per_device_batch, "seft_accumulation_steps": 2, **overrides}
     args = SEFTConfig(**seft_args(output_dir, **options))
     trainer = SEFTSFTTrainer(model=pruned_model(), args=args, train_dataset=text_dataset(), processing_class=byte_tokenizer())
-    builds = PatternBuilds(trainer)
-    trainer.add_callback(builds)
+    steps = StepRecord(trainer)
+    trainer.add_callback(steps)
     trainer.train()
     rank = trainer.args.process_index
-    state = {name: (layer.delta_index, layer.delta.detach(), layer.weight.detach()) for name, layer in trainer.seft.layers.items()}
+    # Whole tensors (gathered from every rank under FSDP2, where each holds a chunk).
+    state = {name: (layer.delta_index, whole(layer.delta.detach()), whole(layer.weight.detach()))
+             for name, layer in trainer.seft.layers.items()}
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     revived = sum(entry.get("seft/revived", 0) for entry in trainer.state.log_history)
     reduced = all(layer.stats_all_reduce is not None for layer in trainer.seft.layers.values())
@@ -46,7 +52,7 @@ def main(output_dir: str, per_device_batch: int, overrides: dict) -> None:
     synced = {id(buffer) for buffer in getattr(trainer.model_wrapped, "modules_buffers", [])}
     seft_buffers = [buffer for layer in trainer.seft.layers.values() for buffer in layer.buffers(recurse=False)]
     record = {"state": state, "losses": losses, "revived": revived, "world_size": args.world_size, "reduced": reduced,
-              "pattern_builds": builds.steps, "broadcast_buffers": len(synced),
+              "pattern_builds": steps.steps, "violations": steps.violations, "sharded": steps.sharded, "broadcast_buffers": len(synced),
               "broadcast_seft_buffers": sum(id(buffer) in synced for buffer in seft_buffers)}
     torch.save(record, Path(output_dir) / f"rank{rank}.pt")
 

@@ -1,4 +1,4 @@
-"""Real 2-process DDP on CPU (gloo): every rank takes the same topology decisions."""
+"""Real 2-process DDP and FSDP2 on CPU (gloo): every rank takes the same topology decisions."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import torch
 from seft_trl.kernels import SamplingPattern
 
 SCRIPT = Path(__file__).parent / "ddp_train.py"
-CPU_DDP_CONFIG = Path(__file__).parents[1] / "recipes" / "accelerate" / "cpu_ddp.yaml"
-# The recipes' CPU DDP launch config: 2 processes over gloo.
-LAUNCHER = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP_CONFIG)]
+ACCELERATE_CONFIGS = Path(__file__).parents[1] / "recipes" / "accelerate"
+# The recipes' CPU launch configs: 2 processes over gloo, DDP or FSDP2.
+LAUNCHER = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "cpu_ddp.yaml")]
+# accelerate runs FSDP only on accelerator devices; fsdp_on_cpu.py lets its FSDP2 path run on gloo.
+FSDP2_LAUNCHER = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(ACCELERATE_CONFIGS / "fsdp2_cpu.yaml"), str(Path(__file__).parent / "fsdp_on_cpu.py")]
 
 
 def run(command: list[str], env_extra: dict[str, str]) -> None:
@@ -26,10 +29,20 @@ def run(command: list[str], env_extra: dict[str, str]) -> None:
 def test_two_process_ddp_ranks_agree_and_match_a_single_process(tmp_path):
     run([*LAUNCHER, str(SCRIPT), str(tmp_path / "ddp"), "2"], {"OMP_NUM_THREADS": "1"})
     run([sys.executable, str(SCRIPT), str(tmp_path / "single"), "4"], {})
+    assert_matches_single_process(load_ranks_agreeing(tmp_path / "ddp"), tmp_path / "single")
 
-    rank0 = load_ranks_agreeing(tmp_path / "ddp")
-    single = torch.load(tmp_path / "single" / "rank0.pt")
-    assert single["world_size"] == 1 and not single["reduced"]
+
+def test_two_process_fsdp2_shards_deltas_and_matches_a_single_process(tmp_path):
+    run([*FSDP2_LAUNCHER, str(SCRIPT), str(tmp_path / "fsdp2"), "2"], {"OMP_NUM_THREADS": "1"})
+    run([sys.executable, str(SCRIPT), str(tmp_path / "single"), "4"], {})
+    rank0 = load_ranks_agreeing(tmp_path / "fsdp2", sharded=True)
+    assert all(rank0["sharded"])  # every step ran on DTensor chunks of the weights and deltas
+    assert_matches_single_process(rank0, tmp_path / "single")
+
+
+def assert_matches_single_process(rank0: dict, single_dir: Path) -> None:
+    single = torch.load(single_dir / "rank0.pt")
+    assert single["world_size"] == 1 and not single["reduced"] and not any(single["sharded"])
 
     # Same global batch (2 x 2 vs 4): the same run up to floating-point reduction order, which can
     # flip a swap whose predicted gain and cost are within rounding of each other.
@@ -44,17 +57,19 @@ def test_two_process_ddp_ranks_agree_and_match_a_single_process(tmp_path):
     assert same / total > 0.99 and close / numel > 0.99
 
 
-def load_ranks_agreeing(output_dir: Path) -> dict:
-    """Rank 0's record, after checking that both ranks ran real DDP and hold bitwise the same SEFT state."""
+def load_ranks_agreeing(output_dir: Path, sharded: bool = False) -> dict:
+    """Rank 0's record, after checking that both ranks ran real DDP (or FSDP2) and hold bitwise the same SEFT
+    state (the whole weights and deltas, gathered under FSDP2), within budget after every step."""
     rank0, rank1 = (torch.load(output_dir / f"rank{r}.pt") for r in (0, 1))
-    assert rank0["world_size"] == 2 and rank0["reduced"]  # real DDP, statistics summed over ranks
+    assert rank0["world_size"] == 2 and rank0["reduced"]  # statistics summed over ranks
     assert rank0["revived"] > 0  # topology really evolved
     for name, (index, delta, weight) in rank0["state"].items():
         other = rank1["state"][name]
         assert torch.equal(index, other[0]) and torch.equal(delta, other[1]) and torch.equal(weight, other[2])
     assert rank0["pattern_builds"] == rank1["pattern_builds"]
-    # DDP broadcasts buffers before every forward, but none of SEFT's (about 12 bytes per delta).
-    assert rank0["broadcast_buffers"] > 0 and rank0["broadcast_seft_buffers"] == 0
+    assert rank0["violations"] == [0] * len(rank0["violations"]) == rank1["violations"]
+    if not sharded:  # DDP broadcasts buffers before every forward, but none of SEFT's (about 12 bytes per delta)
+        assert rank0["broadcast_buffers"] > 0 and rank0["broadcast_seft_buffers"] == 0
     return rank0
 
 

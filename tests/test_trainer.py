@@ -240,6 +240,20 @@ def test_bad_input_is_rejected_before_training(tmp_path):
                        train_dataset=dataset, processing_class=tokenizer)
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "FSDP version 1"),
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP version 1"),  # accelerate's default version
+])
+def test_deepspeed_and_fsdp1_launches_are_refused_with_the_way_to_fsdp2(tmp_path, monkeypatch, env, message):
+    args = SEFTConfig(**seft_args(tmp_path))  # built before the launch environment, as accelerate launch would not
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=message) as refused:
+        SEFTSFTTrainer(model=pruned_model(), args=args, train_dataset=text_dataset(), processing_class=byte_tokenizer())
+    assert "fsdp2.yaml" in str(refused.value)
+
+
 def test_dense_model_trains_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="dense"):
         trainer = SEFTSFTTrainer(model=tiny_model(), args=SEFTConfig(**seft_args(tmp_path, max_steps=2)),

@@ -7,6 +7,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..engine import SparsityEvolution
 from ..report import SparsityReport, sparsity_report
+from ..sharding import count_nonzero
 
 
 class SEFTCallback(TrainerCallback):
@@ -61,7 +62,7 @@ class SEFTCallback(TrainerCallback):
         """What the latest update did, summed over layers, and the measured sparsity of the targets."""
         stats = self.engine.last_update.values()
         layers = self.engine.layers.values()
-        nonzeros = sum(int(torch.count_nonzero(layer.weight)) for layer in layers)
+        nonzeros = sum(count_nonzero(layer.weight) for layer in layers)
         numel = sum(layer.weight.numel() for layer in layers)
         return {
             "seft/drop_fraction": self.engine.scheduled_drop_fraction(self.engine.step_count),

@@ -14,6 +14,7 @@ from huggingface_hub import CommitInfo, ModelCard
 from torch import nn
 from transformers import PreTrainedModel, TrainingArguments
 from transformers.trainer_utils import HubStrategy, SaveStrategy
+from transformers.utils import strtobool
 from transformers.utils.hub import hf_api
 from trl import SFTConfig, SFTTrainer
 
@@ -48,12 +49,29 @@ def _as_seft_config(args: TrainingArguments | None, model: str | nn.Module) -> S
     return SEFTConfig(**values)
 
 
+def _sharding_engine(args: SEFTConfig) -> str | None:
+    """'deepspeed', 'fsdp1', 'fsdp2' or None, from the arguments or from ``accelerate launch``'s environment.
+
+    Read before the Trainer builds its accelerator, so that a refusal comes before anything is built.
+    """
+    if args.deepspeed or strtobool(os.environ.get("ACCELERATE_USE_DEEPSPEED", "false")):
+        return "deepspeed"
+    if args.fsdp:  # transformers' own FSDP options: version 2 unless fsdp_config says otherwise
+        return f"fsdp{int((args.fsdp_config or {}).get('version', 2))}"
+    if strtobool(os.environ.get("ACCELERATE_USE_FSDP", "false")):
+        return f"fsdp{int(os.environ.get('FSDP_VERSION', '1'))}"  # accelerate's default version is 1
+    return None
+
+
 def _reject_unsupported(args: SEFTConfig) -> None:
     """Raise, before anything is built or created on the hub, on options SEFT cannot honour."""
-    if args.deepspeed or args.fsdp:
+    engine = _sharding_engine(args)
+    if engine in ("deepspeed", "fsdp1"):
         raise ValueError(
-            "SEFTSFTTrainer supports one device and DDP (accelerate launch --multi_gpu). DeepSpeed and FSDP shard "
-            "weights and optimizer state, which SEFT writes in place slot by slot; remove `deepspeed`/`fsdp`."
+            f"SEFTSFTTrainer does not support {'DeepSpeed' if engine == 'deepspeed' else 'FSDP version 1'}: it flattens "
+            "parameters and shards optimizer state in ways SEFT cannot write slot by slot. To shard a model over "
+            "GPUs use FSDP2: `accelerate launch --config_file recipes/accelerate/fsdp2.yaml` (fsdp_version: 2), or "
+            "fsdp_config={'version': 2}; DDP (--multi_gpu) when the model fits one GPU."
         )
     if args.push_to_hub and args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
         raise ValueError(
