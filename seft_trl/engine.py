@@ -285,6 +285,21 @@ class SparsityEvolution:
         group = next(g for g in self.optimizer.param_groups if any(p is layer.delta for p in g["params"]))
         return 0.5 * float(group["lr"]) * max(0, self.total_steps - self.step_count)
 
+    # ------------------------------------------------------------------------ checkpoints
+    def window_state(self) -> dict[str, torch.Tensor]:
+        """The open accumulation windows, by ``<layer>.<key>``: what a checkpoint inside a window must add.
+
+        A plain state dict already carries them; a sharded one (FSDP2) cannot, so under FSDP2 save
+        this beside the model (the same on every rank: its statistics are summed over ranks).
+        """
+        return {f"{name}.{key}": value for name, layer in self.layers.items() for key, value in layer.window_state().items()}
+
+    def load_window_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the windows saved by :meth:`window_state` (layers without an entry get none)."""
+        for name, layer in self.layers.items():
+            prefix = name + "."
+            layer.load_window_state({key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}, name)
+
     # -------------------------------------------------------------------------------- output
     def merge(self) -> nn.Module:
         """Detach from the optimizer and put plain nn.Linear layers back (see :func:`merge`)."""
@@ -304,15 +319,26 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
     """The state dict ``merge(model)`` would have, without changing ``model``.
 
-    W' already lives in each weight tensor, so merging is dropping the SEFT entries.
+    W' already lives in each weight tensor, so merging is dropping the SEFT entries. Under FSDP2
+    every rank must call this: each sharded entry is gathered in turn (so no rank holds more than
+    one whole tensor on its device) and copied to the CPU where ``keep``; elsewhere it is dropped
+    and the result is empty. Tied entries stay one tensor.
     """
     seft_prefixes = [name + "." for name, m in model.named_modules() if isinstance(m, SparseDeltaLinear)]
     plain = {f"{prefix}{attr}" for prefix in seft_prefixes for attr in ("weight", "bias")}
-    return {
-        key: value
-        for key, value in model.state_dict().items()
-        if key in plain or not any(key.startswith(prefix) for prefix in seft_prefixes)
-    }
+    merged, gathered = {}, {}
+    for key, value in model.state_dict().items():
+        if key not in plain and any(key.startswith(prefix) for prefix in seft_prefixes):
+            continue
+        if is_sharded(value):
+            if id(value) not in gathered:
+                whole_value = whole(value)
+                gathered[id(value)] = whole_value.cpu() if keep else None
+                del whole_value
+            value = gathered[id(value)]
+        if keep:
+            merged[key] = value
+    return merged

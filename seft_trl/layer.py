@@ -292,37 +292,50 @@ class SparseDeltaLinear(nn.Module):
     # ------------------------------------------------------------------- checkpoint / resume
     # An open accumulation window is part of the training state: a checkpoint taken inside a
     # window must resume with the same candidates and statistics. Its tensors change size from
-    # window to window, so they are saved and restored here rather than as buffers.
-    _INDEX_KEYS = ("window_grow_index", "window_remove_index")
+    # window to window, so they are not buffers: the state dict carries them as extra entries.
+    # Under FSDP2 it does not: torch.distributed.checkpoint resolves every entry to a module
+    # attribute and loads only the entries a fresh model has, so there the window travels beside
+    # the model (SparsityEvolution.window_state; the trainer writes it into each checkpoint).
+    WINDOW_KEYS = ("window_grow_index", "window_remove_index", *("window_" + name for name in WindowStatistics.TENSORS))
+
+    def window_state(self) -> dict[str, torch.Tensor]:
+        """The open window's candidates and statistics by key (empty when no window is open)."""
+        window = self._window
+        if window is None:
+            return {}
+        state = {"window_grow_index": window.candidates.grow_index, "window_remove_index": window.candidates.remove_index}
+        state.update({"window_" + name: getattr(window, name) for name in WindowStatistics.TENSORS})
+        return {key: value.clone() for key, value in state.items()}
+
+    def load_window_state(self, state: dict[str, torch.Tensor], where: str = "") -> None:
+        """Restore the window saved by :meth:`window_state` (no window when ``state`` is empty)."""
+        self._window = None
+        if not state:
+            return
+        missing = [key for key in self.WINDOW_KEYS if key not in state]
+        if missing:
+            raise ValueError(
+                f"{where}: the checkpoint's open topology window lacks {', '.join(missing)} (written by an older "
+                "seft_trl). Resume from a checkpoint taken outside an accumulation window, or with that version."
+            )
+        device = self.delta_index.device
+        candidates = Candidates(state["window_grow_index"].to(device), state["window_remove_index"].to(device))
+        # A loader may cast floating-point entries to the model's dtype: restore the window's own.
+        tensors = {
+            name: state["window_" + name].to(device, torch.float64 if name == "counters" else torch.float32)
+            for name in WindowStatistics.TENSORS
+        }
+        self._window = WindowStatistics(candidates, **tensors)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._window is not None:
-            window = self._window
-            destination[prefix + "window_grow_index"] = window.candidates.grow_index.clone()
-            destination[prefix + "window_remove_index"] = window.candidates.remove_index.clone()
-            for name in WindowStatistics.TENSORS:
-                destination[prefix + "window_" + name] = getattr(window, name).clone()
+        if not is_sharded(self.weight):
+            destination.update({prefix + key: value for key, value in self.window_state().items()})
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
-        keys = self._INDEX_KEYS + tuple("window_" + name for name in WindowStatistics.TENSORS)
-        saved = {key: state_dict.pop(prefix + key, None) for key in keys}
-        self._window = None
-        if saved["window_grow_index"] is not None:
-            missing = [key for key, value in saved.items() if value is None]
-            if missing:
-                raise ValueError(
-                    f"{prefix}: the checkpoint's open topology window lacks {', '.join(missing)} (written by an older "
-                    "seft_trl). Resume from a checkpoint taken outside an accumulation window, or with that version."
-                )
-            device = self.delta_index.device
-            candidates = Candidates(saved["window_grow_index"].to(device), saved["window_remove_index"].to(device))
-            # A loader may cast floating-point entries to the model's dtype: restore the window's own.
-            tensors = {
-                name: saved["window_" + name].to(device, torch.float64 if name == "counters" else torch.float32)
-                for name in WindowStatistics.TENSORS
-            }
-            self._window = WindowStatistics(candidates, **tensors)
+        saved = {key: state_dict.pop(prefix + key) for key in self.WINDOW_KEYS if prefix + key in state_dict}
+        if not is_sharded(self.weight):
+            self.load_window_state(saved, where=prefix.rstrip("."))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
 
     # ----------------------------------------------------------------------------- topology

@@ -1,7 +1,9 @@
 """Trains a tiny pruned model with SEFTSFTTrainer and saves each rank's SEFT state.
 
 Run by tests/test_ddp.py as 2 CPU processes under `accelerate launch` (DDP or FSDP2) and alone:
-``ddp_train.py OUTPUT_DIR PER_DEVICE_BATCH [SEFTConfig field=JSON value ...]``.
+``ddp_train.py OUTPUT_DIR PER_DEVICE_BATCH [SEFTConfig field=JSON value ...]``; three more keys: ``stop_at`` (stop
+after that step, as an interrupted run would), ``resume`` (a checkpoint to resume from) and ``final_dir`` (where
+``save_model`` writes the merged model).
 """
 
 from __future__ import annotations
@@ -34,18 +36,31 @@ class StepRecord(TrainerCallback):
         self.sharded.append(all(is_sharded(layer.weight) and is_sharded(layer.delta) for layer in layers))
 
 
+class StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+
+
 def main(output_dir: str, per_device_batch: int, overrides: dict) -> None:
+    stop_at, resume, final_dir = (overrides.pop(key, None) for key in ("stop_at", "resume", "final_dir"))
     options = {"per_device_train_batch_size": per_device_batch, "seft_accumulation_steps": 2, **overrides}
     args = SEFTConfig(**seft_args(output_dir, **options))
     trainer = SEFTSFTTrainer(model=pruned_model(), args=args, train_dataset=text_dataset(), processing_class=byte_tokenizer())
     steps = StepRecord(trainer)
     trainer.add_callback(steps)
-    trainer.train()
+    if stop_at is not None:
+        trainer.add_callback(StopAt(stop_at))
+    trainer.train(resume_from_checkpoint=resume)
+    if final_dir is not None:
+        trainer.save_model(final_dir)
     rank = trainer.args.process_index
     # Whole tensors (gathered from every rank under FSDP2, where each holds a chunk).
     state = {name: (layer.delta_index, whole(layer.delta.detach()), whole(layer.weight.detach()))
              for name, layer in trainer.seft.layers.items()}
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    losses = {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
     revived = sum(entry.get("seft/revived", 0) for entry in trainer.state.log_history)
     reduced = all(layer.stats_all_reduce is not None for layer in trainer.seft.layers.values())
     # The buffers DDP broadcasts from rank 0 before every forward (broadcast_buffers=True).

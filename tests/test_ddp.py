@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def assert_matches_single_process(rank0: dict, single_dir: Path) -> None:
 
     # Same global batch (2 x 2 vs 4): the same run up to floating-point reduction order, which can
     # flip a swap whose predicted gain and cost are within rounding of each other.
-    torch.testing.assert_close(torch.tensor(rank0["losses"]), torch.tensor(single["losses"]), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(torch.tensor(list(rank0["losses"].values())), torch.tensor(list(single["losses"].values())),
+                               rtol=1e-3, atol=1e-3)
     same = total = close = numel = 0
     for name, (index, delta, weight) in rank0["state"].items():
         reference_index, reference_delta, reference_weight = single["state"][name]
@@ -93,3 +95,32 @@ def test_ddp_with_8bit_adam_and_accumulation_builds_sampling_patterns_only_after
     ordinary = [step for step in range(1, len(per_step)) if not updated[step - 1]]
     assert len(ordinary) >= 5 and sum(updated) == 2
     assert [per_step[step] for step in ordinary] == [0] * len(ordinary)
+
+
+def test_fsdp2_resumes_inside_a_window_exactly_and_saves_a_plain_merged_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    # Update interval 2 with a 2-step window: the checkpoint after step 3 holds an open window.
+    options = ['save_strategy="steps"', "save_steps=3", "max_steps=6"]
+    run([*FSDP2_LAUNCHER, str(SCRIPT), str(tmp_path / "straight"), "2", *options,
+         f'final_dir="{tmp_path / "merged"}"'], {"OMP_NUM_THREADS": "1"})
+    run([*FSDP2_LAUNCHER, str(SCRIPT), str(tmp_path / "interrupted"), "2", *options, "stop_at=3"], {"OMP_NUM_THREADS": "1"})
+    checkpoint = tmp_path / "interrupted" / "checkpoint-3"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # a sharded checkpoint, written by accelerate
+    assert any(key.endswith("window_grad_sum") for key in torch.load(checkpoint / "seft_window.pt"))
+    run([*FSDP2_LAUNCHER, str(SCRIPT), str(tmp_path / "interrupted"), "2", *options, f'resume="{checkpoint}"'],
+        {"OMP_NUM_THREADS": "1"})
+
+    straight = load_ranks_agreeing(tmp_path / "straight", sharded=True)
+    resumed = load_ranks_agreeing(tmp_path / "interrupted", sharded=True)
+    assert [resumed["losses"][step] for step in (4, 5, 6)] == [straight["losses"][step] for step in (4, 5, 6)]
+    for name, (index, delta, weight) in straight["state"].items():
+        assert torch.equal(resumed["state"][name][0], index)
+        assert torch.equal(resumed["state"][name][1], delta)
+        assert torch.equal(resumed["state"][name][2], weight)
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()  # plain transformers
+    for name, (_, _, weight) in straight["state"].items():
+        assert torch.equal(merged[name + ".weight"], weight)  # W' exactly, zeros included
+    report = json.loads((tmp_path / "merged" / "sparsity_report.json").read_text())
+    assert report["total"]["within_budget"]

@@ -25,9 +25,14 @@ class SEFTCallback(TrainerCallback):
         self.engine = engine
         self.pending_metrics: dict[str, float] = {}
         self.final_report: SparsityReport | None = None
+        # Open windows to restore at the start of training (a resumed FSDP2 checkpoint keeps them apart).
+        self.saved_windows: dict[str, torch.Tensor] | None = None
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self.engine.attach(kwargs["optimizer"], total_steps=state.max_steps, start_step=state.global_step, step_hook=False)
+        if self.saved_windows is not None:
+            self.engine.load_window_state(self.saved_windows)
+            self.saved_windows = None
         self.follow_loss_scale(kwargs["optimizer"])
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitInfo, ModelCard
+import torch
 from torch import nn
 from transformers import PreTrainedModel, TrainingArguments
-from transformers.trainer_utils import HubStrategy, SaveStrategy
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy, get_last_checkpoint
 from transformers.utils import strtobool
 from transformers.utils.hub import hf_api
 from trl import SFTConfig, SFTTrainer
@@ -150,11 +151,43 @@ class SEFTSFTTrainer(SFTTrainer):
             self.optimizer_cls_and_kwargs = (optimizer_cls, kwargs)
         return super().create_optimizer(model)
 
-    def train(self, *args: Any, **kwargs: Any):
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        if resume_from_checkpoint is True:  # as transformers resolves it
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        self.seft_callback.saved_windows = self._saved_windows(resume_from_checkpoint)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
         report = self.seft_callback.final_report
         self.log({"seft/final_sparsity": report.sparsity, "seft/final_nonzeros": float(report.nonzeros)})
         return output
+
+    # Under FSDP2 the open accumulation windows cannot travel in the sharded model checkpoint
+    # (SparseDeltaLinear's checkpoint notes), so each checkpoint gets them in a file of their own.
+    WINDOW_FILE = "seft_window.pt"
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        if self.is_fsdp_enabled:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            windows = self.seft.window_state()  # the same on every rank
+            if self.args.should_save:
+                folder.mkdir(parents=True, exist_ok=True)
+                partial = folder / (self.WINDOW_FILE + ".tmp")
+                torch.save(windows, partial)
+                os.replace(partial, folder / self.WINDOW_FILE)
+        super()._save_checkpoint(model, trial)
+
+    def _saved_windows(self, checkpoint: str | None) -> dict[str, torch.Tensor] | None:
+        """The windows a sharded checkpoint keeps beside the model (None: unsharded, they are in the model's state)."""
+        if checkpoint is None or not self.is_fsdp_enabled:
+            return None
+        path = Path(checkpoint) / self.WINDOW_FILE
+        if not path.is_file():
+            raise ValueError(
+                f"{checkpoint} has no {self.WINDOW_FILE}: it was not written by SEFTSFTTrainer under FSDP2, which "
+                "keeps SEFT's open topology window there. Resume it under the launch that wrote it."
+            )
+        return torch.load(path, map_location="cpu", weights_only=True)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:
@@ -183,10 +216,10 @@ class SEFTSFTTrainer(SFTTrainer):
         The file list lets an upload take exactly this save: ``output_dir`` is usually the trainer's
         output folder, which also holds the unmerged ``checkpoint-*`` folders, logs and older files.
         """
-        state_dict = merged_state_dict(self.model)
+        state_dict = merged_state_dict(self.model, keep=self.args.should_save)
+        report = sparsity_report(self.model)  # on every process: under FSDP2 it gathers each layer
         written: list[str] = []
         if self.args.should_save:
-            report = sparsity_report(self.model)
             card = self.seft_model_card(report, **card_kwargs)
             files = {"sparsity_report.json": report.as_dict(), "README.md": str(card)}
             model = self.accelerator.unwrap_model(self.model)
@@ -282,8 +315,12 @@ class SEFTSFTTrainer(SFTTrainer):
     def create_model_card(
         self, model_name: str | None = None, dataset_name: str | None = None, tags: str | list[str] | None = None
     ) -> None:
-        """TRL writes a card into ``output_dir`` with every checkpoint; SEFT's says what SEFT did."""
+        """TRL writes a card into ``output_dir`` with every checkpoint; SEFT's says what SEFT did.
+
+        Called on every process (TRL does): under FSDP2 the card's sparsity report gathers each layer.
+        """
+        report = sparsity_report(self.model)
         if self.is_world_process_zero():
-            self.seft_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags).save(
+            self.seft_model_card(report, model_name=model_name, dataset_name=dataset_name, tags=tags).save(
                 os.path.join(self.args.output_dir, "README.md")
             )
