@@ -124,3 +124,15 @@ def test_fsdp2_resumes_inside_a_window_exactly_and_saves_a_plain_merged_model(tm
         assert torch.equal(merged[name + ".weight"], weight)  # W' exactly, zeros included
     report = json.loads((tmp_path / "merged" / "sparsity_report.json").read_text())
     assert report["total"]["within_budget"]
+
+
+def test_moved_slot_state_of_sharded_deltas_is_written_chunk_by_chunk(tmp_path):
+    # torch AdamW and torchao's 8-bit AdamW on a delta tensor FSDP2 splits over 2 ranks: seeding slots
+    # on both chunks leaves each rank's state equal to its chunk of an unsharded optimizer's, seeded alike.
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(Path(__file__).parent / "fsdp_optim_state.py"),
+         str(tmp_path)], {"OMP_NUM_THREADS": "1"})
+    for rank in (0, 1):
+        record = torch.load(tmp_path / f"rank{rank}.pt")
+        assert record["torchao_8bit"]["8bit"]  # really the quantized state
+        for name, result in record.items():
+            assert result["owned"] == 4 and result["equal"] and result["seeded"], (rank, name)

@@ -254,6 +254,14 @@ def test_deepspeed_and_fsdp1_launches_are_refused_with_the_way_to_fsdp2(tmp_path
     assert "fsdp2.yaml" in str(refused.value)
 
 
+def test_bitsandbytes_optimizers_are_refused_under_fsdp2_with_the_way_to_torchao(tmp_path, monkeypatch):
+    args = SEFTConfig(**seft_args(tmp_path, optim="adamw_8bit"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ValueError, match="adamw_torch_8bit"):
+        SEFTSFTTrainer(model=pruned_model(), args=args, train_dataset=text_dataset(), processing_class=byte_tokenizer())
+
+
 def test_dense_model_trains_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="dense"):
         trainer = SEFTSFTTrainer(model=tiny_model(), args=SEFTConfig(**seft_args(tmp_path, max_steps=2)),

@@ -92,6 +92,12 @@ def _reject_unsupported(args: SEFTConfig) -> None:
         check_optimizer_supported(optimizer_cls)
     except TypeError as error:
         raise ValueError(f"optim={args.optim!r}: {error}") from None
+    if engine == "fsdp2" and optimizer_cls.__module__.startswith("bitsandbytes"):
+        raise ValueError(
+            f"optim={args.optim!r}: bitsandbytes optimizers do not accept the sharded (DTensor) parameters of FSDP2. "
+            "For 8-bit optimizer state under FSDP2 use optim='adamw_torch_8bit' (torchao's AdamW8bit, which shards "
+            "with FSDP2), or optim='adamw_torch'."
+        )
 
 
 class SEFTSFTTrainer(SFTTrainer):
