@@ -13,7 +13,7 @@ from __future__ import annotations
 import runpy
 import sys
 
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
 _state_init = AcceleratorState.__init__
@@ -25,6 +25,7 @@ def _init_with_fsdp_on_cpu(self, *args, **kwargs):
     if self.distributed_type == DistributedType.MULTI_CPU and plugin is not None:
         self.distributed_type = DistributedType.FSDP
         self.fsdp_plugin = plugin
+        PartialState._shared_state["distributed_type"] = self.distributed_type  # as accelerate does for GPUs
 
 
 AcceleratorState.__init__ = _init_with_fsdp_on_cpu

@@ -117,3 +117,21 @@ def test_a_tiny_dataset_never_aborts_the_run_on_its_held_out_perplexity(tmp_path
     assert 2 <= summary["eval_seqlen"] < 2048 and "one window of" in summary["eval_note"]
     assert summary["pruned_ppl"] > 0 and summary["repaired_ppl"] > 0 and summary["dense_ppl"] > 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["eval_seqlen"] == summary["eval_seqlen"]
+
+
+def test_recipe_runs_under_fsdp2_with_two_processes(tmp_path):
+    # accelerate enables FSDP only on accelerator devices; tests/fsdp_on_cpu.py lets its FSDP2 path run on gloo.
+    model = tiny_checkpoint(tmp_path / "model", "llama")
+    data = alpaca_jsonl(tmp_path / "alpaca.jsonl")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(RECIPES / "accelerate" / "fsdp2_cpu.yaml"), str(Path(__file__).parent / "fsdp_on_cpu.py")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launch, str(RECIPES / "llama_alpaca.py"), *recipe_argv(model, data, tmp_path / "out")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["launch"] == "FSDP2, 2 processes"
+    assert summary["repaired_sparsity"] >= summary["pruned_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert summary["repaired_ppl"] > 0
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "out")  # the merged save is a plain checkpoint
+    assert all(not hasattr(module, "delta") for module in merged.modules())

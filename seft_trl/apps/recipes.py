@@ -26,7 +26,7 @@ from ..evaluation import perplexity
 from ..report import sparsity_report
 from ..text import TextSource, token_ids
 from ..trainer.sft_config import SEFTConfig
-from ..trainer.sft_trainer import SEFTSFTTrainer
+from ..trainer.sft_trainer import SEFTSFTTrainer, sharding_engine
 from .options import DataArguments, EvalArguments, PruningArguments
 
 # Alpaca's fields in a plain prompt, for tokenizers without a chat template.
@@ -98,6 +98,19 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def launch_description(trainer: SEFTSFTTrainer) -> str:
+    """How the run was distributed, e.g. 'FSDP2, 8 processes' or 'single process'."""
+    accelerator = trainer.accelerator
+    if accelerator.num_processes == 1:
+        return "single process"
+    kind = accelerator.distributed_type.value
+    if kind == "FSDP":
+        kind = f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    elif kind.startswith("MULTI_"):
+        kind = "DDP"
+    return f"{kind}, {accelerator.num_processes} processes"
+
+
 def summary_table(rows: list[tuple[str, str]]) -> str:
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
@@ -126,7 +139,8 @@ def repair(data: DataArguments, pruning: PruningArguments, evaluation: EvalArgum
     model = AutoModelForCausalLM.from_pretrained(
         model_name, revision=model_args.model_revision, dtype=dtype, attn_implementation=model_args.attn_implementation
     )
-    model.to(args.device)
+    if sharding_engine(args) != "fsdp2":  # under FSDP2 the trainer moves each rank's shards to its device
+        model.to(args.device)
 
     records = load_alpaca(data.dataset_name, data.dataset_split).shuffle(seed=args.seed)
     if data.max_train_samples is not None:
@@ -160,6 +174,7 @@ def repair(data: DataArguments, pruning: PruningArguments, evaluation: EvalArgum
     results["eval_seqlen"] = measured["repaired"].seqlen
     results["eval_note"] = measured["repaired"].note
     results["repaired_sparsity"] = sparsity_report(model).sparsity
+    results["launch"] = launch_description(trainer)
     results["wall_time_s"] = time.perf_counter() - started
     results["peak_memory_gb"] = peak_memory_gb(args.device)
 
@@ -173,6 +188,7 @@ def repair(data: DataArguments, pruning: PruningArguments, evaluation: EvalArgum
         ("perplexity repaired (SEFT)", fmt(results["repaired_ppl"])),
         ("perplexity window", f"{results['eval_seqlen']} tokens" + (f" ({results['eval_note']})" if results["eval_note"] else "")),
         ("sparsity pruned / repaired", f"{results['pruned_sparsity']:.2%} / {results['repaired_sparsity']:.2%}"),
+        ("launch", results["launch"]),
         ("wall time", f"{results['wall_time_s']:.0f} s"),
         ("peak memory", f"{results['peak_memory_gb']:.1f} GB ({'GPU' if args.device.type == 'cuda' else 'RSS'})"),
     ]

@@ -50,7 +50,7 @@ def _as_seft_config(args: TrainingArguments | None, model: str | nn.Module) -> S
     return SEFTConfig(**values)
 
 
-def _sharding_engine(args: SEFTConfig) -> str | None:
+def sharding_engine(args: SEFTConfig) -> str | None:
     """'deepspeed', 'fsdp1', 'fsdp2' or None, from the arguments or from ``accelerate launch``'s environment.
 
     Read before the Trainer builds its accelerator, so that a refusal comes before anything is built.
@@ -66,7 +66,7 @@ def _sharding_engine(args: SEFTConfig) -> str | None:
 
 def _reject_unsupported(args: SEFTConfig) -> None:
     """Raise, before anything is built or created on the hub, on options SEFT cannot honour."""
-    engine = _sharding_engine(args)
+    engine = sharding_engine(args)
     if engine in ("deepspeed", "fsdp1"):
         raise ValueError(
             f"SEFTSFTTrainer does not support {'DeepSpeed' if engine == 'deepspeed' else 'FSDP version 1'}: it flattens "
