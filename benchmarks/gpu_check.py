@@ -13,6 +13,8 @@ GPU machines are lent rarely and briefly, so the check is one script that runs u
    CUDA constant stands on.
 4. **Model speed and memory**: a ~0.8B LLaMA-shaped model pruned 50%, SEFT against peft LoRA and
    the floor, with bf16, ``adamw_8bit`` and gradient checkpointing (``speed.py``).
+5. **FSDP2** on two GPUs (skipped on one): the 2-process FSDP2 tests through accelerate's GPU launch
+   config, unpatched (the test suite runs them on CPU processes through ``tests/fsdp_on_cpu.py``).
 
 Each step runs as its own process under its own time limit, so one failure does not hide the
 others; the report keeps every step's outcome, wall time and output tail.
@@ -36,6 +38,8 @@ from common import RESULTS_DIR, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
+# The dry run's FSDP2 step: the quickest 2-process FSDP2 test, over gloo.
+FSDP2_OPTIM_TEST = "tests/test_ddp.py::test_moved_slot_state_of_sharded_deltas_is_written_chunk_by_chunk"
 CUDA_TESTS = ["tests/test_sampled_kernels.py", "tests/test_layer.py", "tests/test_optim_state.py",
               "tests/test_trainer.py::test_resume_reproduces_the_uninterrupted_run_bitwise"]
 
@@ -46,6 +50,8 @@ class Step:
     command: list[str]
     limit_s: int
     report: Path | None = None  # a markdown file the step writes, included in gpu.md
+    env: dict[str, str] | None = None
+    skipped: str | None = None  # why the step cannot run on this machine
 
 
 @dataclass
@@ -56,8 +62,8 @@ class Outcome:
     tail: str
 
 
-def plan(dry_run: bool, workdir: Path) -> list[Step]:
-    """The steps; a dry run keeps their shape on the CPU at toy sizes."""
+def plan(dry_run: bool, workdir: Path, gpus: int = 0) -> list[Step]:
+    """The steps for a machine with ``gpus`` GPUs; a dry run keeps their shape on the CPU at toy sizes."""
     python = sys.executable
     if dry_run:
         tests = ["tests/test_sampled_kernels.py::test_sampled_kernel_reads_strided_rows_and_handles_no_tokens"]
@@ -65,6 +71,7 @@ def plan(dry_run: bool, workdir: Path) -> list[Step]:
         kernels = {dtype: ["--device", "cpu", "--dtype", dtype, "--shapes", "64x96", "--tokens", "64",
                            "--densities", "0.01", "--repeats", "2"] for dtype in ("bf16", "fp32")}
         model = ["--quick", "--device", "cpu"]
+        fsdp2 = Step("FSDP2, 2 processes", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", FSDP2_OPTIM_TEST], 600)
     else:
         tests = CUDA_TESTS
         layer = ["--device", "cuda", "--layers", "4096x11008", "--tokens", "4096", "--repeats", "5", "--large-repeats", "5"]
@@ -74,7 +81,11 @@ def plan(dry_run: bool, workdir: Path) -> list[Step]:
                            "--gather-max-work", "0"]
                    for dtype, shapes in (("bf16", "2048x5632,5632x2048,2048x2048,4096x11008"), ("fp32", "4096x11008"))}
         model = ["--device", "cuda", "--model", "llama-large", "--steps", "12", "--rounds", "2"]
-    # The limits (460 s in all) fit the GPU session's 8 minutes; a dry run's only guard against a hang.
+        fsdp2 = Step("FSDP2, 2 GPUs", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ddp.py", "-k", "fsdp2"],
+                     150, env={"SEFT_TEST_FSDP2_CONFIG": str(ROOT / "recipes" / "accelerate" / "fsdp2.yaml")},
+                     skipped=None if gpus >= 2 else f"needs 2 GPUs, this machine has {gpus}")
+    # The limits (460 s in all, 610 s with the FSDP2 step of a multi-GPU machine) fit the GPU session's 8
+    # minutes on one GPU; a dry run's only guard against a hang.
     limits = (600, 600, 600, 600) if dry_run else (110, 40, 40, 230)  # tests, layer, each kernel step, model
     kernel_steps = [
         Step(f"delta-gradient kernels, {dtype}",
@@ -91,11 +102,15 @@ def plan(dry_run: bool, workdir: Path) -> list[Step]:
              [python, str(BENCHMARKS / "speed.py"), *model, "--optim", "adamw_8bit", "--gradient-checkpointing",
               "--output", str(workdir / "speed.md")],
              limits[3], workdir / "speed.md"),
+        fsdp2,
     ]
 
 
 def run(step: Step, log_dir: Path | None) -> Outcome:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    if step.skipped is not None:
+        print(f"{step.name}: skipped ({step.skipped})", flush=True)
+        return Outcome(step, 0, 0.0, step.skipped)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", **(step.env or {})}
     started = time.perf_counter()
     try:
         done = subprocess.run(step.command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=step.limit_s)
@@ -115,7 +130,9 @@ def report(outcomes: list[Outcome], dry_run: bool) -> str:
     lines = ["# GPU check" + (" (dry run on the CPU: toy sizes, no GPU numbers)" if dry_run else ""),
              "| step | outcome | wall (s) |", "|---|---|---|"]
     for outcome in outcomes:
-        status = "passed" if outcome.returncode == 0 else "time limit" if outcome.returncode is None else "FAILED"
+        status = ("passed" if outcome.returncode == 0 else "time limit" if outcome.returncode is None else "FAILED")
+        if outcome.step.skipped is not None:
+            status = f"skipped: {outcome.step.skipped}"
         lines.append(f"| {outcome.step.name} | {status} | {outcome.seconds:.0f} |")
     sections = ["\n".join(lines)]
     for outcome in outcomes:
@@ -137,13 +154,15 @@ def main() -> None:
     parser.add_argument("--log-dir", type=Path, default=None, help="also write each step's whole output there")
     args = parser.parse_args()
     output = args.output or RESULTS_DIR / ("gpu_dry_run.md" if args.dry_run else "gpu.md")
+    gpus = 0
     if not args.dry_run:
         import torch
 
         if not torch.cuda.is_available():
             raise SystemExit("No CUDA device: run the GPU check on a GPU machine, or pass --dry-run to rehearse it here.")
+        gpus = torch.cuda.device_count()
     with tempfile.TemporaryDirectory(prefix="seft-gpu-check-") as workdir:
-        outcomes = [run(step, args.log_dir) for step in plan(args.dry_run, Path(workdir))]
+        outcomes = [run(step, args.log_dir) for step in plan(args.dry_run, Path(workdir), gpus)]
         write_report(report(outcomes, args.dry_run), output)
     if any(outcome.returncode != 0 for outcome in outcomes):
         raise SystemExit(1)

@@ -16,9 +16,14 @@ SCRIPT = Path(__file__).parent / "ddp_train.py"
 ACCELERATE_CONFIGS = Path(__file__).parents[1] / "recipes" / "accelerate"
 # The recipes' CPU launch configs: 2 processes over gloo, DDP or FSDP2.
 LAUNCHER = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "cpu_ddp.yaml")]
-# accelerate runs FSDP only on accelerator devices; fsdp_on_cpu.py lets its FSDP2 path run on gloo.
-FSDP2_LAUNCHER = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(ACCELERATE_CONFIGS / "fsdp2_cpu.yaml"), str(Path(__file__).parent / "fsdp_on_cpu.py")]
+# accelerate runs FSDP only on accelerator devices; fsdp_on_cpu.py lets its FSDP2 path run on gloo. On two
+# or more GPUs, make gpu-check points SEFT_TEST_FSDP2_CONFIG at the GPU launch config (fp32, 2 processes).
+if os.environ.get("SEFT_TEST_FSDP2_CONFIG"):
+    FSDP2_LAUNCHER = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                      os.environ["SEFT_TEST_FSDP2_CONFIG"], "--num_processes", "2", "--mixed_precision", "no"]
+else:
+    FSDP2_LAUNCHER = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                      str(ACCELERATE_CONFIGS / "fsdp2_cpu.yaml"), str(Path(__file__).parent / "fsdp_on_cpu.py")]
 
 
 def run(command: list[str], env_extra: dict[str, str]) -> None:
