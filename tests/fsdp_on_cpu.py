@@ -24,6 +24,8 @@ def _init_with_fsdp_on_cpu(self, *args, **kwargs):
     plugin = kwargs.get("fsdp_plugin")
     if self.distributed_type == DistributedType.MULTI_CPU and plugin is not None:
         self.distributed_type = DistributedType.FSDP
+        if self._mixed_precision != "no":  # as accelerate does for GPUs
+            plugin.set_mixed_precision(self._mixed_precision)
         self.fsdp_plugin = plugin
         PartialState._shared_state["distributed_type"] = self.distributed_type  # as accelerate does for GPUs
 

@@ -46,6 +46,18 @@ def test_two_process_fsdp2_shards_deltas_and_matches_a_single_process(tmp_path):
     assert_matches_single_process(rank0, tmp_path / "single")
 
 
+def test_fsdp2_with_bf16_mixed_precision_and_gradient_checkpointing_keeps_ranks_identical_and_within_budget(tmp_path):
+    options = ["bf16=true", "gradient_checkpointing=true"]
+    run([*FSDP2_LAUNCHER, str(SCRIPT), str(tmp_path / "bf16"), "2", *options], {"OMP_NUM_THREADS": "1"})
+    rank0 = load_ranks_agreeing(tmp_path / "bf16", sharded=True)  # bitwise the same topology on both ranks
+    assert all(rank0["sharded"])
+    run([sys.executable, str(SCRIPT), str(tmp_path / "single"), "4"], {})  # fp32, one process
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    losses, reference = torch.tensor(list(rank0["losses"].values())), torch.tensor(list(single["losses"].values()))
+    assert not torch.equal(losses, reference)  # really in bf16
+    torch.testing.assert_close(losses, reference, rtol=0, atol=2e-2)
+
+
 def assert_matches_single_process(rank0: dict, single_dir: Path) -> None:
     single = torch.load(single_dir / "rank0.pt")
     assert single["world_size"] == 1 and not single["reduced"] and not any(single["sharded"])
