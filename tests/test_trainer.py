@@ -262,6 +262,16 @@ def test_bitsandbytes_optimizers_are_refused_under_fsdp2_with_the_way_to_torchao
         SEFTSFTTrainer(model=pruned_model(), args=args, train_dataset=text_dataset(), processing_class=byte_tokenizer())
 
 
+def test_an_fsdp2_launch_that_accelerate_turns_into_ddp_is_reported(tmp_path, monkeypatch):
+    args = SEFTConfig(**seft_args(tmp_path))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.warns(UserWarning, match="did not enable it"):
+        trainer = SEFTSFTTrainer(model=pruned_model(), args=args, train_dataset=text_dataset(),
+                                 processing_class=byte_tokenizer())
+    assert not trainer.is_fsdp_enabled
+
+
 def test_dense_model_trains_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="dense"):
         trainer = SEFTSFTTrainer(model=tiny_model(), args=SEFTConfig(**seft_args(tmp_path, max_steps=2)),

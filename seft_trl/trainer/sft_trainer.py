@@ -143,6 +143,12 @@ class SEFTSFTTrainer(SFTTrainer):
             processing_class,
             **kwargs,
         )
+        if sharding_engine(args) == "fsdp2" and not self.is_fsdp_enabled:
+            warnings.warn(
+                "FSDP2 was asked for, but accelerate did not enable it (accelerate runs FSDP only on GPUs and other "
+                "accelerators; CPU processes fall back to DDP): every rank holds the whole model.",
+                stacklevel=2,
+            )
         self.seft = SparsityEvolution(self.model, engine_config)
         self.seft_callback = SEFTCallback(self.seft)
         self.add_callback(self.seft_callback)
