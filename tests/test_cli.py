@@ -124,3 +124,9 @@ def test_the_demo_parses_through_the_shared_option_classes():
     assert (demo.model_name_or_path, pruning.prune_sparsity, demo.steps) == ("m", 0.6, 5)
     with pytest.raises(SystemExit):
         parse_args(["--pattern", "4:2"])
+
+
+def test_report_of_a_sharded_fsdp_checkpoint_says_to_report_the_merged_save(tmp_path):
+    (tmp_path / "checkpoint-3" / "pytorch_model_fsdp_0").mkdir(parents=True)
+    with pytest.raises(ValueError, match="sharded FSDP checkpoint.*save_model"):
+        checkpoint_report(tmp_path / "checkpoint-3")

@@ -60,6 +60,12 @@ def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     files = sorted(folder.glob("*.safetensors"))
+    sharded = sorted(folder.glob("pytorch_model_fsdp_*"))  # accelerate's torch.distributed.checkpoint folders
+    if not files and sharded:
+        raise ValueError(
+            f"{folder} is a sharded FSDP checkpoint ({sharded[0].name}), which only resumes training: report the "
+            "merged folder that save_model() writes at the end."
+        )
     if not files:
         raise ValueError(f"{folder} holds no .safetensors weights: give a checkpoint folder (merged or checkpoint-N).")
     tensors: dict[str, torch.Tensor] = {}
