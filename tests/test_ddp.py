@@ -153,3 +153,17 @@ def test_moved_slot_state_of_sharded_deltas_is_written_chunk_by_chunk(tmp_path):
         assert record["torchao_8bit"]["8bit"]  # really the quantized state
         for name, result in record.items():
             assert result["owned"] == 4 and result["equal"] and result["seeded"], (rank, name)
+
+
+def test_fsdp2_in_a_plain_loop_resumes_from_a_distributed_checkpoint_and_the_window_state(tmp_path):
+    # The README's plain-loop recipe: SparsityEvolution, then fully_shard, then the optimizer; a checkpoint of
+    # torch.distributed.checkpoint plus seft.window_state() inside a window resumes bitwise.
+    for mode in ("straight", "stop", "resume"):
+        run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(Path(__file__).parent / "fsdp_loop.py"),
+             str(tmp_path), mode], {"OMP_NUM_THREADS": "1"})
+    straight, resumed, other = (torch.load(tmp_path / name) for name in ("straight_rank0.pt", "resume_rank0.pt", "resume_rank1.pt"))
+    assert straight["revived"] > resumed["revived"] > 0  # updates at steps 4 and 8; the resumed run makes the second
+    assert resumed["losses"] == {step: straight["losses"][step] for step in (7, 8)}
+    for name, tensors in straight["state"].items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, resumed["state"][name]))
+        assert all(torch.equal(a, b) for a, b in zip(other["state"][name], resumed["state"][name]))
