@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -200,11 +201,30 @@ def make_adapter(method: str, model: nn.Module, work: Workload, seed: int, regim
     if method == "masked_full":
         adapter = masked_full_adapter(model)
         return adapter, sum(int(torch.count_nonzero(p)) for p in adapter.parameters)
-    # The options are plain dicts, checked by the engine only when a run is built: an ablation of an
-    # option the engine does not have yet fails here, when it is run, and nowhere else.
-    options = {**work.cadence, **regime.seft_options(method)}
-    config = SparsityEvolutionConfig(num_deltas=count, target_modules=PROJECTIONS, seed=seed, **options)
-    return seft_adapter(model, config), count
+    return seft_adapter(model, seft_config(method, work, regime, seed, count)), count
+
+
+def seft_config(method: str, work: Workload, regime: Regime, seed: int, count: int = 1) -> SparsityEvolutionConfig | None:
+    """The engine config of a SEFT-engine method's run with ``count`` deltas; None for the other methods.
+
+    The options are plain dicts, checked by the engine only when a config is built: an ablation of an
+    option the engine does not have yet fails here, when it is run, and nowhere else.
+    """
+    options = regime.seft_options(method)
+    if options is None:
+        return None
+    return SparsityEvolutionConfig(num_deltas=count, target_modules=PROJECTIONS, seed=seed, **{**work.cadence, **options})
+
+
+def options_record(config: SparsityEvolutionConfig) -> str:
+    """The engine options of a run as sorted JSON, without what every run sets for itself (count, targets, seed).
+
+    Logged with each SEFT-engine run, so that a change of the engine's defaults cannot pass an old
+    run off as one of the current plan: the plan keys runs by method name.
+    """
+    values = {key: value for key, value in asdict(config).items()
+              if key not in ("density", "num_deltas", "target_modules", "seed")}
+    return json.dumps(values, sort_keys=True)
 
 
 def wanda(model: nn.Module, pattern: str, work: Workload) -> SparsityReport:
@@ -255,8 +275,22 @@ class Benchmark:
         self.runnable = runnable  # methods that may run now; any other missing run is Pending
         self.deadline = deadline  # time.monotonic() after which no run starts and the current one pauses
         self.checkpoint_every = checkpoint_every
-        self.runs = read_runs(runs_path)
+        self.runs = self.current_runs(read_runs(runs_path))
         self.pruned: dict[str, tuple[nn.Module, SparsityReport]] = {}
+
+    def current_runs(self, logged: dict[RunKey, RunResult]) -> dict[RunKey, RunResult]:
+        """The logged runs that stand for the plan's: an engine run logged with other options than the plan
+        now gives its method is set aside (and run again when its method may run). Rows logged before
+        the options were recorded cannot be checked and are kept."""
+        current = {}
+        for key, run in logged.items():
+            config = seft_config(run.method, self.work, self.regime, run.seed)
+            if run.options is not None and config is not None and run.options != options_record(config):
+                print(f"set aside: {run.method} at {run.pattern} (lr {run.lr:g}, seed {run.seed}) was logged with engine "
+                      f"options {run.options}, the plan now uses {options_record(config)}", flush=True)
+                continue
+            current[key] = run
+        return current
 
     def pruned_copy(self, pattern: str) -> tuple[nn.Module, SparsityReport]:
         """A fresh copy of the model pruned to ``pattern``: pruned once per invocation, cached across them."""
@@ -361,6 +395,7 @@ class Benchmark:
             variants.append(("lora*", copy.deepcopy(model)))
             self.wanda(variants[1][1], pattern)
         growth = adapter.notes.get("nonzero_growth")
+        config = seft_config(method, self.work, self.regime, seed)
         measured = []
         for name, variant in variants:
             after = sparsity_report(variant, pattern=PATTERNS[pattern][0])
@@ -374,6 +409,7 @@ class Benchmark:
                 final_loss=final_loss, train_s=train_s, wall_s=wall_s,
                 nonzero_growth=None if growth is None or name == "lora*" else int(growth),
                 swapped=count_note(adapter.notes, "swapped"), refused=count_note(adapter.notes, "refused"),
+                options=None if config is None else options_record(config),
             ))
             print(f"[{pattern}] {name:17s} lr {lr:.2e} seed {seed}: val {val:8.2f}  test {test:8.2f}  "
                   f"sparsity {after.sparsity:.2%} kept {results[-1].sparsity_kept}  ({train_s:.0f} s train, "

@@ -54,6 +54,9 @@ class RunResult:
     # SEFT-engine methods: deltas moved over the run, and ranked swaps the swap test turned down.
     swapped: int | None = None
     refused: int | None = None
+    # SEFT-engine methods: the engine options the run used (quality_plan.options_record); empty in rows
+    # logged before they were recorded.
+    options: str | None = None
 
     @property
     def key(self) -> RunKey:
@@ -71,7 +74,7 @@ def _parse(row: dict[str, str | None]) -> RunResult:
             values[field.name] = text == "True"
         elif field.name in ("seed", "trainable", "revived", "nonzero_growth", "swapped", "refused"):
             values[field.name] = int(text)
-        elif field.name in ("pattern", "method"):
+        elif field.name in ("pattern", "method", "options"):
             values[field.name] = text
         else:
             values[field.name] = float(text)
