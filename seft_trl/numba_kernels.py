@@ -84,10 +84,17 @@ def sampled_gtx(
     out = torch.zeros(cols.numel(), dtype=torch.float32)
     if cols.numel() == 0 or x.shape[0] == 0:
         return out
+    torch_threads = torch.get_num_threads()
     threads = _threads()
     arrays = crow.numpy(), cols.numpy(), slots.numpy(), out.numpy()
     chunk = x.shape[0] if grad_output.dtype == x.dtype == torch.float32 else token_chunk  # fp32: no copy
     for start in range(0, x.shape[0], chunk):
         g = grad_output[start : start + chunk].detach().float().contiguous()
         _sampled_gtx_add(g.numpy(), x[start : start + chunk].detach().float().contiguous().numpy(), *arrays, threads)
+    # Numba's first parallel launch starts its OpenMP pool with NUMBA_NUM_THREADS threads, which also
+    # sets the count torch reads (one OpenMP runtime): a process given one thread would run torch, and
+    # this kernel's later calls, on all cores from then on, and its results would depend on when
+    # that first launch happened (a resumed run would differ from an uninterrupted one).
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
     return out

@@ -3,6 +3,10 @@ Triton's interpreter), the Numba CPU kernel and torch's sampled_addmm."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -86,6 +90,25 @@ def test_numba_kernel_is_deterministic_and_follows_torch_thread_count():
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(results[1], results[2], rtol=1e-5, atol=1e-5)
+
+
+def test_numba_first_launch_leaves_a_one_thread_process_on_one_thread():
+    # Numba's OpenMP pool starts with every core and also sets the count torch reads; a process given one
+    # thread (OMP_NUM_THREADS=1, as accelerate gives each CPU rank) must keep it, and the kernel's bits with it.
+    script = """
+import torch
+from seft_trl.kernels import SamplingPattern, sampled_weight_gradient
+assert torch.get_num_threads() == 1
+torch.manual_seed(0)
+g, x = torch.randn(700, 24), torch.randn(700, 40)
+pattern = SamplingPattern(torch.randperm(24 * 40)[:50], 24, 40, kernel="numba")
+first = sampled_weight_gradient(g, x, pattern)
+assert torch.get_num_threads() == 1, torch.get_num_threads()
+assert torch.equal(sampled_weight_gradient(g, x, pattern), first)
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_each_device_selects_its_own_kernel_and_refuses_a_foreign_one():
