@@ -24,6 +24,24 @@ import numpy as np
 import torch
 
 TILE_TOKENS = 64  # tokens per tile: a [in, 64] fp32 tile of a 1536-wide input is 384 KiB
+BLOCK = 16  # transposes go block by block: 16 floats are one 64-byte cache line
+
+
+@numba.njit(fastmath=True, cache=True, nogil=True)
+def _transpose_into(src, start, width, tile):  # pragma: no cover - compiled by Numba
+    """tile[f, t] = src[start + t, f] for t < width, in BLOCK × BLOCK blocks.
+
+    Row by row, the writes would stride through every line of the tile for each token, and on
+    widths whose stride aliases in the cache (1536 floats) every one of them misses; a block reads
+    BLOCK lines of ``src`` and writes BLOCK lines of ``tile``, all of which stay in L1.
+    """
+    n_features = src.shape[1]
+    for t0 in range(0, width, BLOCK):
+        t1 = min(t0 + BLOCK, width)
+        for f0 in range(0, n_features, BLOCK):
+            for f in range(f0, min(f0 + BLOCK, n_features)):
+                for t in range(t0, t1):
+                    tile[f, t] = src[start + t, f]
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -35,22 +53,26 @@ def _sampled_gtx_add(g, x, crow, cols, slots, out, n_parts):  # pragma: no cover
     partial = np.zeros((n_parts, k), np.float32)  # [threads, k]
     for part in numba.prange(n_parts):
         begin, end = part * tokens // n_parts, (part + 1) * tokens // n_parts
-        g_tile = np.empty((n_out, TILE_TOKENS), np.float32)  # [out, tile]: this tile of g, transposed
-        x_tile = np.empty((n_in, TILE_TOKENS), np.float32)  # [in, tile]
+        # [out, tile] and [in, tile]: this tile of g and of x, transposed. Every dot product runs
+        # over all TILE_TOKENS columns, a length the compiler unrolls and vectorizes; the columns a
+        # last, partial tile leaves are zero in both, so they add exact zeros.
+        g_tile = np.zeros((n_out, TILE_TOKENS), np.float32)
+        x_tile = np.zeros((n_in, TILE_TOKENS), np.float32)
         sums = partial[part]
         for start in range(begin, end, TILE_TOKENS):
             width = min(TILE_TOKENS, end - start)
-            for t in range(width):
-                for c in range(n_in):
-                    x_tile[c, t] = x[start + t, c]
-                for r in range(n_out):
-                    g_tile[r, t] = g[start + t, r]
+            if width < TILE_TOKENS:
+                g_tile[:, width:] = 0.0
+                x_tile[:, width:] = 0.0
+            _transpose_into(g, start, width, g_tile)
+            _transpose_into(x, start, width, x_tile)
             for r in range(n_out):
+                g_row = g_tile[r]
                 for e in range(crow[r], crow[r + 1]):
-                    c = cols[e]
+                    x_row = x_tile[cols[e]]
                     dot = np.float32(0.0)
-                    for t in range(width):
-                        dot += g_tile[r, t] * x_tile[c, t]
+                    for t in range(TILE_TOKENS):
+                        dot += g_row[t] * x_row[t]
                     sums[e] += dot
     for e in numba.prange(k):
         total = np.float32(0.0)
