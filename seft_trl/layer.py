@@ -280,11 +280,33 @@ class SparseDeltaLinear(nn.Module):
         """Which delta ``slots`` [s] this rank's optimizer holds, and where in its chunk: (bool [s], offsets)."""
         return own(slots, *row_range(self.delta))
 
+    @torch.no_grad()
+    def group_support(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Support size per scope group (int64 [groups]): nonzero weights plus the delta positions that hold zero.
+
+        Every update counts it on every layer, so for a layer or row scope it is counted without the
+        dense mask (a third of an update's time on SmolLM2 went to building and summing masks).
+        ``weight``: as for :meth:`support_mask`.
+        """
+        weight = whole(self.weight) if weight is None else weight
+        if self.scope.kind == "nm":
+            return self.scope.group_support(self.support_mask(weight))
+        zero_deltas = self.delta_index[weight.view(-1)[self.delta_index] == 0]  # [z]
+        # A bool sum into int32 is 3x faster than count_nonzero on the CPU; a layer has < 2³¹ weights.
+        nonzero = (weight != 0).sum(dim=None if self.scope.kind == "layer" else 1, dtype=torch.int32)
+        if self.scope.kind == "layer":
+            return (nonzero.long() + zero_deltas.numel()).reshape(1)
+        return nonzero.long() + torch.bincount(zero_deltas.long() // self.in_features, minlength=self.out_features)
+
     def support_size(self, weight: torch.Tensor | None = None) -> int:
-        return int(self.support_mask(weight).sum())
+        return int(self.group_support(weight).sum())
 
     def budget_violations(self, weight: torch.Tensor | None = None) -> int:
-        """Number of scope groups whose support exceeds their budget (0 when the layer is valid)."""
+        """Number of scope groups whose support exceeds their budget (0 when the layer is valid).
+
+        Counted from the dense mask, not by :meth:`group_support`, so that the check does not share
+        the code of the decisions it checks.
+        """
         support = self.support_mask(weight)
         over = self.scope.group_support(support) > self.scope.group_budget(self.support_budget, self.row_budget)
         return int(over.sum())
@@ -435,10 +457,12 @@ class SparseDeltaLinear(nn.Module):
         if criteria.drop_mode == "revert":  # and reverting its value changes the loss by -δ·g + ½δ²h
             forgone = forgone - delta * mean[:k] + 0.5 * delta * delta * curvature[:k]
         removal = slice(k + cg, None)
-        support = self.support_mask(weight)
+        group_support = self.group_support(weight)
+        # A growth candidate is never a delta position, so it revives exactly where its weight is zero.
+        grow_revives = weight.view(-1)[grow_index] == 0
         weight = weight.view(-1)[remove_index].float()
         group_budget = self.scope.group_budget(self.support_budget, self.row_budget)
-        group_slack = (group_budget - self.scope.group_support(support)).clamp(min=0)
+        group_slack = (group_budget - group_support).clamp(min=0)
         grow_group = self.scope.group_of(grow_index)
         grow_column = grow_column_room = None
         if criteria.column_cap is not None:
@@ -452,10 +476,10 @@ class SparseDeltaLinear(nn.Module):
             grow_index=grow_index,
             grow_score=criteria.growth(mean[k : k + cg]),
             grow_gain=gain[k : k + cg],
-            grow_revives=~support.view(-1)[grow_index],
+            grow_revives=grow_revives,
             grow_group=grow_group,
             grow_slack=group_slack[grow_group],
-            layer_slack=max(0, int(self.support_budget) - int(support.sum())),
+            layer_slack=max(0, int(self.support_budget) - int(group_support.sum())),
             remove_index=remove_index,
             remove_score=criteria.removal(weight, mean[removal], curvature[removal]),
             remove_cost=taylor_removal_cost(weight, mean[removal], curvature[removal]),

@@ -210,3 +210,22 @@ def test_after_a_topology_update_the_delta_gradient_is_taken_at_the_new_position
     _, _, reference = dense_reference(layer, x, g)  # the gradient of W' at the slots' current positions
     layer(x).backward(g)
     torch.testing.assert_close(layer.delta.grad, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scope", [Scope("layer", 80), Scope("row", 80), Scope("nm", 80, 2, 4)])
+def test_group_support_counts_what_the_dense_mask_counts(scope):
+    """The updates count the support per group without the mask; the count must be the mask's,
+    also where deltas sit on zero weights (revived positions, or deltas whose W' passed through 0)."""
+    torch.manual_seed(5)
+    linear = nn.Linear(80, 48, bias=False)
+    with torch.no_grad():
+        linear.weight.view(48, 20, 4)[..., 2:] = 0  # 2:4, so every scope holds
+    index = torch.randperm(48 * 80)[:200]  # on zeros and nonzeros alike
+    layer = SparseDeltaLinear(linear, index, scope)
+    with torch.no_grad():
+        layer.weight.view(-1)[index[:30]] = 0  # deltas whose effective weight is exactly 0
+        layer.weight.view(-1)[torch.randperm(48 * 80)[:100]] = 0  # and more pruned weights
+    assert int((layer.weight.view(-1)[layer.delta_index] == 0).sum()) >= 30
+    expected = scope.group_support(layer.support_mask())
+    assert torch.equal(layer.group_support(), expected)
+    assert layer.support_size() == int(layer.support_mask().sum())

@@ -196,6 +196,36 @@ def test_select_candidates_layer_scope_excludes_deltas_and_respects_regrow_flag(
     assert (weight.view(-1)[no_regrow.grow_index] != 0).all() and no_regrow.remove_index.numel() == 0
 
 
+def test_select_candidates_on_a_layer_of_several_score_chunks_matches_a_plain_reference():
+    """A 300 x 700 layer: the removal score is computed in several chunks and both top-k take the
+    sampled path; the candidates must be those of whole-tensor topk on the same scores."""
+    from seft_trl import topology
+
+    rows, cols = 300, 700
+    assert rows * cols > 2 * topology._SCORE_CHUNK and rows * cols > topology._SAMPLED_TOPK_MIN
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(rows, cols, generator=generator)
+    weight[weight.abs() < 0.67] = 0  # about half pruned
+    grad = torch.randn(rows, cols, generator=generator)
+    delta_index = torch.randperm(rows * cols, generator=generator)[:4000].to(torch.int32)
+    row_sq, col_sq = torch.rand(rows, generator=generator), torch.rand(cols, generator=generator)
+    growth, removal = GROWTH_CRITERIA["gradient"], REMOVAL_CRITERIA["taylor"]
+    c = select_candidates(grad, weight, delta_index, Scope("layer", cols), 3000, True, growth, removal, row_sq, col_sq)
+
+    flat_weight, deltas = weight.view(-1), delta_index.long()
+    grow_score = grad.abs().view(-1).clone()
+    grow_score[deltas] = -math.inf
+    expected_grow = torch.sort(torch.topk(grow_score, 3000).indices).values
+    assert torch.equal(c.grow_index, expected_grow)
+    revivals = int((flat_weight[expected_grow] == 0).sum())
+    remove_score = removal(weight, grad, row_sq[:, None] * col_sq[None, :]).view(-1).clone()
+    remove_score[(flat_weight == 0)] = math.inf
+    remove_score[deltas] = math.inf
+    remove_score[expected_grow] = math.inf
+    expected_remove = torch.sort(torch.topk(remove_score, revivals, largest=False).indices).values
+    assert revivals > 500 and torch.equal(c.remove_index, expected_remove)
+
+
 def test_select_candidates_row_and_nm_scopes_pay_in_their_group():
     torch.manual_seed(1)
     weight = torch.randn(6, 16)
@@ -227,7 +257,7 @@ def test_pattern_parse_detect_and_check():
     assert detect_pattern([w]) == SparsityPattern()
 
 
-@pytest.mark.parametrize("n,count", [(5000, 40), (3_000_000, 1000), (3_000_000, 150_000), (2_000_000, 1)])
+@pytest.mark.parametrize("n,count", [(5000, 40), (110_592, 2034), (3_000_000, 1000), (3_000_000, 150_000), (2_000_000, 1)])
 def test_top_indices_finds_the_same_set_as_topk(n, count):
     from seft_trl.topology import top_indices
 
