@@ -52,7 +52,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from transformers import TrainerCallback
 
 from baselines import PROJECTIONS, lora_trainable_count, masked_full_adapter
-from common import RESULTS_DIR, cpu_snapshot, machine_description, markdown_table, others_load, synchronizer
+from common import RESULTS_DIR, cpu_model, cpu_snapshot, machine_description, markdown_table, others_load, synchronizer
 from common import write_report
 from seft_trl.apps.assets import english_texts, load_smollm2
 from seft_trl.config import SparsityEvolutionConfig
@@ -388,9 +388,10 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_options(args: argparse.Namespace) -> dict:
-    """The options that decide what a round measures: a resumed run must share them."""
-    return {name: str(getattr(args, name)) for name in ("model", "device", "steps", "seqlen", "batch", "threads",
-                                                         "optim", "gradient_checkpointing")}
+    """The options that decide what a round measures, and the machine: a resumed run must share them."""
+    options = {name: str(getattr(args, name)) for name in ("model", "device", "steps", "seqlen", "batch", "threads",
+                                                            "optim", "gradient_checkpointing")}
+    return {**options, "machine": cpu_model()}
 
 
 def load_raw(path: Path, options: dict) -> dict:
