@@ -115,6 +115,24 @@ def token_square_sums(t: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def sampled_gradient_and_square_sums(
+    grad_output: torch.Tensor, x: torch.Tensor, pattern: SamplingPattern
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An accumulation window's backward: the sampled entries [k], Σ_t g² [out] and Σ_t x² [in], fp32.
+
+    The Numba kernel sums the squares over the token rows it has just read for its tiles (on
+    SmolLM2 two separate passes cost 0.25 s a window step on one core, summing in the kernel a
+    fifth of that); the other kernels read g and x again.
+    """
+    if pattern.kernel == "numba" and pattern.flat_index.numel() > 0:
+        from . import numba_kernels  # imports Numba: only where its kernel is used
+
+        return numba_kernels.sampled_gtx(
+            grad_output, x, pattern.crow_indices, pattern.col_indices, pattern.order, TOKEN_CHUNK, square_sums=True
+        )
+    return sampled_weight_gradient(grad_output, x, pattern), token_square_sums(grad_output), token_square_sums(x)
+
+
 def sampled_weight_gradient(
     grad_output: torch.Tensor, x: torch.Tensor, pattern: SamplingPattern
 ) -> torch.Tensor:

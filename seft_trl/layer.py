@@ -37,7 +37,13 @@ from .criteria import (
     lookup,
     taylor_removal_cost,
 )
-from .kernels import SamplingPattern, dense_weight_gradient, sampled_weight_gradient, token_square_sums
+from .kernels import (
+    SamplingPattern,
+    dense_weight_gradient,
+    sampled_gradient_and_square_sums,
+    sampled_weight_gradient,
+    token_square_sums,
+)
 from .patterns import Scope, SparsityPattern
 from .sharding import is_sharded, local, own, row_range, whole
 from .topology import Candidates, SwapPlan, plan_swap, select_candidates
@@ -211,11 +217,11 @@ class SparseDeltaLinear(nn.Module):
         if window.pattern is None:
             positions = torch.cat([self.delta_index, window.candidates.grow_index, window.candidates.remove_index])
             window.pattern = SamplingPattern(positions, self.out_features, self.in_features)
-        values = sampled_weight_gradient(g, x, window.pattern)  # [k + cg + cr], loss-scaled like g
+        values, row_sq, col_sq = sampled_gradient_and_square_sums(g, x, window.pattern)  # loss-scaled like g
         unscale = 1.0 / self.loss_scale
-        window.step_sum.add_(values, alpha=unscale)
-        window.step_row_sq.add_(token_square_sums(g), alpha=unscale * unscale)
-        window.step_col_sq += token_square_sums(x)
+        window.step_sum.add_(values, alpha=unscale)  # [k + cg + cr]
+        window.step_row_sq.add_(row_sq, alpha=unscale * unscale)
+        window.step_col_sq += col_sq
         return values[: self.delta_index.numel()]
 
     def _open_window(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

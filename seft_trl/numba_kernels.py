@@ -44,13 +44,30 @@ def _transpose_into(src, start, width, tile):  # pragma: no cover - compiled by 
                     tile[f, t] = src[start + t, f]
 
 
+@numba.njit(fastmath=True, cache=True, nogil=True)
+def _add_token_squares(src, start, width, sums):  # pragma: no cover - compiled by Numba
+    """sums[f] += Σ_t src[start + t, f]² for t < width: along src's contiguous rows, which the
+    transpose has just brought into cache."""
+    for t in range(start, start + width):
+        row = src[t]
+        for f in range(row.shape[0]):
+            sums[f] += row[f] * row[f]
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _sampled_gtx_add(g, x, crow, cols, slots, out, n_parts):  # pragma: no cover - compiled by Numba
-    """out[slots[e]] += Σ_t g[t, r_e] · x[t, cols[e]] for the CSR pattern (crow, cols), rows r_e."""
+def _sampled_gtx_add(g, x, crow, cols, slots, out, n_parts, row_sq, col_sq):  # pragma: no cover - compiled by Numba
+    """out[slots[e]] += Σ_t g[t, r_e] · x[t, cols[e]] for the CSR pattern (crow, cols), rows r_e.
+
+    Where ``row_sq`` [out] and ``col_sq`` [in] are not empty, also row_sq += Σ_t g[t, :]² and
+    col_sq += Σ_t x[t, :]²: the window's curvature factors, from the token rows just transposed.
+    """
     tokens, n_out = g.shape
     n_in = x.shape[1]
     k = cols.shape[0]
+    squares = row_sq.shape[0] > 0
     partial = np.zeros((n_parts, k), np.float32)  # [threads, k]
+    row_partial = np.zeros((n_parts, n_out if squares else 0), np.float32)  # [threads, out]
+    col_partial = np.zeros((n_parts, n_in if squares else 0), np.float32)  # [threads, in]
     for part in numba.prange(n_parts):
         begin, end = part * tokens // n_parts, (part + 1) * tokens // n_parts
         # [out, tile] and [in, tile]: this tile of g and of x, transposed. Every dot product runs
@@ -66,6 +83,9 @@ def _sampled_gtx_add(g, x, crow, cols, slots, out, n_parts):  # pragma: no cover
                 x_tile[:, width:] = 0.0
             _transpose_into(g, start, width, g_tile)
             _transpose_into(x, start, width, x_tile)
+            if squares:
+                _add_token_squares(g, start, width, row_partial[part])
+                _add_token_squares(x, start, width, col_partial[part])
             for r in range(n_out):
                 g_row = g_tile[r]
                 for e in range(crow[r], crow[r + 1]):
@@ -79,12 +99,17 @@ def _sampled_gtx_add(g, x, crow, cols, slots, out, n_parts):  # pragma: no cover
         for part in range(n_parts):
             total += partial[part, e]
         out[slots[e]] += total
+    if squares:
+        for part in range(n_parts):  # a fixed order, as for the entries
+            row_sq += row_partial[part]
+            col_sq += col_partial[part]
 
 
-def scratch_bytes(out_features: int, in_features: int, k: int, threads: int) -> int:
+def scratch_bytes(out_features: int, in_features: int, k: int, threads: int, square_sums: bool = False) -> int:
     """Memory the kernel allocates outside torch's allocator (invisible to torch.profiler): per
-    thread, its partial sums [k] and the transposed tiles [out + in, TILE_TOKENS], all fp32."""
-    return 4 * threads * (k + (out_features + in_features) * TILE_TOKENS)
+    thread, its partial sums [k] (and [out + in] with square sums) and the transposed tiles
+    [out + in, TILE_TOKENS], all fp32."""
+    return 4 * threads * (k + (out_features + in_features) * (TILE_TOKENS + square_sums))
 
 
 def _threads() -> int:
@@ -96,27 +121,33 @@ def _threads() -> int:
 
 def sampled_gtx(
     grad_output: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor, slots: torch.Tensor,
-    token_chunk: int,
-) -> torch.Tensor:
+    token_chunk: int, square_sums: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 [k] with ``out[slots[e]] = Σ_t grad_output[t, r_e] · x[t, cols[e]]`` (CSR rows r_e).
 
     grad_output [T, out] and x [T, in] on the CPU. fp32 inputs are read where they lie; other dtypes
-    are converted to fp32 ``token_chunk`` tokens at a time, which bounds the copies.
+    are converted to fp32 ``token_chunk`` tokens at a time, which bounds the copies. With
+    ``square_sums`` also the fp32 Σ_t grad_output[t]² [out] and Σ_t x[t]² [in] (an accumulation
+    window's curvature factors), summed from the tiles the product reads anyway.
     """
     out = torch.zeros(cols.numel(), dtype=torch.float32)
-    if cols.numel() == 0 or x.shape[0] == 0:
-        return out
+    row_sq = torch.zeros(grad_output.shape[1] if square_sums else 0, dtype=torch.float32)
+    col_sq = torch.zeros(x.shape[1] if square_sums else 0, dtype=torch.float32)
+    result = (out, row_sq, col_sq) if square_sums else out
+    if x.shape[0] == 0 or (cols.numel() == 0 and not square_sums):
+        return result
     torch_threads = torch.get_num_threads()
     threads = _threads()
     arrays = crow.numpy(), cols.numpy(), slots.numpy(), out.numpy()
     chunk = x.shape[0] if grad_output.dtype == x.dtype == torch.float32 else token_chunk  # fp32: no copy
     for start in range(0, x.shape[0], chunk):
         g = grad_output[start : start + chunk].detach().float().contiguous()
-        _sampled_gtx_add(g.numpy(), x[start : start + chunk].detach().float().contiguous().numpy(), *arrays, threads)
+        x_part = x[start : start + chunk].detach().float().contiguous()
+        _sampled_gtx_add(g.numpy(), x_part.numpy(), *arrays, threads, row_sq.numpy(), col_sq.numpy())
     # Numba's first parallel launch starts its OpenMP pool with NUMBA_NUM_THREADS threads, which also
     # sets the count torch reads (one OpenMP runtime): a process given one thread would run torch, and
     # this kernel's later calls, on all cores from then on, and its results would depend on when
     # that first launch happened (a resumed run would differ from an uninterrupted one).
     if torch.get_num_threads() != torch_threads:
         torch.set_num_threads(torch_threads)
-    return out
+    return result

@@ -12,7 +12,7 @@ import torch
 
 from conftest import DEVICE
 from seft_trl import numba_kernels
-from seft_trl.kernels import TOKEN_CHUNK, SamplingPattern, sampled_weight_gradient
+from seft_trl.kernels import TOKEN_CHUNK, SamplingPattern, sampled_gradient_and_square_sums, sampled_weight_gradient
 from seft_trl.triton_kernels import BLOCK_K, BLOCK_T
 
 OUT, IN = 24, 40
@@ -75,6 +75,24 @@ def test_sampled_kernel_reads_strided_rows_and_handles_no_tokens(kernel):
     assert torch.equal(empty, torch.zeros(index.numel(), device=device))
 
 
+@pytest.mark.parametrize("kernel", [*KERNELS, "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [0, *TOKENS])
+def test_window_backward_adds_the_square_sums_to_the_same_entries(kernel, dtype, tokens):
+    # Numba sums g² and x² from its own token tiles (ragged, zero-padded, over chunks for bf16);
+    # every kernel must give what two separate passes give.
+    torch.manual_seed(tokens)
+    device = device_of(kernel)
+    g = torch.randn(tokens, OUT, dtype=dtype, device=device)
+    x = torch.randn(tokens, IN, dtype=dtype, device=device)
+    pattern = SamplingPattern(positions("full and empty rows").to(device), OUT, IN, kernel=kernel)
+    values, row_sq, col_sq = sampled_gradient_and_square_sums(g, x, pattern)
+    assert row_sq.shape == (OUT,) and col_sq.shape == (IN,) and row_sq.dtype == col_sq.dtype == torch.float32
+    torch.testing.assert_close(values, sampled_weight_gradient(g, x, pattern), rtol=0, atol=0)
+    torch.testing.assert_close(row_sq, g.float().pow(2).sum(0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(col_sq, x.float().pow(2).sum(0), rtol=1e-5, atol=1e-4)
+
+
 def test_numba_kernel_is_deterministic_and_follows_torch_thread_count():
     torch.manual_seed(0)
     g, x = torch.randn(700, OUT), torch.randn(700, IN)
@@ -84,12 +102,14 @@ def test_numba_kernel_is_deterministic_and_follows_torch_thread_count():
         results = {}
         for count in (1, 2):
             torch.set_num_threads(count)
-            results[count] = sampled_weight_gradient(g, x, pattern)
-            assert torch.equal(sampled_weight_gradient(g, x, pattern), results[count])  # same threads: same bits
+            results[count] = sampled_gradient_and_square_sums(g, x, pattern)
+            again = sampled_gradient_and_square_sums(g, x, pattern)
+            assert all(map(torch.equal, again, results[count]))  # same threads: same bits
             assert numba_kernels.numba.get_num_threads() == min(count, numba_kernels.numba.config.NUMBA_NUM_THREADS)
     finally:
         torch.set_num_threads(threads)
-    torch.testing.assert_close(results[1], results[2], rtol=1e-5, atol=1e-5)
+    for one, two in zip(results[1], results[2]):
+        torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-5)
 
 
 def test_numba_first_launch_leaves_a_one_thread_process_on_one_thread():
