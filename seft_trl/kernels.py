@@ -19,8 +19,8 @@ faster BLAS, sampled_addmm's 5-43 and 13-225 (median 40); the constants sit at o
 medians, because the dense path also costs a transient out × in fp32 matrix. On an H200
 (``benchmarks/results/gpu.md``, T = 4096) the Triton kernel's factor was 309-432 in fp32 and
 837-2797 in bf16, where the dense product runs on the tensor cores: a gather kernel cannot compete
-there, so the rule takes the dense product on CUDA at every density above 0.25%. The CPU paths work over token chunks where they
-convert dtypes, which bounds the fp32 copies of g and x.
+there, so the rule takes the dense product on CUDA at every density above 0.25%. The CPU paths
+work over token chunks where they convert dtypes, which bounds the fp32 copies of g and x.
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def sampled_gtx(
     grad_output [T, out] and x [T, in] on the CPU. fp32 inputs are read where they lie; other dtypes
     are converted to fp32 ``token_chunk`` tokens at a time, which bounds the copies. With
     ``square_sums`` also the fp32 Σ_t grad_output[t]² [out] and Σ_t x[t]² [in] (an accumulation
-    window's curvature factors), summed from the tiles the product reads anyway.
+    window's curvature factors), summed over the token rows the product reads anyway.
     """
     out = torch.zeros(cols.numel(), dtype=torch.float32)
     row_sq = torch.zeros(grad_output.shape[1] if square_sums else 0, dtype=torch.float32)
