@@ -58,7 +58,7 @@ class SamplingPattern:
         tests force one to compare them."""
         if kernel is not None and kernel not in KERNELS:
             raise ValueError(f"kernel={kernel!r}: choose one of {', '.join(KERNELS)}, or None for the default.")
-        self.flat_index = flat_index
+        self.numel = flat_index.numel()
         self.out_features, self.in_features = out_features, in_features
         if kernel is None:
             kernel = default_sampled_kernel(flat_index.device)
@@ -67,9 +67,14 @@ class SamplingPattern:
         if kernel == "numba" and flat_index.device.type != "cpu":
             raise ValueError(f"kernel='numba' runs on the CPU, not on {flat_index.device}: leave kernel=None.")
         self.kernel = kernel
+        # The sampled kernels need only the sorted layout below; the positions themselves are kept
+        # for the dense product's gather only (an accumulation window's pattern would otherwise
+        # keep one more copy of its millions of positions).
+        self.flat_index = flat_index if kernel == "dense" else None
         if kernel == "dense" or flat_index.numel() == 0:
             return
-        sorted_index, self.order = torch.sort(flat_index)
+        sorted_index, order = torch.sort(flat_index)
+        self.order = order.to(flat_index.dtype)  # sort returns int64; int32 positions take int32 slots
         rows = sorted_index // in_features
         self.col_indices = sorted_index % in_features
         if kernel == "triton":
@@ -124,7 +129,7 @@ def sampled_gradient_and_square_sums(
     SmolLM2 two separate passes cost 0.25 s a window step on one core, summing in the kernel a
     fifth of that); the other kernels read g and x again.
     """
-    if pattern.kernel == "numba" and pattern.flat_index.numel() > 0:
+    if pattern.kernel == "numba" and pattern.numel > 0:
         from . import numba_kernels  # imports Numba: only where its kernel is used
 
         return numba_kernels.sampled_gtx(
@@ -137,7 +142,7 @@ def sampled_weight_gradient(
     grad_output: torch.Tensor, x: torch.Tensor, pattern: SamplingPattern
 ) -> torch.Tensor:
     """fp32 entries of gᵀx at ``pattern``'s positions, in their given order: [T, out], [T, in] -> [k]."""
-    k = pattern.flat_index.numel()
+    k = pattern.numel
     if k == 0:
         return torch.zeros(0, dtype=torch.float32, device=x.device)
     if pattern.kernel == "dense":

@@ -346,8 +346,8 @@ class SparseDeltaLinear(nn.Module):
                 f"{where}: the checkpoint's open topology window lacks {', '.join(missing)} (written by an older "
                 "seft_trl). Resume from a checkpoint taken outside an accumulation window, or with that version."
             )
-        device = self.delta_index.device
-        candidates = Candidates(state["window_grow_index"].to(device), state["window_remove_index"].to(device))
+        device, index_dtype = self.delta_index.device, self.delta_index.dtype
+        candidates = Candidates(*(state[key].to(device, index_dtype) for key in ("window_grow_index", "window_remove_index")))
         # A loader may cast floating-point entries to the model's dtype: restore the window's own.
         tensors = {
             name: state["window_" + name].to(device, torch.float64 if name == "counters" else torch.float32)
@@ -375,6 +375,9 @@ class SparseDeltaLinear(nn.Module):
         """Arm the next backward to pick candidates for an update that swaps ``n_swaps`` deltas."""
         self._window = None
         self._candidate_count = max(1, round(candidate_factor * n_swaps))
+        # The window samples through its own pattern, and the update that ends it moves deltas:
+        # holding the δ-only pattern meanwhile would only add to the window's peak memory.
+        self._pattern = self._pattern_key = None
 
     def discard_window(self) -> None:
         """Forget the open window (its update was skipped) and any armed one."""

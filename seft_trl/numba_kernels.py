@@ -19,6 +19,9 @@ takes ``torch.sparse.sampled_addmm``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numba
 import numpy as np
 import torch
@@ -112,11 +115,25 @@ def scratch_bytes(out_features: int, in_features: int, k: int, threads: int, squ
     return 4 * threads * (k + (out_features + in_features) * (TILE_TOKENS + square_sums))
 
 
-def _threads() -> int:
-    """As many threads as torch uses (a DDP process pinned to one thread stays on one)."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+@contextmanager
+def numba_threads() -> Iterator[int]:
+    """Run Numba's parallel loops on as many threads as torch uses (a DDP process pinned to one
+    thread stays on one); yields that count.
+
+    Numba's first parallel launch starts its OpenMP pool with NUMBA_NUM_THREADS threads, which also
+    sets the count torch reads (one OpenMP runtime): a process given one thread would run torch, and
+    these kernels' later calls, on all cores from then on, and its results would depend on when
+    that first launch happened (a resumed run would differ from an uninterrupted one). So torch's
+    count is put back afterwards.
+    """
+    torch_threads = torch.get_num_threads()
+    threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
-    return threads
+    try:
+        yield threads
+    finally:
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
 
 def sampled_gtx(
@@ -136,18 +153,11 @@ def sampled_gtx(
     result = (out, row_sq, col_sq) if square_sums else out
     if x.shape[0] == 0 or (cols.numel() == 0 and not square_sums):
         return result
-    torch_threads = torch.get_num_threads()
-    threads = _threads()
     arrays = crow.numpy(), cols.numpy(), slots.numpy(), out.numpy()
     chunk = x.shape[0] if grad_output.dtype == x.dtype == torch.float32 else token_chunk  # fp32: no copy
-    for start in range(0, x.shape[0], chunk):
-        g = grad_output[start : start + chunk].detach().float().contiguous()
-        x_part = x[start : start + chunk].detach().float().contiguous()
-        _sampled_gtx_add(g.numpy(), x_part.numpy(), *arrays, threads, row_sq.numpy(), col_sq.numpy())
-    # Numba's first parallel launch starts its OpenMP pool with NUMBA_NUM_THREADS threads, which also
-    # sets the count torch reads (one OpenMP runtime): a process given one thread would run torch, and
-    # this kernel's later calls, on all cores from then on, and its results would depend on when
-    # that first launch happened (a resumed run would differ from an uninterrupted one).
-    if torch.get_num_threads() != torch_threads:
-        torch.set_num_threads(torch_threads)
+    with numba_threads() as threads:
+        for start in range(0, x.shape[0], chunk):
+            g = grad_output[start : start + chunk].detach().float().contiguous()
+            x_part = x[start : start + chunk].detach().float().contiguous()
+            _sampled_gtx_add(g.numpy(), x_part.numpy(), *arrays, threads, row_sq.numpy(), col_sq.numpy())
     return result

@@ -97,7 +97,8 @@ class Scope:
         return cls(scope, in_features)  # type: ignore[arg-type]
 
     def group_of(self, flat_index: torch.Tensor) -> torch.Tensor:
-        """Group id of each flat position [c] -> [c]."""
+        """Group id (int64, whatever the positions' dtype) of each flat position [c] -> [c]."""
+        flat_index = flat_index.long()
         if self.kind == "layer":
             return torch.zeros_like(flat_index)
         if self.kind == "row":

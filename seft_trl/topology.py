@@ -24,12 +24,13 @@ window (:func:`plan_swap`). Ties break towards the lower index, so decisions are
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
 import torch
 
-from .criteria import GrowthScore, RemovalScore, SwapTest
+from .criteria import GROWTH_CRITERIA, REMOVAL_CRITERIA, GrowthScore, RemovalScore, SwapTest
 from .patterns import Scope
 
 
@@ -90,6 +91,64 @@ class Candidates:
 _SCORE_CHUNK = 1 << 16
 
 
+def _registry_name(registry: dict, function) -> str | None:
+    return next((name for name, registered in registry.items() if registered is function), None)
+
+
+def _fused_kernel_names(grad: torch.Tensor, growth: GrowthScore, removal: RemovalScore) -> tuple[str, str] | None:
+    """The criteria's names when the compiled CPU selection (:mod:`seft_trl.numba_selection`) scores them."""
+    if grad.device.type != "cpu" or importlib.util.find_spec("numba") is None:
+        return None
+    from .numba_selection import SCORE_KINDS
+
+    names = _registry_name(GROWTH_CRITERIA, growth), _registry_name(REMOVAL_CRITERIA, removal)
+    return names if all(name in SCORE_KINDS for name in names) else None  # type: ignore[return-value]
+
+
+def _contains(sorted_values: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """bool [q]: which of ``query`` occur in the ascending ``sorted_values``."""
+    if sorted_values.numel() == 0:
+        return torch.zeros(query.shape, dtype=torch.bool, device=query.device)
+    at = torch.searchsorted(sorted_values, query).clamp_(max=sorted_values.numel() - 1)
+    return sorted_values[at] == query
+
+
+def _fused_extreme(
+    criterion: str, grad: torch.Tensor, weight: torch.Tensor, row_sq: torch.Tensor, col_sq: torch.Tensor,
+    count: int, largest: bool, skip_zero: bool, excluded: torch.Tensor,
+) -> torch.Tensor:
+    """Flat positions (int64, ascending) of the ``count`` largest (or smallest) finite scores of ``criterion``.
+
+    Among eligible entries: where ``excluded`` (bool [out, in]) is False, and the weight is nonzero
+    where ``skip_zero``. A strided sample sets a threshold loose enough to keep about twice
+    ``count`` (as :func:`top_indices`), the compiled pass keeps the entries beyond it, and the exact
+    top ``count`` is taken among those; when too few pass, the pass runs again keeping every
+    eligible entry.
+    """
+    from .numba_selection import ScoredLayer
+
+    layer = ScoredLayer(criterion, grad, weight, row_sq, col_sq, excluded, skip_zero)
+    n = grad.numel()
+    stride = max(1, n // _TOPK_SAMPLE)
+    while math.gcd(stride, grad.shape[1]) > 1:  # a stride sharing a factor with the row length
+        stride += 1  # would sample a few columns only
+    sample = layer.sample(stride)
+    everything = -math.inf if largest else math.inf
+    threshold = everything
+    rank = 2 * count * -(-n // stride) // n + 16  # the sample's share of 2 × count, before exclusions
+    if rank < sample.numel():
+        bound = torch.topk(sample, rank, largest=largest, sorted=False).values
+        threshold = float(bound.min() if largest else bound.max())
+    index, values = layer.beyond(threshold, largest)
+    if index.numel() < count and threshold != everything:
+        index, values = layer.beyond(everything, largest)
+    if index.numel() > count:
+        keep = torch.zeros(values.shape, dtype=torch.bool)
+        keep[torch.topk(values, count, largest=largest, sorted=False).indices] = True
+        index, values = index[keep], values[keep]
+    return index[torch.isfinite(values)]
+
+
 def select_candidates(
     grad: torch.Tensor,
     weight: torch.Tensor,
@@ -109,22 +168,56 @@ def select_candidates(
     Growth: the ``n_candidates`` non-delta positions of highest growth score (pruned positions only when
     ``regrow_pruned``). Removal: in each scope group, as many non-delta, non-candidate support
     weights of lowest removal score as the group has revival candidates (all of them in an N:M
-    group, which holds at most N).
+    group, which holds at most N). Both come in the dtype of ``delta_index``, sorted.
+
+    On the CPU with Numba the layer-wide rankings run as compiled passes
+    (:mod:`seft_trl.numba_selection`); elsewhere as torch operations over the dense scores.
     """
-    # Memory: besides grad, one dense fp32 score buffer (reused for removal) and bool masks.
-    flat_grad, flat_weight = grad.reshape(-1), weight.reshape(-1)
-    grow_score = growth(flat_grad).float()
+    fused = _fused_kernel_names(grad, growth, removal)
+    flat_weight = weight.reshape(-1)
+    if fused is not None:
+        excluded = torch.zeros(grad.shape, dtype=torch.bool)  # [out, in]: the deltas, later also the growth
+        excluded.view(-1)[delta_index] = True
+        grow_index = _fused_extreme(fused[0], grad, weight, row_sq, col_sq, n_candidates, True, not regrow_pruned,
+                                    excluded)
+    else:
+        grow_index = torch.sort(_dense_growth(grad, flat_weight, delta_index, n_candidates, regrow_pruned, growth)).values
+
+    revival_index = grow_index[flat_weight[grow_index] == 0]  # no candidate is a delta position
+    if revival_index.numel() == 0:
+        remove_index = grow_index.new_empty(0)
+    elif scope.kind == "nm":
+        members = scope.group_members(torch.unique(scope.group_of(revival_index))).reshape(-1)
+        taken = torch.sort(torch.cat([delta_index.long(), grow_index])).values  # positions removal may not take
+        remove_index = members[(flat_weight[members] != 0) & ~_contains(taken, members)]
+    elif scope.kind == "layer" and fused is not None:
+        excluded.view(-1)[grow_index] = True
+        remove_index = _fused_extreme(fused[1], grad, weight, row_sq, col_sq, revival_index.numel(), False, True,
+                                      excluded)
+    else:
+        remove_index = _dense_removal(grad, weight, delta_index, grow_index, revival_index, scope, removal,
+                                      row_sq, col_sq)
+        remove_index = torch.sort(remove_index).values
+    index_dtype = delta_index.dtype
+    return Candidates(grow_index.to(index_dtype), remove_index.to(index_dtype))
+
+
+def _dense_growth(grad: torch.Tensor, flat_weight: torch.Tensor, delta_index: torch.Tensor, n_candidates: int,
+                  regrow_pruned: bool, growth: GrowthScore) -> torch.Tensor:
+    """Growth candidates from the dense growth score (unsorted)."""
+    grow_score = growth(grad.reshape(-1)).float()
     if not regrow_pruned:
         grow_score.masked_fill_(flat_weight == 0, -math.inf)
     grow_score[delta_index] = -math.inf  # a delta position is in the support even when its value is 0
     top = top_indices(grow_score, min(n_candidates, grow_score.numel()))
-    grow_index = torch.sort(top[torch.isfinite(grow_score[top])]).values
+    return top[torch.isfinite(grow_score[top])]
 
-    revival_index = grow_index[flat_weight[grow_index] == 0]  # no candidate is a delta position
-    if revival_index.numel() == 0:
-        return Candidates(grow_index, grow_index.new_empty(0))
 
-    remove_score = grow_score.view(grad.shape)  # growth is decided: reuse its buffer
+def _dense_removal(grad: torch.Tensor, weight: torch.Tensor, delta_index: torch.Tensor, grow_index: torch.Tensor,
+                   revival_index: torch.Tensor, scope: Scope, removal: RemovalScore, row_sq: torch.Tensor,
+                   col_sq: torch.Tensor) -> torch.Tensor:
+    """Removal candidates of a layer or row scope from the dense removal score (unsorted)."""
+    remove_score = torch.empty_like(grad)  # [out, in]
     rows = max(1, _SCORE_CHUNK // grad.shape[1])
     for start in range(0, grad.shape[0], rows):
         part = slice(start, start + rows)
@@ -136,22 +229,16 @@ def select_candidates(
     remove_score = remove_score.view(-1)
     remove_score[delta_index] = math.inf
     remove_score[grow_index] = math.inf
-
-    if scope.kind == "nm":
-        members = scope.group_members(torch.unique(scope.group_of(revival_index))).reshape(-1)
-        remove_index = members[torch.isfinite(remove_score[members])]
-    elif scope.kind == "layer":
+    if scope.kind == "layer":
         bottom = top_indices(remove_score, min(revival_index.numel(), remove_score.numel()), largest=False)
-        remove_index = bottom[torch.isfinite(remove_score[bottom])]
-    else:
-        by_row = remove_score.view(-1, scope.in_features)
-        per_row = torch.bincount(revival_index // scope.in_features, minlength=by_row.shape[0])
-        bottom = torch.topk(by_row, int(per_row.max()), dim=1, largest=False)
-        keep = torch.isfinite(bottom.values)
-        keep &= torch.arange(bottom.values.shape[1], device=by_row.device) < per_row.unsqueeze(1)
-        row_ids = torch.arange(by_row.shape[0], device=by_row.device).unsqueeze(1).expand_as(keep)
-        remove_index = row_ids[keep] * scope.in_features + bottom.indices[keep]
-    return Candidates(grow_index, torch.sort(remove_index).values)
+        return bottom[torch.isfinite(remove_score[bottom])]
+    by_row = remove_score.view(-1, scope.in_features)
+    per_row = torch.bincount(revival_index // scope.in_features, minlength=by_row.shape[0])
+    bottom = torch.topk(by_row, int(per_row.max()), dim=1, largest=False)
+    keep = torch.isfinite(bottom.values)
+    keep &= torch.arange(bottom.values.shape[1], device=by_row.device) < per_row.unsqueeze(1)
+    row_ids = torch.arange(by_row.shape[0], device=by_row.device).unsqueeze(1).expand_as(keep)
+    return row_ids[keep] * scope.in_features + bottom.indices[keep]
 
 
 @dataclass

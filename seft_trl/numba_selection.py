@@ -1,0 +1,135 @@
+"""Candidate selection on the CPU as compiled Numba passes: the other half of a window's first step.
+
+Choosing an accumulation window's candidates ranks every weight of a layer twice: growth by |g|
+outside the deltas, removal by a criterion of (w, g, curvature) over the support. In torch each
+ranking is a chain of whole-layer operations (the score, masks, a scatter of the exclusions, a
+threshold pass, nonzero, topk); on SmolLM2 they took 1.5x as long as the dense gradient they rank.
+Here one compiled pass computes each score from g, w and the curvature factors, row by row into a
+small buffer, and writes out the few eligible entries at or beyond a threshold: no layer-sized
+temporary is ever written. :mod:`seft_trl.topology` picks the
+threshold from a sample and takes the exact top-c among the survivors.
+
+The scores are the registry's (:mod:`seft_trl.criteria`) computed in the same fp32 operations in
+the same order, so they equal the torch path's bit for bit; a criterion without a kernel here
+takes the torch path.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from .numba_kernels import numba_threads
+
+GROWTH, TAYLOR, SENSITIVITY, MAGNITUDE = 0, 1, 2, 3
+# Criterion name (growth or removal registry) -> score kernel.
+SCORE_KINDS = {"gradient": GROWTH, "taylor": TAYLOR, "sensitivity": SENSITIVITY, "magnitude": MAGNITUDE}
+BLOCKS_PER_THREAD = 4  # row blocks per thread: balances rows of unequal survivor counts
+
+
+@numba.njit(inline="always")
+def _score(kind, w, g, h):  # pragma: no cover - compiled by Numba
+    """The criterion's score of one weight: as :mod:`seft_trl.criteria` computes it, in fp32."""
+    if kind == GROWTH:
+        return abs(g)
+    if kind == TAYLOR:
+        first_order = -w * g
+        if first_order <= 0:  # relu; a NaN passes, as through torch.relu
+            first_order = np.float32(0.0)
+        return np.float32(0.5) * w * w * h + first_order
+    if kind == SENSITIVITY:
+        return abs(w * g)
+    return abs(w)
+
+
+@numba.njit(cache=True, nogil=True)
+def _sample(kind, grad, weight, row_sq, col_sq, excluded, skip_zero, stride, out):  # pragma: no cover
+    """Scores of the eligible entries among every ``stride``-th (flat order) into ``out``; returns their count."""
+    n_out, n_in = grad.shape
+    n = 0
+    for flat in range(0, n_out * n_in, stride):
+        r, c = flat // n_in, flat % n_in
+        w = weight[r, c]
+        if excluded[r, c] != 0 or (skip_zero and w == 0):
+            continue
+        h = row_sq[r] * col_sq[c] if kind == TAYLOR else np.float32(0.0)
+        out[n] = _score(kind, w, grad[r, c], h)
+        n += 1
+    return n
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _beyond(kind, grad, weight, row_sq, col_sq, excluded, threshold, largest, skip_zero, block_rows,
+            index_out, score_out, counts):  # pragma: no cover - compiled by Numba
+    """Write each row block's eligible entries whose score passes ``threshold``, in row-major order.
+
+    Block b writes from b·block_rows·in on into ``index_out`` and ``score_out`` (its worst case,
+    of which only the first ``counts[b]`` are written). Each row's scores go first into a small
+    buffer, ineligible ones as NaN (which passes no comparison), in a loop the compiler vectorizes;
+    the scan that follows branches on the rare passing entry only.
+    """
+    n_out, n_in = grad.shape
+    for block in numba.prange(counts.shape[0]):
+        scores = np.empty(n_in, np.float32)
+        at = block * block_rows * n_in
+        first = at
+        for r in range(block * block_rows, min(n_out, (block + 1) * block_rows)):
+            row_h = row_sq[r] if kind == TAYLOR else np.float32(0.0)
+            for c in range(n_in):
+                w = weight[r, c]
+                h = row_h * col_sq[c] if kind == TAYLOR else np.float32(0.0)
+                score = _score(kind, w, grad[r, c], h)
+                if excluded[r, c] != 0 or (skip_zero and w == 0):
+                    score = np.float32(np.nan)
+                scores[c] = score
+            for c in range(n_in):
+                score = scores[c]
+                if score >= threshold if largest else score <= threshold:
+                    index_out[at] = r * n_in + c
+                    score_out[at] = score
+                    at += 1
+        counts[block] = at - first
+
+
+class ScoredLayer:
+    """One layer's entries under one criterion, ready for the compiled passes.
+
+    grad [out, in] fp32 and weight [out, in] on the CPU; row_sq [out] and col_sq [in] fp32, the
+    curvature factors (read by "taylor" only). ``criterion`` names a key of :data:`SCORE_KINDS`:
+    "gradient" scores |g|, the removal criteria score (w, g, row_sq[r]·col_sq[c]). Eligible: where
+    ``excluded`` (bool [out, in]) is False and, with ``skip_zero``, the weight is nonzero.
+    """
+
+    def __init__(self, criterion: str, grad: torch.Tensor, weight: torch.Tensor, row_sq: torch.Tensor,
+                 col_sq: torch.Tensor, excluded: torch.Tensor, skip_zero: bool) -> None:
+        self.kind = SCORE_KINDS[criterion]
+        self.shape = grad.shape
+        self.arrays = tuple(
+            t.detach().float().contiguous().numpy() for t in (grad, weight, row_sq, col_sq)
+        ) + (excluded.contiguous().view(torch.uint8).numpy(),)
+        self.skip_zero = skip_zero
+
+    def sample(self, stride: int) -> torch.Tensor:
+        """fp32 scores of the eligible entries among every ``stride``-th in flat order."""
+        out = torch.empty(-(-self.shape.numel() // stride))
+        n = _sample(self.kind, *self.arrays, self.skip_zero, stride, out.numpy())
+        return out[:n]
+
+    def beyond(self, threshold: float, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eligible entries whose score is at or beyond ``threshold`` (≥ where ``largest``, else ≤;
+        a NaN score never is): (flat positions int64 ascending, fp32 scores)."""
+        n_out, n_in = self.shape
+        # Room for every entry, of which a few percent are written: the untouched pages of an
+        # allocation this large are never mapped in.
+        index, score = torch.empty(n_out * n_in, dtype=torch.int32), torch.empty(n_out * n_in)
+        with numba_threads() as threads:
+            blocks = min(n_out, threads * BLOCKS_PER_THREAD)
+            block_rows = -(-n_out // blocks)
+            blocks = -(-n_out // block_rows)
+            counts = np.zeros(blocks, np.int64)
+            _beyond(self.kind, *self.arrays, np.float32(threshold), largest, self.skip_zero, block_rows,
+                    index.numpy(), score.numpy(), counts)
+        parts = [slice(block * block_rows * n_in, block * block_rows * n_in + int(count))
+                 for block, count in enumerate(counts)]
+        return torch.cat([index[part] for part in parts]).long(), torch.cat([score[part] for part in parts])

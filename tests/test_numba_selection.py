@@ -1,0 +1,106 @@
+"""The compiled CPU candidate selection against the torch path it replaces: the same scores bit for
+bit, and the same candidates, including when the sampled threshold lets too few entries through."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from seft_trl import topology
+from seft_trl.criteria import GROWTH_CRITERIA, REMOVAL_CRITERIA
+from seft_trl.numba_selection import ScoredLayer
+from seft_trl.patterns import Scope
+from seft_trl.topology import select_candidates
+
+
+def layer(rows: int, cols: int, seed: int) -> dict[str, torch.Tensor]:
+    """A half-pruned layer with its gradient, curvature factors and 5% delta positions (int32)."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator)
+    weight[weight.abs() < 0.67] = 0
+    return dict(
+        grad=torch.randn(rows, cols, generator=generator) * torch.rand(cols, generator=generator),  # uneven columns
+        weight=weight,
+        delta_index=torch.randperm(rows * cols, generator=generator)[: rows * cols // 20].to(torch.int32),
+        row_sq=torch.rand(rows, generator=generator),
+        col_sq=torch.rand(cols, generator=generator),
+    )
+
+
+def torch_path(monkeypatch: pytest.MonkeyPatch, **kwargs) -> topology.Candidates:
+    with monkeypatch.context() as patch:
+        patch.setattr(topology, "_fused_kernel_names", lambda *args: None)
+        return select_candidates(**kwargs)
+
+
+@pytest.mark.parametrize("removal", sorted(REMOVAL_CRITERIA))
+def test_compiled_scores_equal_the_criteria_bit_for_bit(removal):
+    data = layer(40, 56, seed=1)
+    excluded = torch.zeros(40, 56, dtype=torch.bool)
+    excluded.view(-1)[data["delta_index"]] = True
+    scored = ScoredLayer(removal, data["grad"], data["weight"], data["row_sq"], data["col_sq"], excluded, True)
+    index, score = scored.beyond(math.inf, largest=False)  # every eligible entry
+    eligible = torch.nonzero((data["weight"].view(-1) != 0) & ~excluded.view(-1)).squeeze(1)
+    curvature = data["row_sq"][:, None] * data["col_sq"][None, :]
+    expected = REMOVAL_CRITERIA[removal](data["weight"], data["grad"], curvature).view(-1)
+    assert torch.equal(index, eligible) and torch.equal(score, expected[eligible])
+
+    growth = ScoredLayer("gradient", data["grad"], data["weight"], data["row_sq"], data["col_sq"], excluded, False)
+    index, score = growth.beyond(-math.inf, largest=True)
+    outside = torch.nonzero(~excluded.view(-1)).squeeze(1)
+    assert torch.equal(index, outside) and torch.equal(score, GROWTH_CRITERIA["gradient"](data["grad"]).view(-1)[outside])
+
+
+@pytest.mark.parametrize("shape", [(12, 20), (300, 700), (700, 300)])
+@pytest.mark.parametrize("removal", sorted(REMOVAL_CRITERIA))
+@pytest.mark.parametrize("regrow_pruned", [True, False])
+def test_compiled_selection_picks_the_torch_paths_candidates(monkeypatch, shape, removal, regrow_pruned):
+    data = layer(*shape, seed=shape[0] + len(removal))
+    n_candidates = max(3, shape[0] * shape[1] // 50)
+    kwargs = dict(**data, scope=Scope("layer", shape[1]), n_candidates=n_candidates, regrow_pruned=regrow_pruned,
+                  growth=GROWTH_CRITERIA["gradient"], removal=REMOVAL_CRITERIA[removal])
+    assert topology._fused_kernel_names(data["grad"], kwargs["growth"], kwargs["removal"]) is not None
+    fused, reference = select_candidates(**kwargs), torch_path(monkeypatch, **kwargs)
+    assert fused.grow_index.dtype == fused.remove_index.dtype == torch.int32
+    assert torch.equal(fused.grow_index, reference.grow_index.to(torch.int32))
+    assert torch.equal(fused.remove_index, reference.remove_index.to(torch.int32))
+    assert fused.grow_index.numel() == n_candidates
+    assert fused.remove_index.numel() == (0 if not regrow_pruned else int((data["weight"].view(-1)[fused.grow_index] == 0).sum()))
+
+
+def test_a_threshold_that_lets_too_few_through_falls_back_to_every_entry(monkeypatch):
+    """Large gradients only at the first sampled positions: the sample's threshold keeps far fewer
+    than the candidates asked for, so the pass must run again with every eligible entry."""
+    rows, cols = 300, 700
+    n = rows * cols
+    stride = n // topology._TOPK_SAMPLE
+    while math.gcd(stride, cols) > 1:
+        stride += 1
+    grad = torch.rand(rows, cols, generator=torch.Generator().manual_seed(0))  # below 1
+    grad.view(-1)[torch.arange(0, 400 * stride, stride)] = 10.0
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1))
+    thresholds = []
+    beyond = ScoredLayer.beyond
+    monkeypatch.setattr(ScoredLayer, "beyond", lambda self, threshold, largest: thresholds.append(threshold) or beyond(self, threshold, largest))
+    kwargs = dict(grad=grad, weight=weight, delta_index=torch.tensor([5, 17], dtype=torch.int32),
+                  scope=Scope("layer", cols), n_candidates=2000, regrow_pruned=True,
+                  growth=GROWTH_CRITERIA["gradient"], removal=REMOVAL_CRITERIA["taylor"],
+                  row_sq=torch.ones(rows), col_sq=torch.ones(cols))
+    fused = select_candidates(**kwargs)
+    assert thresholds[:2] == [10.0, -math.inf]  # growth: the sampled threshold, then everything
+    assert torch.equal(fused.grow_index, torch_path(monkeypatch, **kwargs).grow_index.to(torch.int32))
+
+
+def test_nm_scope_removal_takes_every_free_support_weight_of_the_revival_groups():
+    weight = torch.randn(4, 16)
+    weight.view(4, 4, 4)[..., :2] = 0  # 2:4, the first two inputs of each group pruned
+    grad = torch.zeros(4, 16)
+    grad[0, 0] = grad[1, 4] = grad[2, 10] = 5.0  # two revivals (pruned) and one live weight
+    delta_index = torch.tensor([16 + 6, 3 * 16 + 2], dtype=torch.int32)  # a delta on a live weight of group (1, 1)
+    c = select_candidates(grad, weight, delta_index, Scope("nm", 16, 2, 4), 3, True, GROWTH_CRITERIA["gradient"],
+                          REMOVAL_CRITERIA["magnitude"], torch.ones(4), torch.ones(16))
+    assert c.grow_index.tolist() == [0, 20, 42]
+    # Revival groups: row 0 inputs 0-3 (live 2, 3) and row 1 inputs 4-7 (live 6, 7; 6 is a delta).
+    assert c.remove_index.tolist() == [2, 3, 16 + 7]
