@@ -14,7 +14,9 @@ the same order, so they equal the torch path's bit for bit; a criterion without 
 takes the torch path.
 
 Every update also counts each layer's support, twice; a compiled count reads the weight's bits
-in place, 4x faster than torch's compare-and-sum, which first writes a bool mask."""
+in place, 4x faster than torch's compare-and-sum, which first writes a bool mask. And it orders
+its candidates by score several times: a stable radix sort on the scores' bits takes a tenth of
+the time of torch's stable sort on arrays of that size (about 15,000 on SmolLM2)."""
 
 from __future__ import annotations
 
@@ -160,3 +162,38 @@ def nonzero_per_row(weight: torch.Tensor) -> torch.Tensor:
     with numba_threads():
         _nonzero_per_row(bits.numpy(), (1 << (width - 1)) - 1, counts)
     return torch.from_numpy(counts)
+
+
+@numba.njit(cache=True, nogil=True)
+def _radix_argsort(keys):  # pragma: no cover - compiled by Numba
+    """Stable ascending order of uint32 ``keys``: four passes over 8-bit digits, least significant first."""
+    n = keys.shape[0]
+    order, spare = np.arange(n), np.empty(n, np.int64)
+    key, spare_key = keys.copy(), np.empty(n, np.uint32)
+    for shift in range(0, 32, 8):
+        starts = np.zeros(257, np.int64)
+        for i in range(n):
+            starts[((key[i] >> shift) & 255) + 1] += 1
+        for digit in range(256):
+            starts[digit + 1] += starts[digit]
+        for i in range(n):
+            digit = (key[i] >> shift) & 255
+            spare[starts[digit]], spare_key[starts[digit]] = order[i], key[i]
+            starts[digit] += 1
+        order, spare, key, spare_key = spare, order, spare_key, key
+    return order
+
+
+def stable_argsort(values: torch.Tensor, descending: bool = False) -> torch.Tensor:
+    """``torch.sort(values, descending=descending, stable=True).indices`` of a CPU fp32 vector, by radix.
+
+    The keys order the floats as torch does: -0.0 equals 0.0 and every NaN sorts as the largest.
+    """
+    bits = values.detach().contiguous().view(torch.int32).numpy().view(np.uint32)
+    sign = np.uint32(1 << 31)
+    key = np.where(bits & sign, ~bits, bits | sign)  # order-preserving: negatives flipped, positives above them
+    key[bits == sign] = sign  # -0.0 as 0.0
+    key[np.isnan(values.detach().numpy())] = np.uint32(0xFFFFFFFF)
+    if descending:
+        key = ~key  # still stable: equal keys keep their index order, as in torch's descending stable sort
+    return torch.from_numpy(_radix_argsort(key))

@@ -247,17 +247,26 @@ def _dense_removal(grad: torch.Tensor, weight: torch.Tensor, delta_index: torch.
     return row_ids[keep] * scope.in_features + bottom.indices[keep]
 
 
+def _stable_order(values: torch.Tensor, descending: bool = False) -> torch.Tensor:
+    """``torch.sort(values, descending=descending, stable=True).indices``; by radix on the CPU with Numba."""
+    if values.device.type == "cpu" and values.dtype == torch.float32 and importlib.util.find_spec("numba"):
+        from .numba_topology import stable_argsort
+
+        return stable_argsort(values, descending)
+    return torch.sort(values, descending=descending, stable=True).indices
+
+
 def smallest_in_order(values: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the ``count`` smallest ``values``, ascending, ties by lower index: the first ``count``
     of a stable sort, without sorting all of them (an update swaps a fifth of the deltas or fewer)."""
     bound = torch.kthvalue(values, count).values if 0 < count and 4 * count < values.numel() else None
     if bound is None or bool(bound.isnan()):  # NaN: nothing compares below it
-        return torch.sort(values, stable=True).indices[:count]
+        return _stable_order(values)[:count]
     below = values < bound
     ties = torch.nonzero(values == bound).squeeze(1)[: count - int(below.sum())]  # the lowest indices
     below[ties] = True
     chosen = torch.nonzero(below).squeeze(1)  # ascending: the stable sort below keeps ties in index order
-    return chosen[torch.sort(values[chosen], stable=True).indices]
+    return chosen[_stable_order(values[chosen])]
 
 
 @dataclass
@@ -315,7 +324,7 @@ def _assign_payments(
     removal_rank = torch.zeros_like(group)
     removal_rank[needs_removal] = _rank_within_groups(group[needs_removal])
 
-    by_rank = torch.sort(remove_rank, stable=True).indices
+    by_rank = _stable_order(remove_rank)
     by_group = by_rank if _single_group(remove_group) else by_rank[torch.sort(remove_group[by_rank], stable=True).indices]
     sorted_groups = remove_group[by_group]
     first = torch.searchsorted(sorted_groups, group)
@@ -359,7 +368,7 @@ def plan_swap(
     deltas that column may take; in priority order, candidates past their column's room are passed
     over (None: no cap).
     """
-    order = torch.sort(grow_score, descending=True, stable=True).indices
+    order = _stable_order(grow_score, descending=True)
     feasible, payment = _assign_payments(
         grow_revives[order], grow_group[order], grow_slack[order], layer_slack, remove_score, remove_group
     )
@@ -369,7 +378,7 @@ def plan_swap(
         paid = payment >= 0
         cost[paid] = remove_cost[payment[paid]]
         benefit = grow_gain[candidate] - cost
-        ranked = torch.sort(benefit, descending=True, stable=True).indices
+        ranked = _stable_order(benefit, descending=True)
     else:
         ranked = torch.arange(candidate.numel(), device=candidate.device)  # already in growth-score order
     if grow_column_room is not None:

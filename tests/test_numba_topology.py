@@ -116,3 +116,21 @@ def test_nonzero_per_row_counts_what_a_comparison_counts(dtype):
     weight[5, 2], weight[6, 1] = float("nan"), float("-inf")
     assert torch.equal(nonzero_per_row(weight), (weight != 0).sum(dim=1))
     assert torch.equal(nonzero_per_row(weight[:, 10:]), (weight[:, 10:] != 0).sum(dim=1))  # a strided view
+
+
+@pytest.mark.parametrize("descending", [False, True])
+@pytest.mark.parametrize("n", [0, 1, 300, 20_000])
+def test_stable_argsort_orders_as_torchs_stable_sort(descending, n):
+    from seft_trl.numba_topology import stable_argsort
+
+    generator = torch.Generator().manual_seed(n)
+    values = torch.randn(n, generator=generator) * 10 ** torch.randint(-40, 38, (n,), generator=generator).float()
+    if n >= 300:
+        values[::7] = values[3]  # ties
+        values[1::11] = 0.0
+        values[2::13] = -0.0
+        values[4::17] = float("nan")
+        values[5::19], values[6::23] = float("inf"), float("-inf")
+        values[8::29] = -float("nan")
+    expected = torch.sort(values, descending=descending, stable=True).indices
+    assert torch.equal(stable_argsort(values, descending), expected)
