@@ -456,6 +456,24 @@ class SeftBreakdown:
         """Mean step time over one default update cycle (update_interval steps)."""
         return self.ordinary + self.topology_seconds / DEFAULTS.update_interval
 
+    @property
+    def run_topology_per_step(self) -> float:
+        """Topology seconds per step over a whole run at the defaults, at most.
+
+        Windows and updates come in the first ``update_end`` of the steps only, and each costs at
+        most the measured one, which swaps the full drop fraction: later ones, under the cosine
+        decay, track and swap fewer candidates (the dense gradient costs the same).
+        """
+        return DEFAULTS.update_end * self.topology_seconds / DEFAULTS.update_interval
+
+    @property
+    def run_share(self) -> float:
+        return self.run_topology_per_step / (self.ordinary + self.run_topology_per_step)
+
+    @property
+    def run_amortized_step(self) -> float:
+        return self.ordinary + self.run_topology_per_step
+
 
 def merge_rounds(rounds: list[dict]) -> dict:
     """One method's measurements over all rounds: step times kept per round, the rest as medians."""
@@ -563,6 +581,10 @@ def breakdown_text(seft: SeftBreakdown, steps: int, rounds: int) -> str:
         f"({seft.update:.3f} + {seft.window_extra:.3f}) / ({interval} × {seft.ordinary:.3f} + "
         f"{seft.topology_seconds:.3f}) = **{seft.share_at_defaults:.1%}**; amortized step "
         f"= ordinary + (update + window overhead) / {interval} = **{seft.amortized_step:.3f} s**.",
+        f"* Over a whole run at the defaults (windows and updates in the first {DEFAULTS.update_end:.0%} of the steps "
+        f"only, drop fraction decaying by a {DEFAULTS.drop_schedule} schedule), at most: share "
+        f"{seft.run_share:.1%}, amortized step {seft.run_amortized_step:.3f} s. An upper bound: it counts every window "
+        "at the measured cost, which swaps the full drop fraction, and a later window tracks and swaps fewer candidates.",
     ])
 
 
@@ -574,17 +596,21 @@ def goals_text(results: dict[str, dict], seft: SeftBreakdown, unit: str) -> str:
     peak = seft_result["memory_peak"] / lora["memory_peak"]
     increment = training_increment(seft_result) / training_increment(lora)
     amortized, ordinary = seft.amortized_step / lora_step, seft.ordinary / lora_step
+    run_amortized = seft.run_amortized_step / lora_step
     to_trainer_floor = seft.amortized_step / trainer_floor
     own_bytes = seft_result["state_bytes"] / seft_result["trainable"]
     return "\n".join([
         "## Goals",
         "",
-        f"* SEFT's step amortized at the defaults ≤ 1.0× LoRA's: {amortized:.2f}× — {verdict(amortized, 1.0)}; "
-        f"the ordinary step alone: {ordinary:.2f}× — {verdict(ordinary, 1.0)}.",
+        f"* SEFT's step amortized at the defaults ≤ 1.0× LoRA's: {amortized:.2f}× over an update interval while "
+        f"updates run — {verdict(amortized, 1.0)}; over a whole run at the defaults (upper bound) "
+        f"{run_amortized:.2f}× — {verdict(run_amortized, 1.0)}; the ordinary step alone: {ordinary:.2f}× — "
+        f"{verdict(ordinary, 1.0)}.",
         f"* Stretch, ≤ 1.10× the trainer floor (the same trainer, no adapter): {to_trainer_floor:.2f}× — "
         f"{verdict(to_trainer_floor, 1.10)} (LoRA: {lora_step / trainer_floor:.2f}×).",
         f"* Topology updates plus window overhead ≤ 2% of wall time at the defaults: {seft.share_at_defaults:.1%} "
-        f"(extrapolated) — {verdict(seft.share_at_defaults, 0.02)}.",
+        f"of an update interval (extrapolated) — {verdict(seft.share_at_defaults, 0.02)}; {seft.run_share:.1%} of a "
+        f"whole run (upper bound) — {verdict(seft.run_share, 0.02)}.",
         f"* Whole-process peak memory ≤ LoRA's: {peak:.2f}× the peak {unit} — {verdict(peak, 1.0)}; "
         f"the increment during training: {increment:.2f}× — {verdict(increment, 1.0)}.",
         f"* SEFT's own state ≤ 12 B per delta (optimizer state excluded): {own_bytes:.1f} B — {verdict(own_bytes, 12.0)}.",

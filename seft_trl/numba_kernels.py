@@ -127,7 +127,7 @@ def token_square_sums(t: torch.Tensor, token_chunk: int) -> torch.Tensor:
     chunk = max(1, t.shape[0]) if t.dtype == torch.float32 else token_chunk
     with numba_threads() as threads:
         for start in range(0, t.shape[0], chunk):
-            _token_square_sums(t[start : start + chunk].detach().float().contiguous().numpy(), threads, sums.numpy())
+            _token_square_sums(as_array(t[start : start + chunk].float().contiguous()), threads, sums.numpy())
     return sums
 
 
@@ -136,6 +136,16 @@ def scratch_bytes(out_features: int, in_features: int, k: int, threads: int, squ
     thread, its partial sums [k] (and [out + in] with square sums) and the transposed tiles
     [out + in, TILE_TOKENS], all fp32."""
     return 4 * threads * (k + (out_features + in_features) * (TILE_TOKENS + square_sums))
+
+
+def as_array(tensor: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor for a kernel's input, which leaves the tensor's storage resizable.
+
+    ``Tensor.numpy()`` marks the storage fixed-size for good, and FSDP2 frees a gathered parameter
+    by resizing its storage to zero; DLPack shares the memory without that mark. The view must not
+    outlive the call it is made for.
+    """
+    return np.from_dlpack(tensor.detach())
 
 
 @contextmanager
@@ -182,5 +192,5 @@ def sampled_gtx(
         for start in range(0, x.shape[0], chunk):
             g = grad_output[start : start + chunk].detach().float().contiguous()
             x_part = x[start : start + chunk].detach().float().contiguous()
-            _sampled_gtx_add(g.numpy(), x_part.numpy(), *arrays, threads, row_sq.numpy(), col_sq.numpy())
+            _sampled_gtx_add(as_array(g), as_array(x_part), *arrays, threads, row_sq.numpy(), col_sq.numpy())
     return result

@@ -24,7 +24,7 @@ import numba
 import numpy as np
 import torch
 
-from .numba_kernels import numba_threads
+from .numba_kernels import as_array, numba_threads
 
 GROWTH, TAYLOR, SENSITIVITY, MAGNITUDE = 0, 1, 2, 3
 # Criterion name (growth or removal registry) -> score kernel.
@@ -110,8 +110,8 @@ class ScoredLayer:
         self.kind = SCORE_KINDS[criterion]
         self.shape = grad.shape
         self.arrays = tuple(
-            t.detach().float().contiguous().numpy() for t in (grad, weight, row_sq, col_sq)
-        ) + (excluded.contiguous().view(torch.uint8).numpy(),)
+            as_array(t.float().contiguous()) for t in (grad, weight, row_sq, col_sq)
+        ) + (as_array(excluded.contiguous().view(torch.uint8)),)
         self.skip_zero = skip_zero
 
     def sample(self, stride: int) -> torch.Tensor:
@@ -160,7 +160,7 @@ def nonzero_per_row(weight: torch.Tensor) -> torch.Tensor:
     bits = weight.detach().contiguous().view(torch.int16 if width == 16 else torch.int32)
     counts = np.zeros(weight.shape[0], np.int64)
     with numba_threads():
-        _nonzero_per_row(bits.numpy(), (1 << (width - 1)) - 1, counts)
+        _nonzero_per_row(as_array(bits), (1 << (width - 1)) - 1, counts)
     return torch.from_numpy(counts)
 
 
@@ -189,11 +189,11 @@ def stable_argsort(values: torch.Tensor, descending: bool = False) -> torch.Tens
 
     The keys order the floats as torch does: -0.0 equals 0.0 and every NaN sorts as the largest.
     """
-    bits = values.detach().contiguous().view(torch.int32).numpy().view(np.uint32)
+    bits = as_array(values.contiguous().view(torch.int32)).view(np.uint32)
     sign = np.uint32(1 << 31)
     key = np.where(bits & sign, ~bits, bits | sign)  # order-preserving: negatives flipped, positives above them
     key[bits == sign] = sign  # -0.0 as 0.0
-    key[np.isnan(values.detach().numpy())] = np.uint32(0xFFFFFFFF)
+    key[np.isnan(as_array(values))] = np.uint32(0xFFFFFFFF)
     if descending:
         key = ~key  # still stable: equal keys keep their index order, as in torch's descending stable sort
     return torch.from_numpy(_radix_argsort(key))

@@ -134,3 +134,15 @@ def test_stable_argsort_orders_as_torchs_stable_sort(descending, n):
         values[8::29] = -float("nan")
     expected = torch.sort(values, descending=descending, stable=True).indices
     assert torch.equal(stable_argsort(values, descending), expected)
+
+
+def test_compiled_passes_leave_the_weights_storage_resizable():
+    """FSDP2 frees a gathered parameter by resizing its storage to zero; Tensor.numpy() would forbid that."""
+    from seft_trl.numba_topology import nonzero_per_row
+
+    data = layer(30, 40, seed=0)
+    weight = data.pop("weight")
+    nonzero_per_row(weight)
+    select_candidates(weight=weight, scope=Scope("layer", 40), n_candidates=20, regrow_pruned=True,
+                      growth=GROWTH_CRITERIA["gradient"], removal=REMOVAL_CRITERIA["taylor"], **data)
+    weight.untyped_storage().resize_(0)  # raises if any pass pinned the storage
