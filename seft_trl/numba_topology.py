@@ -4,9 +4,9 @@ Choosing an accumulation window's candidates ranks every weight of a layer twice
 outside the deltas, removal by a criterion of (w, g, curvature) over the support. In torch each
 ranking is a chain of whole-layer operations (the score, masks, a scatter of the exclusions,
 a threshold pass, nonzero, topk); on SmolLM2 they took 1.5x as long as the dense gradient they rank.
-Here one compiled pass computes each score from g, w and the curvature factors, row by row into a
-small buffer, and writes out the few eligible entries at or beyond a threshold: no layer-sized
-temporary is ever written. :mod:`seft_trl.topology` picks the threshold from a sample and takes
+Here compiled passes compute each score from g, w and the curvature factors, row by row into a
+small buffer; one counts the eligible entries at or beyond a threshold, the next writes them out:
+no layer-sized temporary is ever allocated. :mod:`seft_trl.topology` picks the threshold from a sample and takes
 the exact top-c among the survivors.
 
 The scores are the registry's (:mod:`seft_trl.criteria`) computed in the same fp32 operations in
@@ -63,37 +63,47 @@ def _sample(kind, grad, weight, row_sq, col_sq, excluded, skip_zero, stride, out
     return n
 
 
+@numba.njit(inline="always")
+def _row_scores(kind, grad, weight, row_sq, col_sq, excluded, skip_zero, r, scores):  # pragma: no cover
+    """scores[c] = the score of entry (r, c), NaN where it is not eligible (NaN passes no comparison).
+    One branch-free loop, which the compiler vectorizes."""
+    row_h = row_sq[r] if kind == TAYLOR else np.float32(0.0)
+    for c in range(grad.shape[1]):
+        w = weight[r, c]
+        h = row_h * col_sq[c] if kind == TAYLOR else np.float32(0.0)
+        score = _score(kind, w, grad[r, c], h)
+        if excluded[r, c] != 0 or (skip_zero and w == 0):
+            score = np.float32(np.nan)
+        scores[c] = score
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _beyond(kind, grad, weight, row_sq, col_sq, excluded, threshold, largest, skip_zero, block_rows,
-            index_out, score_out, counts):  # pragma: no cover - compiled by Numba
-    """Write each row block's eligible entries whose score passes ``threshold``, in row-major order.
+            offsets, index_out, score_out, write):  # pragma: no cover - compiled by Numba
+    """The eligible entries of each row block whose score passes ``threshold``, in row-major order.
 
-    Block b writes from b·block_rows·in on into ``index_out`` and ``score_out`` (its worst case,
-    of which only the first ``counts[b]`` are written). Each row's scores go first into a small
-    buffer, ineligible ones as NaN (which passes no comparison), in a loop the compiler vectorizes;
-    the scan that follows branches on the rare passing entry only.
+    Without ``write``, counts them into ``offsets[b + 1]``; with it, writes them into
+    ``index_out`` and ``score_out`` from ``offsets[b]`` on (the counts' running sums). The scan
+    over a row's scores branches on the rare passing entry only.
     """
     n_out, n_in = grad.shape
-    for block in numba.prange(counts.shape[0]):
+    for block in numba.prange(offsets.shape[0] - 1):
         scores = np.empty(n_in, np.float32)
-        at = block * block_rows * n_in
-        first = at
+        at = offsets[block] if write else 0
         for r in range(block * block_rows, min(n_out, (block + 1) * block_rows)):
-            row_h = row_sq[r] if kind == TAYLOR else np.float32(0.0)
-            for c in range(n_in):
-                w = weight[r, c]
-                h = row_h * col_sq[c] if kind == TAYLOR else np.float32(0.0)
-                score = _score(kind, w, grad[r, c], h)
-                if excluded[r, c] != 0 or (skip_zero and w == 0):
-                    score = np.float32(np.nan)
-                scores[c] = score
+            _row_scores(kind, grad, weight, row_sq, col_sq, excluded, skip_zero, r, scores)
+            if not write:
+                for c in range(n_in):
+                    at += (scores[c] >= threshold) if largest else (scores[c] <= threshold)
+                continue
             for c in range(n_in):
                 score = scores[c]
                 if score >= threshold if largest else score <= threshold:
                     index_out[at] = r * n_in + c
                     score_out[at] = score
                     at += 1
-        counts[block] = at - first
+        if not write:
+            offsets[block + 1] = at
 
 
 class ScoredLayer:
@@ -124,19 +134,17 @@ class ScoredLayer:
         """The eligible entries whose score is at or beyond ``threshold`` (≥ where ``largest``, else ≤;
         a NaN score never is): (flat positions int64 ascending, fp32 scores)."""
         n_out, n_in = self.shape
-        # Room for every entry, of which a few percent are written: the untouched pages of an
-        # allocation this large are never mapped in.
-        index, score = torch.empty(n_out * n_in, dtype=torch.int32), torch.empty(n_out * n_in)
         with numba_threads() as threads:
             blocks = min(n_out, threads * BLOCKS_PER_THREAD)
             block_rows = -(-n_out // blocks)
-            blocks = -(-n_out // block_rows)
-            counts = np.zeros(blocks, np.int64)
-            _beyond(self.kind, *self.arrays, np.float32(threshold), largest, self.skip_zero, block_rows,
-                    index.numpy(), score.numpy(), counts)
-        parts = [slice(block * block_rows * n_in, block * block_rows * n_in + int(count))
-                 for block, count in enumerate(counts)]
-        return torch.cat([index[part] for part in parts]).long(), torch.cat([score[part] for part in parts])
+            offsets = np.zeros(-(-n_out // block_rows) + 1, np.int64)
+            arguments = (self.kind, *self.arrays, np.float32(threshold), largest, self.skip_zero, block_rows, offsets)
+            empty_index, empty_score = np.empty(0, np.int32), np.empty(0, np.float32)
+            _beyond(*arguments, empty_index, empty_score, False)  # count, then write at the running sums
+            np.cumsum(offsets, out=offsets)
+            index, score = torch.empty(int(offsets[-1]), dtype=torch.int32), torch.empty(int(offsets[-1]))
+            _beyond(*arguments, index.numpy(), score.numpy(), True)
+        return index.long(), score
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
