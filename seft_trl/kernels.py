@@ -38,6 +38,12 @@ TOKEN_CHUNK = 1024
 KERNELS = ("dense", *SAMPLED_ENTRY_COST)
 
 
+def compiled_on_cpu(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` lies on the CPU with Numba installed, where the compiled kernels
+    (:mod:`seft_trl.numba_kernels`, :mod:`seft_trl.numba_topology`) replace torch operations."""
+    return tensor.device.type == "cpu" and importlib.util.find_spec("numba") is not None
+
+
 def default_sampled_kernel(device: torch.device) -> str:
     """The fastest sampled kernel installed for ``device``: Triton on CUDA, Numba on the CPU."""
     if device.type == "cuda":
@@ -113,7 +119,7 @@ def dense_weight_gradient(grad_output: torch.Tensor, x: torch.Tensor) -> torch.T
 
 def token_square_sums(t: torch.Tensor) -> torch.Tensor:
     """fp32 Σ over tokens of t²: [T, features] -> [features], over token chunks (the curvature factors)."""
-    if t.device.type == "cpu" and importlib.util.find_spec("numba") is not None:
+    if compiled_on_cpu(t):
         from . import numba_kernels  # imports Numba: only where its kernel is used
 
         return numba_kernels.token_square_sums(t, TOKEN_CHUNK)

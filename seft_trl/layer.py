@@ -15,7 +15,6 @@ positions) is recomputed from the weight when needed.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -40,6 +39,7 @@ from .criteria import (
 )
 from .kernels import (
     SamplingPattern,
+    compiled_on_cpu,
     dense_weight_gradient,
     sampled_gradient_and_square_sums,
     sampled_weight_gradient,
@@ -130,7 +130,7 @@ class WindowStatistics:
 
 def _nonzero_per_row(weight: torch.Tensor) -> torch.Tensor:
     """int64 [out]: nonzero weights per row, compiled on the CPU where Numba is installed."""
-    if weight.device.type == "cpu" and weight.element_size() in (2, 4) and importlib.util.find_spec("numba"):
+    if compiled_on_cpu(weight) and weight.element_size() in (2, 4):
         from .numba_topology import nonzero_per_row
 
         return nonzero_per_row(weight)

@@ -24,13 +24,13 @@ window (:func:`plan_swap`). Ties break towards the lower index, so decisions are
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 
 import torch
 
 from .criteria import GROWTH_CRITERIA, REMOVAL_CRITERIA, GrowthScore, RemovalScore, SwapTest
+from .kernels import compiled_on_cpu
 from .patterns import Scope
 
 
@@ -97,7 +97,7 @@ def _registry_name(registry: dict, function) -> str | None:
 
 def _fused_kernel_names(grad: torch.Tensor, growth: GrowthScore, removal: RemovalScore) -> tuple[str, str] | None:
     """The criteria's names when the compiled CPU selection (:mod:`seft_trl.numba_topology`) scores them."""
-    if grad.device.type != "cpu" or importlib.util.find_spec("numba") is None:
+    if not compiled_on_cpu(grad):
         return None
     from .numba_topology import SCORE_KINDS
 
@@ -249,7 +249,7 @@ def _dense_removal(grad: torch.Tensor, weight: torch.Tensor, delta_index: torch.
 
 def _stable_order(values: torch.Tensor, descending: bool = False) -> torch.Tensor:
     """``torch.sort(values, descending=descending, stable=True).indices``; by radix on the CPU with Numba."""
-    if values.device.type == "cpu" and values.dtype == torch.float32 and importlib.util.find_spec("numba"):
+    if compiled_on_cpu(values) and values.dtype == torch.float32:
         from .numba_topology import stable_argsort
 
         return stable_argsort(values, descending)
