@@ -64,14 +64,6 @@ def row_range(tensor: torch.Tensor) -> tuple[int, int]:
     return start, end
 
 
-def count_nonzero(tensor: torch.Tensor) -> int:
-    """Nonzero entries of the whole tensor: counted per chunk and summed over ranks when sharded (a collective)."""
-    count = torch.count_nonzero(local(tensor))
-    if isinstance(tensor, DTensor):
-        torch.distributed.all_reduce(count, group=tensor.device_mesh.get_group())
-    return int(count)
-
-
 def own(positions: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Which of ``positions`` [s] (along a dim-0-chunked tensor) lie in [start, end): (bool [s], offsets [s'])."""
     mine = (positions >= start) & (positions < end)

@@ -214,6 +214,25 @@ def test_drop_and_grow_counts_follow_the_schedule(pruned_llama, schedule, swap_t
             assert s.support <= s.budget
 
 
+@pytest.mark.parametrize("pattern,scope", [("layer", "layer"), ("row", "row"), ("2:4", "layer")])
+def test_update_stats_count_the_layer_after_the_update(pattern, scope):
+    """The trainer logs the sparsity from the stats' counts: they must be the weights' own."""
+    model = prune_linears(tiny_model("llama"), pattern)
+    seft = SparsityEvolution(model, SparsityEvolutionConfig(sparsity_scope=scope, drop_schedule="constant", **FAST))
+    checked = []
+
+    def check(step):
+        for name, stats in seft.last_update.items():
+            layer = seft.layers[name]
+            assert stats.nonzeros == int(torch.count_nonzero(layer.weight)), name
+            assert stats.support == int(layer.support_mask().sum()), name
+            checked.append(stats.revived)
+
+    train(model, seft, 9, after_step=check)
+    assert len(checked) == 3 * len(seft.layers)
+    assert pattern == "2:4" or sum(checked) > 0  # revivals leave zero-valued deltas: the two counts differ
+
+
 def test_drop_mode_revert_restores_base_values(pruned_llama):
     config = SparsityEvolutionConfig(drop_mode="revert", drop_schedule="constant", **FAST)
     seft = SparsityEvolution(pruned_llama, config)

@@ -7,7 +7,6 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..engine import SparsityEvolution
 from ..report import SparsityReport, sparsity_report
-from ..sharding import count_nonzero
 
 
 class SEFTCallback(TrainerCallback):
@@ -66,9 +65,8 @@ class SEFTCallback(TrainerCallback):
     def update_metrics(self) -> dict[str, float]:
         """What the latest update did, summed over layers, and the measured sparsity of the targets."""
         stats = self.engine.last_update.values()
-        layers = self.engine.layers.values()
-        nonzeros = sum(count_nonzero(layer.weight) for layer in layers)
-        numel = sum(layer.weight.numel() for layer in layers)
+        nonzeros = sum(s.nonzeros for s in stats)  # counted by each layer's update, after its changes
+        numel = sum(layer.weight.numel() for layer in self.engine.layers.values())
         return {
             "seft/drop_fraction": self.engine.scheduled_drop_fraction(self.engine.step_count),
             "seft/grown": float(sum(s.grown for s in stats)),
