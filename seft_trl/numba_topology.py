@@ -192,16 +192,109 @@ def _radix_argsort(keys):  # pragma: no cover - compiled by Numba
     return order
 
 
-def stable_argsort(values: torch.Tensor, descending: bool = False) -> torch.Tensor:
-    """``torch.sort(values, descending=descending, stable=True).indices`` of a CPU fp32 vector, by radix.
+@numba.njit(cache=True, nogil=True)
+def _order_keys(values, descending):  # pragma: no cover - compiled by Numba
+    """uint32 keys that order fp32 ``values`` as torch's sort does: -0.0 equals 0.0, every NaN is the largest.
+    Descending keys are the complements, so equal keys still keep their index order."""
+    sign, full = np.uint32(1 << 31), np.uint32(0xFFFFFFFF)
+    bits = values.view(np.uint32)
+    keys = np.empty(values.shape[0], np.uint32)
+    for i in range(values.shape[0]):
+        b = bits[i]
+        if values[i] != values[i]:
+            key = full
+        elif b == sign:  # -0.0
+            key = sign
+        elif b & sign:  # negatives flipped, below every positive
+            key = full ^ b
+        else:
+            key = b | sign
+        keys[i] = full ^ key if descending else key
+    return keys
 
-    The keys order the floats as torch does: -0.0 equals 0.0 and every NaN sorts as the largest.
+
+def stable_argsort(values: torch.Tensor, descending: bool = False) -> torch.Tensor:
+    """``torch.sort(values, descending=descending, stable=True).indices`` of a CPU fp32 vector, by radix."""
+    return torch.from_numpy(_radix_argsort(_order_keys(as_array(values.contiguous()), descending)))
+
+
+@numba.njit(cache=True, nogil=True)
+def _plan_single_group(grow_score, grow_gain, grow_revives, free_slack, remove_score, remove_cost, n_swaps,
+                       swap_test, column, column_room, delta_magnitude, drop_forgone):  # pragma: no cover
+    """:func:`seft_trl.topology.plan_swap` for candidates that all share one scope group, in one pass each.
+
+    Returns (drop slots, growth candidates, removal candidates paying for them or -1), aligned and
+    ordered by slot, and the number of pairs the swap test refused.
     """
-    bits = as_array(values.contiguous().view(torch.int32)).view(np.uint32)
-    sign = np.uint32(1 << 31)
-    key = np.where(bits & sign, ~bits, bits | sign)  # order-preserving: negatives flipped, positives above them
-    key[bits == sign] = sign  # -0.0 as 0.0
-    key[np.isnan(as_array(values))] = np.uint32(0xFFFFFFFF)
-    if descending:
-        key = ~key  # still stable: equal keys keep their index order, as in torch's descending stable sort
-    return torch.from_numpy(_radix_argsort(key))
+    order = _radix_argsort(_order_keys(grow_score, True))
+    by_removal_rank = _radix_argsort(_order_keys(remove_score, False))
+    # Payments in priority order: the first ``free_slack`` revivals fill unused budget, the next take
+    # removal candidates from the lowest score up, and once those run out no revival is feasible.
+    candidate = np.empty(order.shape[0], np.int64)
+    payment = np.empty(order.shape[0], np.int64)
+    n, revivals, removals = 0, 0, 0
+    for c in order:
+        pay = -1
+        if grow_revives[c]:
+            revivals += 1
+            if revivals > free_slack:
+                if removals == by_removal_rank.shape[0]:
+                    continue
+                pay = by_removal_rank[removals]
+                removals += 1
+        candidate[n], payment[n] = c, pay
+        n += 1
+    candidate, payment = candidate[:n], payment[:n]
+    benefit = np.empty(n, np.float32)
+    if swap_test:  # ranked by net benefit: the gain less the cost of the weight removed to pay
+        for j in range(n):
+            cost = remove_cost[payment[j]] if payment[j] >= 0 else np.float32(0.0)
+            benefit[j] = grow_gain[candidate[j]] - cost
+        ranked = _radix_argsort(_order_keys(benefit, True))
+    else:  # already in growth-score order
+        ranked = np.arange(n)
+    if column.shape[0] > 0:  # a column takes candidates, in ranked order, up to its room
+        seen = np.zeros(column.max() + 1, np.int64)
+        kept = 0
+        for j in ranked:
+            col = column[candidate[j]]
+            if seen[col] < column_room[candidate[j]]:
+                ranked[kept] = j
+                kept += 1
+            seen[col] += 1
+        ranked = ranked[:kept]
+    ranked = ranked[:n_swaps]
+    drop = _radix_argsort(_order_keys(delta_magnitude, False))[: ranked.shape[0]]  # the smallest |δ|, ties by slot
+    accepted = np.empty(ranked.shape[0], np.int64)
+    n_accepted = 0
+    for p in range(ranked.shape[0]):
+        if not swap_test or benefit[ranked[p]] > drop_forgone[drop[p]]:
+            accepted[n_accepted] = p
+            n_accepted += 1
+    accepted = accepted[:n_accepted]
+    by_slot = accepted[np.argsort(drop[accepted])]
+    chosen = ranked[by_slot]
+    return drop[by_slot], candidate[chosen], payment[chosen], ranked.shape[0] - n_accepted
+
+
+def plan_single_group(grow_score: torch.Tensor, grow_gain: torch.Tensor, grow_revives: torch.Tensor, free_slack: int,
+                      remove_score: torch.Tensor, remove_cost: torch.Tensor, n_swaps: int, swap_test: bool,
+                      grow_column: torch.Tensor | None, grow_column_room: torch.Tensor | None,
+                      delta_magnitude: torch.Tensor, drop_forgone: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The planner's decisions for one scope group, compiled (see :func:`seft_trl.topology.plan_swap`).
+
+    fp32 vectors per growth candidate [cg], removal candidate [cr] and delta slot [k]; ``free_slack``:
+    how many revivals unused budget pays for; ``swap_test``: keep only pairs whose benefit exceeds
+    the dropped delta's forgone gain (the "taylor" test). Returns int64 (drop slots, growth
+    candidates, their removal candidates or -1) ordered by slot, and the pairs the test refused.
+    """
+    empty = np.empty(0, np.int64)
+    column = empty if grow_column is None else as_array(grow_column.long().contiguous())
+    room = empty if grow_column_room is None else as_array(grow_column_room.long().contiguous())
+    vectors = [as_array(t.contiguous()) for t in (grow_score, grow_gain, grow_revives, remove_score, remove_cost,
+                                                  delta_magnitude, drop_forgone)]
+    slots, candidates, payments, refused = _plan_single_group(
+        *vectors[:3], free_slack, *vectors[3:5], n_swaps, swap_test, column, room, *vectors[5:]
+    )
+    return torch.from_numpy(slots), torch.from_numpy(candidates), torch.from_numpy(payments), int(refused)

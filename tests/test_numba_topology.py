@@ -1,5 +1,6 @@
-"""The compiled CPU candidate selection against the torch path it replaces: the same scores bit for
-bit, and the same candidates, including when the sampled threshold lets too few entries through."""
+"""The compiled CPU topology passes against the torch paths they replace: the same scores bit for bit,
+the same candidates (also when the sampled threshold lets too few entries through), the same orders
+and the same swap plans."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import math
 import pytest
 import torch
 
-from seft_trl import topology
-from seft_trl.criteria import GROWTH_CRITERIA, REMOVAL_CRITERIA
+from seft_trl import numba_topology, topology
+from seft_trl.criteria import GROWTH_CRITERIA, REMOVAL_CRITERIA, SWAP_TESTS
 from seft_trl.numba_topology import ScoredLayer
 from seft_trl.patterns import Scope
-from seft_trl.topology import select_candidates
+from seft_trl.topology import plan_swap, select_candidates
 
 
 def layer(rows: int, cols: int, seed: int) -> dict[str, torch.Tensor]:
@@ -146,3 +147,67 @@ def test_compiled_passes_leave_the_weights_storage_resizable():
     select_candidates(weight=weight, scope=Scope("layer", 40), n_candidates=20, regrow_pruned=True,
                       growth=GROWTH_CRITERIA["gradient"], removal=REMOVAL_CRITERIA["taylor"], **data)
     weight.untyped_storage().resize_(0)  # raises if any pass pinned the storage
+
+
+def random_plan_inputs(seed: int, k: int, n_grow: int, n_remove: int, slack: int, swap_test: str,
+                       column_cap: bool) -> dict:
+    """A layer-scope planning problem with ties, zeros and NaN among the scores."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def scores(n: int) -> torch.Tensor:
+        values = torch.randn(n, generator=generator).abs()
+        if n > 20:
+            values[::9] = values[1]  # ties
+            values[2::17] = 0.0
+            values[3::23] = float("nan")
+        return values
+
+    args = dict(
+        delta_magnitude=scores(k),
+        drop_forgone=torch.randn(k, generator=generator) * 0.5,
+        grow_index=torch.randperm(10 * n_grow + 1, generator=generator)[:n_grow].sort().values.to(torch.int32),
+        grow_score=scores(n_grow),
+        grow_gain=scores(n_grow),
+        grow_revives=torch.rand(n_grow, generator=generator) < 0.4,
+        grow_group=torch.zeros(n_grow, dtype=torch.int64),
+        grow_slack=torch.full((n_grow,), slack, dtype=torch.int64),
+        layer_slack=slack // 2 + 3,
+        remove_index=torch.randperm(10 * n_remove + 1, generator=generator)[:n_remove].sort().values.to(torch.int32),
+        remove_score=scores(n_remove),
+        remove_cost=scores(n_remove) * 0.3,
+        remove_group=torch.zeros(n_remove, dtype=torch.int64),
+        n_swaps=n_grow // 3 + 1,
+        swap_test=SWAP_TESTS[swap_test],
+    )
+    if column_cap:
+        args["grow_column"] = torch.randint(0, 7, (n_grow,), generator=generator)
+        args["grow_column_room"] = torch.randint(0, n_grow // 10 + 2, (n_grow,), generator=generator)
+    return args
+
+
+@pytest.mark.parametrize("swap_test", sorted(SWAP_TESTS))
+@pytest.mark.parametrize("column_cap", [False, True])
+@pytest.mark.parametrize("sizes", [(50, 0, 0, 0), (50, 40, 0, 0), (300, 200, 30, 10), (2000, 1600, 600, 0)])
+def test_compiled_plan_decides_as_the_torch_planner(monkeypatch, swap_test, column_cap, sizes):
+    k, n_grow, n_remove, slack = sizes
+    moved = 0
+    for seed in range(3):
+        args = random_plan_inputs(seed, k, n_grow, n_remove, slack, swap_test, column_cap)
+        compiled = plan_swap(**args)
+        with monkeypatch.context() as patch:
+            patch.setattr(topology, "_compiles_as_one_group", lambda *a: False)
+            expected = plan_swap(**args)
+        for field in ("drop_slots", "grow_index", "grow_candidate", "remove_index"):
+            got, want = getattr(compiled, field), getattr(expected, field)
+            assert got.dtype == want.dtype and torch.equal(got, want), (field, seed)
+        assert (compiled.revived, compiled.refused) == (expected.revived, expected.refused)
+        moved += expected.grow_index.numel()
+    assert moved > 0 or n_grow == 0
+
+
+def test_plans_of_several_groups_stay_on_the_torch_planner(monkeypatch):
+    args = random_plan_inputs(0, 300, 200, 30, 0, "taylor", False)
+    args["grow_group"] = torch.arange(200) % 2
+    args["remove_group"] = torch.arange(30) % 2
+    monkeypatch.setattr(numba_topology, "plan_single_group", None)  # would fail if called
+    assert plan_swap(**args).grow_index.numel() > 0
