@@ -129,14 +129,17 @@ class WindowStatistics:
         return dot / raw_sq if raw_sq > 0 else 1.0
 
 
-def _nonzero_per_row(weight: torch.Tensor) -> torch.Tensor:
-    """int64 [out]: nonzero weights per row, compiled on the CPU where Numba is installed."""
+def _support_per_row(weight: torch.Tensor, delta_index: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """int64 [out]: the support of each row (nonzero weights ∪ delta positions), and how many delta
+    positions hold zero; compiled on the CPU where Numba is installed."""
     if compiled_on_cpu(weight) and weight.element_size() in (2, 4):
-        from .numba_topology import nonzero_per_row
+        from .numba_topology import support_per_row
 
-        return nonzero_per_row(weight)
+        return support_per_row(weight, delta_index)
+    zero_deltas = delta_index[weight.view(-1)[delta_index] == 0]  # [z]
     # A bool sum into int32 is 3x faster than count_nonzero on the CPU; a layer has < 2³¹ weights.
-    return (weight != 0).sum(dim=1, dtype=torch.int32).long()
+    nonzero = (weight != 0).sum(dim=1, dtype=torch.int32).long()
+    return nonzero + torch.bincount(zero_deltas.long() // weight.shape[1], minlength=weight.shape[0]), zero_deltas.numel()
 
 
 class _SparseDeltaLinearFunction(torch.autograd.Function):
@@ -314,14 +317,11 @@ class SparseDeltaLinear(nn.Module):
 
     def _group_support_and_zero_deltas(self, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
         """:meth:`group_support` of the whole ``weight``, and how many delta positions hold zero."""
-        zero_deltas = self.delta_index[weight.view(-1)[self.delta_index] == 0]  # [z]
         if self.scope.kind == "nm":
-            return self.scope.group_support(self.support_mask(weight)), zero_deltas.numel()
-        nonzero = _nonzero_per_row(weight)  # [out]
-        if self.scope.kind == "layer":
-            return (nonzero.sum() + zero_deltas.numel()).reshape(1), zero_deltas.numel()
-        by_row = torch.bincount(zero_deltas.long() // self.in_features, minlength=self.out_features)
-        return nonzero + by_row, zero_deltas.numel()
+            zero_deltas = int((weight.view(-1)[self.delta_index] == 0).sum())
+            return self.scope.group_support(self.support_mask(weight)), zero_deltas
+        per_row, zero_deltas = _support_per_row(weight, self.delta_index)  # [out]
+        return (per_row.sum().reshape(1) if self.scope.kind == "layer" else per_row), zero_deltas
 
     def support_size(self, weight: torch.Tensor | None = None) -> int:
         return int(self.group_support(weight).sum())

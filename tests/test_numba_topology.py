@@ -108,15 +108,28 @@ def test_nm_scope_removal_takes_every_free_support_weight_of_the_revival_groups(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_nonzero_per_row_counts_what_a_comparison_counts(dtype):
-    from seft_trl.numba_topology import nonzero_per_row
+def test_support_per_row_counts_what_a_mask_counts(dtype):
+    from seft_trl.numba_topology import support_per_row
 
     weight = torch.randn(37, 53, generator=torch.Generator().manual_seed(0)).to(dtype)
     weight[weight.abs() < 0.5] = 0
     weight[3, :7] = -0.0  # zero, though its sign bit is set
     weight[5, 2], weight[6, 1] = float("nan"), float("-inf")
-    assert torch.equal(nonzero_per_row(weight), (weight != 0).sum(dim=1))
-    assert torch.equal(nonzero_per_row(weight[:, 10:]), (weight[:, 10:] != 0).sum(dim=1))  # a strided view
+    delta_index = torch.tensor([3 * 53 + 1, 3 * 53 + 2, 5 * 53 + 2, 36 * 53 + 52, 0], dtype=torch.int32)
+
+    def expected(weight, delta_index):
+        support = (weight != 0).contiguous()
+        support.view(-1)[delta_index] = True
+        return support.sum(dim=1), int((weight.reshape(-1)[delta_index] == 0).sum())
+
+    def check(weight, delta_index):
+        per_row, zero_deltas = support_per_row(weight, delta_index)
+        want_per_row, want_zero_deltas = expected(weight, delta_index)
+        assert torch.equal(per_row, want_per_row) and zero_deltas == want_zero_deltas
+
+    check(weight, delta_index)
+    check(weight, delta_index[:0])
+    check(weight[:, 10:], delta_index[:2])  # a strided view
 
 
 @pytest.mark.parametrize("descending", [False, True])
@@ -139,11 +152,11 @@ def test_stable_argsort_orders_as_torchs_stable_sort(descending, n):
 
 def test_compiled_passes_leave_the_weights_storage_resizable():
     """FSDP2 frees a gathered parameter by resizing its storage to zero; Tensor.numpy() would forbid that."""
-    from seft_trl.numba_topology import nonzero_per_row
+    from seft_trl.numba_topology import support_per_row
 
     data = layer(30, 40, seed=0)
     weight = data.pop("weight")
-    nonzero_per_row(weight)
+    support_per_row(weight, data["delta_index"])
     select_candidates(weight=weight, scope=Scope("layer", 40), n_candidates=20, regrow_pruned=True,
                       growth=GROWTH_CRITERIA["gradient"], removal=REMOVAL_CRITERIA["taylor"], **data)
     weight.untyped_storage().resize_(0)  # raises if any pass pinned the storage
