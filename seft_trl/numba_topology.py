@@ -1,23 +1,22 @@
-"""The topology's layer-wide passes on the CPU as compiled Numba kernels: candidate ranking and support counts.
+"""The topology's work on the CPU as compiled Numba passes: candidate ranking, support counts, orders and plans.
 
 Choosing an accumulation window's candidates ranks every weight of a layer twice: growth by |g|
 outside the deltas, removal by a criterion of (w, g, curvature) over the support. In torch each
 ranking is a chain of whole-layer operations (the score, masks, a scatter of the exclusions,
 a threshold pass, nonzero, topk); on SmolLM2 they took 1.5x as long as the dense gradient they rank.
-Here compiled passes compute each score from g, w and the curvature factors, row by row into a
-small buffer; one counts the eligible entries at or beyond a threshold, the next writes them out:
-no layer-sized temporary is ever allocated. :mod:`seft_trl.topology` picks the threshold from a sample and takes
-the exact top-c among the survivors.
+Here one compiled call per ranking samples the scores for a threshold, then computes each row's
+scores into a small buffer, counts the entries beyond the threshold and writes them out in a second
+pass (no layer-sized temporary), and takes the exact top-c among them.
 
 The scores are the registry's (:mod:`seft_trl.criteria`) computed in the same fp32 operations in
 the same order, so they equal the torch path's bit for bit; a criterion without a kernel here
 takes the torch path.
 
-Every update also counts each layer's support, twice; a compiled count reads the weight's bits
-in place, 4x faster than torch's compare-and-sum, which first writes a bool mask, and adds the
-delta positions that hold zero in the same call. And it orders
-its candidates by score several times: a stable radix sort on the scores' bits takes a tenth of
-the time of torch's stable sort on arrays of that size (about 15,000 on SmolLM2)."""
+An update is many small steps per layer: in torch about a hundred operations of a few microseconds
+of dispatch each, on a few thousand entries. Compiled here: the support count (read on the weight's
+bits in place, 4x torch's compare-and-sum, with the delta positions that hold zero in the same
+call), the stable orders (a radix sort on the scores' bits, a tenth of torch's stable sort at
+15,000 entries) and the whole swap plan of a layer-scope layer."""
 
 from __future__ import annotations
 
@@ -107,6 +106,51 @@ def _beyond(kind, grad, weight, row_sq, col_sq, excluded, threshold, largest, sk
             offsets[block + 1] = at
 
 
+@numba.njit(cache=True, nogil=True)
+def _collect(kind, grad, weight, row_sq, col_sq, excluded, threshold, largest, skip_zero, block_rows):  # pragma: no cover
+    """The eligible entries whose score passes ``threshold``: (flat positions int64 ascending, fp32 scores)."""
+    n_blocks = -(-grad.shape[0] // block_rows)
+    offsets = np.zeros(n_blocks + 1, np.int64)
+    arguments = (kind, grad, weight, row_sq, col_sq, excluded, threshold, largest, skip_zero, block_rows, offsets)
+    _beyond(*arguments, np.empty(0, np.int64), np.empty(0, np.float32), False)  # count, then write at the running sums
+    for block in range(n_blocks):
+        offsets[block + 1] += offsets[block]
+    index, score = np.empty(offsets[-1], np.int64), np.empty(offsets[-1], np.float32)
+    _beyond(*arguments, index, score, True)
+    return index, score
+
+
+@numba.njit(cache=True, nogil=True)
+def _extreme(kind, grad, weight, row_sq, col_sq, excluded, skip_zero, count, largest, stride, rank,
+             block_rows):  # pragma: no cover - compiled by Numba
+    """The ``count`` best finite eligible entries (see :meth:`ScoredLayer.extreme`), and the thresholds tried."""
+    n = grad.shape[0] * grad.shape[1]
+    sample = np.empty(-(-n // stride), np.float32)
+    m = _sample(kind, grad, weight, row_sq, col_sq, excluded, skip_zero, stride, sample)
+    everything = np.float32(-np.inf if largest else np.inf)
+    threshold = everything
+    if rank < m:  # the sample's rank-th best score (NaN ranks above every number, as in torch.topk)
+        at = m - rank if largest else rank - 1
+        threshold = np.partition(sample[:m], at)[at]
+    first = threshold
+    index, score = _collect(kind, grad, weight, row_sq, col_sq, excluded, threshold, largest, skip_zero, block_rows)
+    if index.shape[0] < count and threshold != everything:
+        threshold = everything
+        index, score = _collect(kind, grad, weight, row_sq, col_sq, excluded, threshold, largest, skip_zero,
+                                block_rows)
+    if index.shape[0] > count:  # the exact best count; of equal scores, the lower positions
+        keys = _order_keys(score, largest)  # ascending: best first
+        bound = np.partition(keys.copy(), count - 1)[count - 1]
+        ties = count - np.sum(keys < bound)
+        keep = np.empty(index.shape[0], np.bool_)
+        for i in range(index.shape[0]):
+            keep[i] = keys[i] < bound or (keys[i] == bound and ties > 0)
+            ties -= keys[i] == bound
+        index, score = index[keep], score[keep]
+    finite = np.isfinite(score)
+    return index[finite], first, threshold
+
+
 class ScoredLayer:
     """One layer's entries under one criterion, ready for the compiled passes.
 
@@ -125,27 +169,30 @@ class ScoredLayer:
         ) + (as_array(excluded.contiguous().view(torch.uint8)),)
         self.skip_zero = skip_zero
 
-    def sample(self, stride: int) -> torch.Tensor:
-        """fp32 scores of the eligible entries among every ``stride``-th in flat order."""
-        out = torch.empty(-(-self.shape.numel() // stride))
-        n = _sample(self.kind, *self.arrays, self.skip_zero, stride, out.numpy())
-        return out[:n]
+    def extreme(self, count: int, largest: bool, stride: int, rank: int) -> tuple[torch.Tensor, tuple[float, float]]:
+        """Flat positions (int64, ascending) of the ``count`` largest (or smallest) finite eligible scores.
+
+        Every ``stride``-th entry (flat order) is sampled and its ``rank``-th best score is the
+        threshold; the entries beyond it are collected and the exact top ``count`` taken among them
+        (of equal scores, the lower positions). When fewer than ``count`` pass, every eligible
+        entry is collected instead. One compiled call; also returns the first and the last
+        threshold (±inf: every entry).
+        """
+        with numba_threads() as threads:
+            blocks = max(1, min(self.shape[0], threads * BLOCKS_PER_THREAD))
+            block_rows = -(-self.shape[0] // blocks)
+            index, first, last = _extreme(self.kind, *self.arrays, self.skip_zero, count, largest, stride, rank,
+                                          block_rows)
+        return torch.from_numpy(index), (float(first), float(last))
 
     def beyond(self, threshold: float, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The eligible entries whose score is at or beyond ``threshold`` (≥ where ``largest``, else ≤;
         a NaN score never is): (flat positions int64 ascending, fp32 scores)."""
-        n_out, n_in = self.shape
         with numba_threads() as threads:
-            blocks = min(n_out, threads * BLOCKS_PER_THREAD)
-            block_rows = -(-n_out // blocks)
-            offsets = np.zeros(-(-n_out // block_rows) + 1, np.int64)
-            arguments = (self.kind, *self.arrays, np.float32(threshold), largest, self.skip_zero, block_rows, offsets)
-            empty_index, empty_score = np.empty(0, np.int32), np.empty(0, np.float32)
-            _beyond(*arguments, empty_index, empty_score, False)  # count, then write at the running sums
-            np.cumsum(offsets, out=offsets)
-            index, score = torch.empty(int(offsets[-1]), dtype=torch.int32), torch.empty(int(offsets[-1]))
-            _beyond(*arguments, index.numpy(), score.numpy(), True)
-        return index.long(), score
+            blocks = max(1, min(self.shape[0], threads * BLOCKS_PER_THREAD))
+            block_rows = -(-self.shape[0] // blocks)
+            index, score = _collect(self.kind, *self.arrays, np.float32(threshold), largest, self.skip_zero, block_rows)
+        return torch.from_numpy(index), torch.from_numpy(score)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

@@ -127,9 +127,8 @@ def _fused_extreme(
 
     Among eligible entries: where ``excluded`` (bool [out, in]) is False, and the weight is nonzero
     where ``skip_zero``. A strided sample sets a threshold loose enough to keep about twice
-    ``count`` (as :func:`top_indices`), the compiled pass keeps the entries beyond it, and the exact
-    top ``count`` is taken among those; when too few pass, the pass runs again keeping every
-    eligible entry.
+    ``count`` (as :func:`top_indices`), a compiled pass keeps the entries beyond it, and the exact
+    top ``count`` is taken among those (:meth:`~seft_trl.numba_topology.ScoredLayer.extreme`).
     """
     from .numba_topology import ScoredLayer
 
@@ -138,21 +137,8 @@ def _fused_extreme(
     stride = max(1, n // _FUSED_SAMPLE)
     while math.gcd(stride, grad.shape[1]) > 1:  # a stride sharing a factor with the row length
         stride += 1  # would sample a few columns only
-    sample = layer.sample(stride)
-    everything = -math.inf if largest else math.inf
-    threshold = everything
     rank = 2 * count * -(-n // stride) // n + 16  # the sample's share of 2 × count, before exclusions
-    if rank < sample.numel():
-        bound = torch.topk(sample, rank, largest=largest, sorted=False).values
-        threshold = float(bound.min() if largest else bound.max())
-    index, values = layer.beyond(threshold, largest)
-    if index.numel() < count and threshold != everything:
-        index, values = layer.beyond(everything, largest)
-    if index.numel() > count:
-        keep = torch.zeros(values.shape, dtype=torch.bool)
-        keep[torch.topk(values, count, largest=largest, sorted=False).indices] = True
-        index, values = index[keep], values[keep]
-    return index[torch.isfinite(values)]
+    return layer.extreme(count, largest, stride, rank)[0]
 
 
 def select_candidates(

@@ -83,15 +83,47 @@ def test_a_threshold_that_lets_too_few_through_falls_back_to_every_entry(monkeyp
     grad.view(-1)[torch.arange(0, 400 * stride, stride)] = 10.0
     weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1))
     thresholds = []
-    beyond = ScoredLayer.beyond
-    monkeypatch.setattr(ScoredLayer, "beyond", lambda self, threshold, largest: thresholds.append(threshold) or beyond(self, threshold, largest))
+    extreme = ScoredLayer.extreme
+
+    def recorded(self, *args):
+        index, tried = extreme(self, *args)
+        thresholds.append(tried)
+        return index, tried
+
+    monkeypatch.setattr(ScoredLayer, "extreme", recorded)
     kwargs = dict(grad=grad, weight=weight, delta_index=torch.tensor([5, 17], dtype=torch.int32),
                   scope=Scope("layer", cols), n_candidates=2000, regrow_pruned=True,
                   growth=GROWTH_CRITERIA["gradient"], removal=REMOVAL_CRITERIA["taylor"],
                   row_sq=torch.ones(rows), col_sq=torch.ones(cols))
     fused = select_candidates(**kwargs)
-    assert thresholds[:2] == [10.0, -math.inf]  # growth: the sampled threshold, then everything
+    assert thresholds[0] == (10.0, -math.inf)  # growth: the sampled threshold, then everything
     assert torch.equal(fused.grow_index, torch_path(monkeypatch, **kwargs).grow_index.to(torch.int32))
+
+
+def test_equal_scores_at_the_cut_go_to_the_lower_positions():
+    rows, cols = 300, 700
+    grad = torch.rand(rows, cols, generator=torch.Generator().manual_seed(0))
+    grad[:, ::2] = 2.0  # 105,000 equal best scores for 1,000 candidates
+    weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1))
+    c = select_candidates(grad=grad, weight=weight, delta_index=torch.tensor([0], dtype=torch.int32),
+                          scope=Scope("layer", cols), n_candidates=1000, regrow_pruned=True,
+                          growth=GROWTH_CRITERIA["gradient"], removal=REMOVAL_CRITERIA["taylor"],
+                          row_sq=torch.ones(rows), col_sq=torch.ones(cols))
+    assert c.grow_index.tolist() == list(range(2, 2001, 2))  # position 0 is a delta
+
+
+def test_non_finite_scores_are_never_candidates(monkeypatch):
+    data = layer(300, 700, seed=3)
+    data["grad"].view(-1)[5::89] = float("inf")  # best by rank, then dropped: as on the torch path
+    kwargs = dict(**data, scope=Scope("layer", 700), n_candidates=3000, regrow_pruned=True,
+                  growth=GROWTH_CRITERIA["gradient"], removal=REMOVAL_CRITERIA["taylor"])
+    fused, reference = select_candidates(**kwargs), torch_path(monkeypatch, **kwargs)
+    assert torch.equal(fused.grow_index, reference.grow_index.to(torch.int32))
+    assert torch.equal(fused.remove_index, reference.remove_index.to(torch.int32))
+    assert 0 < fused.grow_index.numel() < 3000
+    data["grad"].view(-1)[::97] = float("nan")  # a NaN never passes a threshold here (the update is skipped anyway)
+    fused = select_candidates(**kwargs)
+    assert torch.isfinite(data["grad"].view(-1)[fused.grow_index.long()]).all() and fused.grow_index.numel() > 0
 
 
 def test_nm_scope_removal_takes_every_free_support_weight_of_the_revival_groups():
