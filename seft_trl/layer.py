@@ -301,8 +301,11 @@ class SparseDeltaLinear(nn.Module):
         support.view(-1)[self.delta_index] = True
         return support
 
-    def own_slots(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which delta ``slots`` [s] this rank's optimizer holds, and where in its chunk: (bool [s], offsets)."""
+    def own_slots(self, slots: torch.Tensor) -> tuple[torch.Tensor | slice, torch.Tensor]:
+        """Which delta ``slots`` [s] this rank's optimizer holds, and where in its chunk: (bool [s], offsets);
+        unsharded, all of them at their own offsets (a full slice, which indexes without a copy)."""
+        if not is_sharded(self.delta):
+            return slice(None), slots
         return own(slots, *row_range(self.delta))
 
     @torch.no_grad()
