@@ -608,9 +608,9 @@ def goals_text(results: dict[str, dict], seft: SeftBreakdown, unit: str) -> str:
     return "\n".join([
         "## Goals",
         "",
-        f"* SEFT's step amortized at the defaults ≤ 1.0× LoRA's: {amortized:.2f}× over an update interval while "
+        f"* SEFT's step amortized at the defaults ≤ 1.0× LoRA's: {amortized:.3f}× over an update interval while "
         f"updates run — {verdict(amortized, 1.0)}; over a whole run at the defaults (upper bound) "
-        f"{run_amortized:.2f}× — {verdict(run_amortized, 1.0)}; the ordinary step alone: {ordinary:.2f}× — "
+        f"{run_amortized:.3f}× — {verdict(run_amortized, 1.0)}; the ordinary step alone: {ordinary:.3f}× — "
         f"{verdict(ordinary, 1.0)}.",
         f"* Stretch, ≤ 1.10× the trainer floor (the same trainer, no adapter): {to_trainer_floor:.2f}× — "
         f"{verdict(to_trainer_floor, 1.10)} (LoRA: {lora_step / trainer_floor:.2f}×).",
