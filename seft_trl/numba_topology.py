@@ -26,11 +26,6 @@ import torch
 
 from .numba_kernels import as_array, numba_threads
 
-# Only the functions called from Python are cached on disk; the helpers they call are compiled into
-# them. The swap planner is not cached at all: loaded from a cache that the test suite's processes
-# wrote on a fresh checkout, it crashed (segmentation fault) on a plan without removal candidates,
-# while the same code compiled in the process passed every test, also with bounds checking on.
-# Compiling it costs about 3 s once per process, at the first update.
 GROWTH, TAYLOR, SENSITIVITY, MAGNITUDE = 0, 1, 2, 3
 # Criterion name (growth or removal registry) -> score kernel.
 SCORE_KINDS = {"gradient": GROWTH, "taylor": TAYLOR, "sensitivity": SENSITIVITY, "magnitude": MAGNITUDE}
@@ -52,7 +47,7 @@ def _score(kind, w, g, h):  # pragma: no cover - compiled by Numba
     return abs(w)
 
 
-@numba.njit(nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _sample(kind, grad, weight, row_sq, col_sq, excluded, skip_zero, stride, out):  # pragma: no cover
     """Scores of the eligible entries among every ``stride``-th (flat order) into ``out``; returns their count."""
     n_out, n_in = grad.shape
@@ -82,7 +77,7 @@ def _row_scores(kind, grad, weight, row_sq, col_sq, excluded, skip_zero, r, scor
         scores[c] = score
 
 
-@numba.njit(parallel=True, nogil=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _beyond(kind, grad, weight, row_sq, col_sq, excluded, threshold, largest, skip_zero, block_rows,
             offsets, index_out, score_out, write):  # pragma: no cover - compiled by Numba
     """The eligible entries of each row block whose score passes ``threshold``, in row-major order.
@@ -111,7 +106,7 @@ def _beyond(kind, grad, weight, row_sq, col_sq, excluded, threshold, largest, sk
             offsets[block + 1] = at
 
 
-@numba.njit(nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _collect(kind, grad, weight, row_sq, col_sq, excluded, threshold, largest, skip_zero, block_rows):  # pragma: no cover
     """The eligible entries whose score passes ``threshold``: (flat positions int64 ascending, fp32 scores)."""
     n_blocks = -(-grad.shape[0] // block_rows)
@@ -123,12 +118,6 @@ def _collect(kind, grad, weight, row_sq, col_sq, excluded, threshold, largest, s
     index, score = np.empty(offsets[-1], np.int64), np.empty(offsets[-1], np.float32)
     _beyond(*arguments, index, score, True)
     return index, score
-
-
-@numba.njit(cache=True, nogil=True)
-def _collect_all(kind, grad, weight, row_sq, col_sq, excluded, threshold, largest, skip_zero,
-                 block_rows):  # pragma: no cover - compiled by Numba
-    return _collect(kind, grad, weight, row_sq, col_sq, excluded, threshold, largest, skip_zero, block_rows)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -202,7 +191,7 @@ class ScoredLayer:
         with numba_threads() as threads:
             blocks = max(1, min(self.shape[0], threads * BLOCKS_PER_THREAD))
             block_rows = -(-self.shape[0] // blocks)
-            index, score = _collect_all(self.kind, *self.arrays, np.float32(threshold), largest, self.skip_zero, block_rows)
+            index, score = _collect(self.kind, *self.arrays, np.float32(threshold), largest, self.skip_zero, block_rows)
         return torch.from_numpy(index), torch.from_numpy(score)
 
 
@@ -239,7 +228,7 @@ def support_per_row(weight: torch.Tensor, delta_index: torch.Tensor) -> tuple[to
     return torch.from_numpy(counts), int(zero_deltas)
 
 
-@numba.njit(nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _radix_argsort(keys):  # pragma: no cover - compiled by Numba
     """Stable ascending order of uint32 ``keys``: four passes over 8-bit digits, least significant first."""
     n = keys.shape[0]
@@ -259,7 +248,7 @@ def _radix_argsort(keys):  # pragma: no cover - compiled by Numba
     return order
 
 
-@numba.njit(nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _order_keys(values, descending):  # pragma: no cover - compiled by Numba
     """uint32 keys that order fp32 ``values`` as torch's sort does: -0.0 equals 0.0, every NaN is the largest.
     Descending keys are the complements, so equal keys still keep their index order."""
@@ -280,17 +269,16 @@ def _order_keys(values, descending):  # pragma: no cover - compiled by Numba
     return keys
 
 
-@numba.njit(cache=True, nogil=True)
-def _stable_argsort(values, descending):  # pragma: no cover - compiled by Numba
-    return _radix_argsort(_order_keys(values, descending))
-
-
 def stable_argsort(values: torch.Tensor, descending: bool = False) -> torch.Tensor:
     """``torch.sort(values, descending=descending, stable=True).indices`` of a CPU fp32 vector, by radix."""
-    return torch.from_numpy(_stable_argsort(as_array(values.contiguous()), descending))
+    return torch.from_numpy(_radix_argsort(_order_keys(as_array(values.contiguous()), descending)))
 
 
-@numba.njit(nogil=True)  # not cached: see the note above GROWTH
+# Not cached on disk: loaded from a cache that the test suite's processes wrote on a fresh checkout,
+# it crashed (segmentation fault) on a plan without removal candidates, while the same code compiled
+# in the process passed every test, also with bounds checking on. Compiling it costs about 3 s once
+# per process, at the first update.
+@numba.njit(nogil=True)
 def _plan_single_group(grow_score, grow_gain, grow_revives, free_slack, remove_score, remove_cost, n_swaps,
                        swap_test, column, column_room, delta_magnitude, drop_forgone):  # pragma: no cover
     """:func:`seft_trl.topology.plan_swap` for candidates that all share one scope group, in one pass each.
