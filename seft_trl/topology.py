@@ -407,8 +407,7 @@ def _compiles_as_one_group(scores: tuple[torch.Tensor, ...], grow_revives: torch
         return False
     if grow_revives.dtype != torch.bool or any(t.dtype != torch.float32 for t in scores):
         return False
-    groups = torch.cat([grow_group, remove_group])
-    return groups.numel() == 0 or bool((groups == groups[0]).all())
+    return _single_group(torch.cat([grow_group, remove_group]))
 
 
 def _plan_one_group(
