@@ -16,7 +16,12 @@ An update is many small steps per layer: in torch about a hundred operations of 
 of dispatch each, on a few thousand entries. Compiled here: the support count (read on the weight's
 bits in place, 4x torch's compare-and-sum, with the delta positions that hold zero in the same
 call), the stable orders (a radix sort on the scores' bits, a tenth of torch's stable sort at
-15,000 entries) and the whole swap plan of a layer-scope layer."""
+15,000 entries) and the whole swap plan of a layer-scope layer.
+
+The passes sort and select with their own radix code, not Numba's ``np.argsort`` or
+``np.partition``: those are built in factories that give several variants one symbol name, and a
+cached pass holding one bound to another variant's code in a process that had compiled it
+(``tests/test_numba_cache.py``)."""
 
 from __future__ import annotations
 
@@ -130,8 +135,8 @@ def _extreme(kind, grad, weight, row_sq, col_sq, excluded, skip_zero, count, lar
     everything = np.float32(-np.inf if largest else np.inf)
     threshold = everything
     if rank < m:  # the sample's rank-th best score (NaN ranks above every number, as in torch.topk)
-        at = m - rank if largest else rank - 1
-        threshold = np.partition(sample[:m], at)[at]
+        keys = _order_keys(sample[:m], largest)  # ascending: best first
+        threshold = sample[np.argmax(keys == _radix_select(keys, rank - 1))]
     first = threshold
     index, score = _collect(kind, grad, weight, row_sq, col_sq, excluded, threshold, largest, skip_zero, block_rows)
     if index.shape[0] < count and threshold != everything:
@@ -140,7 +145,7 @@ def _extreme(kind, grad, weight, row_sq, col_sq, excluded, skip_zero, count, lar
                                 block_rows)
     if index.shape[0] > count:  # the exact best count; of equal scores, the lower positions
         keys = _order_keys(score, largest)  # ascending: best first
-        bound = np.partition(keys.copy(), count - 1)[count - 1]
+        bound = _radix_select(keys, count - 1)
         ties = count - np.sum(keys < bound)
         keep = np.empty(index.shape[0], np.bool_)
         for i in range(index.shape[0]):
@@ -249,6 +254,24 @@ def _radix_argsort(keys):  # pragma: no cover - compiled by Numba
 
 
 @numba.njit(cache=True, nogil=True)
+def _radix_select(keys, k):  # pragma: no cover - compiled by Numba
+    """The ``k``-th smallest (from 0) of uint32 ``keys``: one histogram pass per 8-bit digit, most significant first."""
+    prefix, mask = np.uint32(0), np.uint32(0)
+    for shift in range(24, -8, -8):
+        counts = np.zeros(256, np.int64)
+        for key in keys:
+            if key & mask == prefix:
+                counts[(key >> shift) & 255] += 1
+        digit = 0
+        while k >= counts[digit]:
+            k -= counts[digit]
+            digit += 1
+        prefix |= np.uint32(digit) << np.uint32(shift)
+        mask |= np.uint32(255) << np.uint32(shift)
+    return prefix
+
+
+@numba.njit(cache=True, nogil=True)
 def _order_keys(values, descending):  # pragma: no cover - compiled by Numba
     """uint32 keys that order fp32 ``values`` as torch's sort does: -0.0 equals 0.0, every NaN is the largest.
     Descending keys are the complements, so equal keys still keep their index order."""
@@ -274,11 +297,7 @@ def stable_argsort(values: torch.Tensor, descending: bool = False) -> torch.Tens
     return torch.from_numpy(_radix_argsort(_order_keys(as_array(values.contiguous()), descending)))
 
 
-# Not cached on disk: loaded from a cache that the test suite's processes wrote on a fresh checkout,
-# it crashed (segmentation fault) on a plan without removal candidates, while the same code compiled
-# in the process passed every test, also with bounds checking on. Compiling it costs about 3 s once
-# per process, at the first update.
-@numba.njit(nogil=True)
+@numba.njit(cache=True, nogil=True)
 def _plan_single_group(grow_score, grow_gain, grow_revives, free_slack, remove_score, remove_cost, n_swaps,
                        swap_test, column, column_room, delta_magnitude, drop_forgone):  # pragma: no cover
     """:func:`seft_trl.topology.plan_swap` for candidates that all share one scope group, in one pass each.
@@ -332,7 +351,7 @@ def _plan_single_group(grow_score, grow_gain, grow_revives, free_slack, remove_s
             accepted[n_accepted] = p
             n_accepted += 1
     accepted = accepted[:n_accepted]
-    by_slot = accepted[np.argsort(drop[accepted])]
+    by_slot = accepted[_radix_argsort(drop[accepted].astype(np.uint32))]  # slots are distinct and < 2³²
     chosen = ranked[by_slot]
     return drop[by_slot], candidate[chosen], payment[chosen], ranked.shape[0] - n_accepted
 
