@@ -79,6 +79,13 @@ class SamplingPattern:
         self.flat_index = flat_index if kernel == "dense" else None
         if kernel == "dense" or flat_index.numel() == 0:
             return
+        if kernel == "numba":
+            from . import numba_kernels  # imports Numba: only where its kernel is used
+
+            self.order, self.col_indices, self.crow_indices = numba_kernels.csr_layout(
+                flat_index, out_features, in_features
+            )
+            return
         sorted_index, order = torch.sort(flat_index)
         self.order = order.to(flat_index.dtype)  # sort returns int64; int32 positions take int32 slots
         rows = sorted_index // in_features

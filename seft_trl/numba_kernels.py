@@ -138,6 +138,41 @@ def scratch_bytes(out_features: int, in_features: int, k: int, threads: int, squ
     return 4 * threads * (k + (out_features + in_features) * (TILE_TOKENS + square_sums))
 
 
+@numba.njit(cache=True, nogil=True)
+def _csr_layout(flat_index, n_in, crow, cols, order):  # pragma: no cover - compiled by Numba
+    """order: the ascending order of ``flat_index``; cols: the sorted positions' columns; crow: the
+    rows' starts. Two stable counting sorts, by column and then by row, leave the positions in
+    (row, column) order, which is theirs."""
+    by_column = np.empty(flat_index.shape[0], np.int64)
+    column_next = np.zeros(n_in + 1, np.int64)
+    for p in flat_index:
+        column_next[p % n_in + 1] += 1
+        crow[p // n_in + 1] += 1
+    for c in range(n_in):
+        column_next[c + 1] += column_next[c]
+    for r in range(crow.shape[0] - 1):
+        crow[r + 1] += crow[r]
+    for i in range(flat_index.shape[0]):
+        c = flat_index[i] % n_in
+        by_column[column_next[c]] = i
+        column_next[c] += 1
+    row_next = crow[:-1].copy()
+    for i in by_column:
+        r = flat_index[i] // n_in
+        order[row_next[r]], cols[row_next[r]] = i, flat_index[i] % n_in
+        row_next[r] += 1
+
+
+def csr_layout(flat_index: torch.Tensor, out_features: int, in_features: int) -> tuple[torch.Tensor, ...]:
+    """(order, col_indices, crow_indices) of distinct flat positions [k] of an out × in CPU weight, in
+    ``flat_index``'s dtype: what ``torch.sort`` and ``bincount`` give, in a fifth of the time (the
+    pattern is rebuilt for every layer after each update and at each window start)."""
+    order, cols = torch.empty_like(flat_index), torch.empty_like(flat_index)
+    crow = torch.zeros(out_features + 1, dtype=flat_index.dtype)
+    _csr_layout(as_array(flat_index.contiguous()), in_features, *(as_array(t) for t in (crow, cols, order)))
+    return order, cols, crow
+
+
 def as_array(tensor: torch.Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor for a kernel's input, which leaves the tensor's storage resizable.
 

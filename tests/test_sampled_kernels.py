@@ -93,6 +93,26 @@ def test_window_backward_adds_the_square_sums_to_the_same_entries(kernel, dtype,
     torch.testing.assert_close(col_sq, x.float().pow(2).sum(0), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype, shape, k", [
+    *((dtype, (37, 61), k) for dtype in (torch.int32, torch.int64) for k in (0, 1, 300, 2257)),
+    (torch.int64, (65536, 65536), 3),  # positions past 2³¹, which only int64 holds
+])
+def test_compiled_csr_layout_equals_torchs_sort_and_bincount(dtype, shape, k):
+    out_features, in_features = shape  # 37 x 61 with 300 positions leaves rows empty; 2257 fills every entry
+    if out_features * in_features > 2**31:
+        flat = torch.tensor([2**32 - 1, 5, 2**31 + 7], dtype=dtype)
+    else:
+        generator = torch.Generator().manual_seed(k)
+        flat = torch.randperm(out_features * in_features, generator=generator)[:k].to(dtype)
+    order, cols, crow = numba_kernels.csr_layout(flat, out_features, in_features)
+    sorted_index, expected_order = torch.sort(flat)
+    per_row = torch.bincount(sorted_index // in_features, minlength=out_features).cumsum(0)
+    assert order.dtype == cols.dtype == crow.dtype == dtype
+    assert torch.equal(order, expected_order.to(dtype))
+    assert torch.equal(cols, sorted_index % in_features)
+    assert torch.equal(crow, torch.cat([torch.zeros(1, dtype=torch.int64), per_row]).to(dtype))
+
+
 def test_numba_kernel_is_deterministic_and_follows_torch_thread_count():
     torch.manual_seed(0)
     g, x = torch.randn(700, OUT), torch.randn(700, IN)
