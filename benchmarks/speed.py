@@ -19,10 +19,11 @@ tokens cut from the same text. A step is timed from ``on_step_begin`` to ``on_st
 backward, clipping, optimizer, callbacks; batches are fetched before it); the first two steps are
 warm-up and excluded; a method's step time is the median over the timed steps of all rounds. The
 raw times of every round go to a JSON file beside the report, which a rerun with the same options
-resumes from (a finished round is not run again). The SEFT run opens one accumulation window (the default 5 steps) at the end and
-makes one topology update at the last step, swapping the default initial drop fraction (0.2, the
-largest swap the defaults ever make); its per-update cost is extrapolated to the default cadence
-(an update every 20 steps), see the report.
+resumes from (a finished round is not run again). The SEFT run opens one accumulation window (the
+default 5 steps) near the end, makes one topology update at its last step, swapping the default
+initial drop fraction (0.2, the largest swap the defaults ever make), and takes one more step, the
+first on the new topology; the window's extra time, the update and that step's extra time are
+extrapolated to the default cadence (an update every 20 steps), see the report.
 
 Models: on the CPU SmolLM2-135M-Instruct pruned with Wanda 50% (as ``make demo``; needs ``make
 assets``); on CUDA a LLaMA-shaped random model (TinyLlama-1.1B's shapes, 16 of its 22 layers) in
@@ -251,7 +252,8 @@ def seft_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chunks: list[
     from seft_trl import SEFTConfig, SEFTSFTTrainer
 
     config = SEFTConfig(
-        **trainer_arguments(args, "seft"),
+        # One step past the update: the first step on the new topology rebuilds every layer's pattern.
+        **{**trainer_arguments(args, "seft"), "max_steps": args.steps + 1},
         seft_num_deltas=lora_trainable_count(model, LORA_RANK),
         seft_target_modules=PROJECTIONS,
         # One window and one update inside the short timed run: the window covers the last
@@ -437,9 +439,9 @@ class SeftBreakdown:
     """SEFT's step times split by kind, and the topology share measured and extrapolated to the defaults."""
 
     ordinary: float  # median ordinary step (s)
-    window: dict[int, float]  # step -> seconds, the update step without the update itself
+    window: dict[int, float]  # step -> seconds: the window's (the update step without the update) and the next
     update: float  # seconds in update_topology
-    window_extra: float  # the window's steps beyond as many ordinary steps (s)
+    window_extra: float  # those steps beyond as many ordinary steps (s)
     train_seconds: float
 
     @property
@@ -498,8 +500,9 @@ def timed_steps(round_result: dict) -> dict[int, float]:
 
 
 def seft_breakdown(result: dict, steps: int) -> SeftBreakdown:
-    """Ordinary steps pooled over the rounds; each window step and the update as medians over the rounds."""
-    window_steps = range(steps - DEFAULTS.accumulation_steps + 1, steps + 1)
+    """Ordinary steps pooled over the rounds; each window step, the step after the update and the update
+    itself as medians over the rounds."""
+    window_steps = range(steps - DEFAULTS.accumulation_steps + 1, steps + 2)
     ordinary, updates, windows = [], [], []
     for round_result in result["rounds"]:
         if len(round_result["update_seconds"]) != 1:
@@ -574,9 +577,10 @@ def breakdown_text(seft: SeftBreakdown, steps: int, rounds: int) -> str:
         "## SEFT: ordinary steps, accumulation window, topology update",
         "",
         f"* Ordinary step (median of {ordinary_steps} of {rounds} round(s)): {seft.ordinary:.3f} s.",
-        f"* Window steps (medians over the rounds; {window}; the first picks candidates from one dense weight gradient per layer, the last "
-        "excludes the update itself): "
-        f"{seft.window_extra:.3f} s more than {accumulation} ordinary steps in all.",
+        f"* Window steps and the step after the update (medians over the rounds; {window}; the first picks candidates "
+        "from one dense weight gradient per layer, the window's last excludes the update itself, the step after it "
+        "builds every layer's sampling pattern for the new positions): "
+        f"{seft.window_extra:.3f} s more than {len(seft.window)} ordinary steps in all.",
         f"* Topology update (`update_topology`, one call, median over the rounds): {seft.update:.3f} s.",
         f"* Measured in this run: the update took {seft.update / seft.train_seconds:.1%} of the training wall time "
         f"({seft.train_seconds:.1f} s), update + window overhead {seft.topology_seconds / seft.train_seconds:.1%}; "
@@ -657,7 +661,7 @@ def report(args: argparse.Namespace, prepared: dict, results: dict[str, dict], w
         "projections (its optimizer keeps dense state). SEFT runs with update_interval = steps, "
         f"accumulation_steps {DEFAULTS.accumulation_steps}, update_end 1.0 and a constant drop fraction "
         f"{DEFAULTS.drop_fraction}, so its last {DEFAULTS.accumulation_steps} steps form one window ending in one "
-        "update.",
+        "update, and one more step, the first on the new topology.",
         f"Step: on_step_begin → on_step_end of the Trainer (forward, backward, clipping, optimizer, callbacks), "
         f"median over the timed steps; for the floor, forward + backward. Memory: peak {unit} of the method's "
         "process while it trained (the peak is reset when training starts, so model loading does not count), the "
