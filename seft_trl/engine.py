@@ -260,9 +260,10 @@ class SparsityEvolution:
                 layer.discard_window()
             return {}
         fraction = self.scheduled_drop_fraction(self.step_count)
+        rates_left = self.rates_left()
         stats = {}
         for name, layer in self.layers.items():
-            stats[name], moved_slots, mean_sq = layer.update_topology(layer.swap_count(fraction), self.rates_left(layer))
+            stats[name], moved_slots, mean_sq = layer.update_topology(layer.swap_count(fraction), rates_left[name])
             if self.optimizer is None:
                 continue
             mine, slots = layer.own_slots(moved_slots)  # under FSDP2 a rank's optimizer holds its slot chunk
@@ -273,17 +274,18 @@ class SparsityEvolution:
         self.last_update = stats
         return stats
 
-    def rates_left(self, layer: SparseDeltaLinear) -> float:
-        """The learning rates of ``layer``'s deltas left in the run, summed; inf without an optimizer.
+    def rates_left(self) -> dict[str, float]:
+        """For each layer, the learning rates of its deltas left in the run, summed; inf without an optimizer.
 
         The scheduler is not the engine's to see, so the rate is taken to decay from its current
         value to zero by the last step, as the linear and cosine schedules do: half the current
         rate times the steps left (an overestimate late in a cosine decay, where this matters least).
         """
         if self.optimizer is None or self.total_steps is None:
-            return math.inf
-        group = next(g for g in self.optimizer.param_groups if any(p is layer.delta for p in g["params"]))
-        return 0.5 * float(group["lr"]) * max(0, self.total_steps - self.step_count)
+            return dict.fromkeys(self.layers, math.inf)
+        rate = {id(p): float(group["lr"]) for group in self.optimizer.param_groups for p in group["params"]}
+        steps_left = max(0, self.total_steps - self.step_count)
+        return {name: 0.5 * rate[id(layer.delta)] * steps_left for name, layer in self.layers.items()}
 
     # ------------------------------------------------------------------------ checkpoints
     def window_state(self) -> dict[str, torch.Tensor]:

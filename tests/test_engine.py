@@ -179,14 +179,14 @@ def test_column_cap_keeps_growth_out_of_full_columns():
 def test_reachable_gain_sees_the_learning_rate_left_and_keeps_the_budget(pruned_llama):
     model = pruned_llama
     seft = SparsityEvolution(model, SparsityEvolutionConfig(gain_estimate="reachable", **FAST))
-    layer = next(iter(seft.layers.values()))
-    assert seft.rates_left(layer) == math.inf  # no optimizer yet: nothing bounds a step
+    name = next(iter(seft.layers))
+    assert seft.rates_left()[name] == math.inf  # no optimizer yet: nothing bounds a step
     optimizer = torch.optim.AdamW(seft.parameters(), lr=1e-2)
     budgets = {name: int(layer.support_budget) for name, layer in seft.layers.items()}
     seen = []
 
     def check(step):
-        seen.append(seft.rates_left(layer))
+        seen.append(seft.rates_left()[name])
         assert all(int((l.weight != 0).sum()) <= budgets[n] for n, l in seft.layers.items())
 
     updates = train(model, seft, 12, optimizer=optimizer, after_step=check)
