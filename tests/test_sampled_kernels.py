@@ -151,6 +151,32 @@ assert torch.equal(sampled_weight_gradient(g, x, pattern), first)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_numba_kernel_built_here_and_loaded_from_the_cache_agree_bit_for_bit(tmp_path):
+    # A parallel kernel built in the process runs its loop as built for the parallel runtime; loaded
+    # from Numba's on-disk cache it runs the loop as optimized with the rest of its library. With
+    # reassociating (fast) math the two rounded the dot products differently, so the first process
+    # after an install disagreed with every later one (the demo's first run with its second).
+    script = """
+import sys, torch
+from seft_trl.kernels import SamplingPattern, sampled_gradient_and_square_sums, sampled_weight_gradient
+from seft_trl.numba_kernels import _sampled_gtx_add
+generator = torch.Generator().manual_seed(0)
+g, x = torch.randn(300, 96, generator=generator), torch.randn(300, 80, generator=generator)
+pattern = SamplingPattern(torch.randperm(96 * 80, generator=generator)[:500].to(torch.int32), 96, 80, kernel="numba")
+torch.save([sampled_weight_gradient(g, x, pattern), *sampled_gradient_and_square_sums(g, x, pattern)], sys.argv[1])
+print("compiled" if _sampled_gtx_add.stats.cache_misses else "loaded")
+"""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+    builds = {}
+    for run in ("first", "second"):
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / run)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        builds[done.stdout.split()[-1]] = torch.load(tmp_path / run)
+    assert set(builds) == {"compiled", "loaded"}
+    assert all(map(torch.equal, builds["compiled"], builds["loaded"]))
+
+
 def test_each_device_selects_its_own_kernel_and_refuses_a_foreign_one():
     index = positions("single")  # sparse enough for the cost rule to sample
     assert SamplingPattern(index, OUT, IN).kernel == "numba"  # numba is in the dev extra
