@@ -158,12 +158,13 @@ def test_numba_kernel_built_here_and_loaded_from_the_cache_agree_bit_for_bit(tmp
     # after an install disagreed with every later one (the demo's first run with its second).
     script = """
 import sys, torch
-from seft_trl.kernels import SamplingPattern, sampled_gradient_and_square_sums, sampled_weight_gradient
+from seft_trl.kernels import SamplingPattern, sampled_gradient_and_square_sums, sampled_weight_gradient, token_square_sums
 from seft_trl.numba_kernels import _sampled_gtx_add
 generator = torch.Generator().manual_seed(0)
 g, x = torch.randn(300, 96, generator=generator), torch.randn(300, 80, generator=generator)
 pattern = SamplingPattern(torch.randperm(96 * 80, generator=generator)[:500].to(torch.int32), 96, 80, kernel="numba")
-torch.save([sampled_weight_gradient(g, x, pattern), *sampled_gradient_and_square_sums(g, x, pattern)], sys.argv[1])
+torch.save([sampled_weight_gradient(g, x, pattern), *sampled_gradient_and_square_sums(g, x, pattern),
+            token_square_sums(g), token_square_sums(x)], sys.argv[1])
 print("compiled" if _sampled_gtx_add.stats.cache_misses else "loaded")
 """
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
