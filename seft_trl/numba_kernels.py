@@ -14,7 +14,12 @@ agree bit for bit).
 
 Numba compiles this with its bundled LLVM on first use (a few seconds, then cached on disk), so
 nothing needs a compiler at install time. It is optional (the ``cpu`` extra); without it the CPU
-takes ``torch.sparse.sampled_addmm``.
+takes ``torch.sparse.sampled_addmm``. A reduction that fast math may reassociate lives in its own
+function, never in a parallel loop's body: that body is optimized differently as built in the
+process and as loaded from the cache, and every process must round alike
+(``tests/test_sampled_kernels.py``).
+
+The sampled product's CSR layout of a set of positions is built here too, in one pass.
 """
 
 from __future__ import annotations
