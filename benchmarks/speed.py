@@ -23,7 +23,9 @@ resumes from (a finished round is not run again). The SEFT run opens one accumul
 default 5 steps) near the end, makes one topology update at its last step, swapping the default
 initial drop fraction (0.2, the largest swap the defaults ever make), and takes one more step, the
 first on the new topology; the window's extra time, the update and that step's extra time are
-extrapolated to the default cadence (an update every 20 steps), see the report.
+extrapolated to the default cadence (an update every 20 steps), see the report. Each worker also
+times a fixed matmul and a 256 MiB copy before and after its run: the report says when the host's
+own speed varied by more than 15% between runs, which no load figure inside a virtual machine shows.
 
 Models: on the CPU SmolLM2-135M-Instruct pruned with Wanda 50% (as ``make demo``; needs ``make
 assets``); on CUDA a LLaMA-shaped random model (TinyLlama-1.1B's shapes, 16 of its 22 layers) in
@@ -361,6 +363,31 @@ def peak_memory(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_bytes("VmHWM")
 
 
+def host_speed(device: torch.device) -> dict[str, float]:
+    """How fast the host runs right now: a fixed fp32 matmul (GFLOP/s) and a 256 MiB copy (GB/s).
+
+    A busy host shows in neither /proc/stat inside a virtual machine nor in the worker's own CPU
+    time, and memory-bound steps slow down more than matrix products: timed around each run, these
+    two tell a slow round from a slow method.
+    """
+    sync = synchronizer(device)
+    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
+    source, target = torch.ones(64 * 2**20, device=device), torch.empty(64 * 2**20, device=device)
+    a @ b, target.copy_(source)  # first touch
+    sync()
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    sync()
+    matmul = 20 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
+    start = time.perf_counter()
+    for _ in range(4):
+        target.copy_(source)
+    sync()
+    copy = 4 * 2 * source.nbytes / (time.perf_counter() - start) / 1e9  # read and write
+    return {"matmul_gflops": matmul, "copy_gbps": copy}
+
+
 def worker(args: argparse.Namespace) -> None:
     """Train one method on the prepared model and print its measurements as one tagged JSON line."""
     device = torch.device(args.device)
@@ -372,15 +399,19 @@ def worker(args: argparse.Namespace) -> None:
     timer = StepTimer(synchronizer(device))
     run = RUNS[args.worker](model, tokenizer, chunks, args, timer)
 
+    host_before = host_speed(device)
     reset_peak_memory(device)
     before, snapshot, start = memory_in_use(device), cpu_snapshot(), time.perf_counter()
     run.train()
     timer.sync()
+    seconds, peak = time.perf_counter() - start, peak_memory(device)
+    host_after = host_speed(device)
     result = {
         "trainable": run.trainable,
-        "train_seconds": time.perf_counter() - start,
+        "train_seconds": seconds,
         "memory_before": before,
-        "memory_peak": peak_memory(device),
+        "memory_peak": peak,
+        "host": {key: min(host_before[key], host_after[key]) for key in host_before},  # the slower of the two
         "other_load": others_load(snapshot),
         "step_seconds": timer.seconds,
         "update_seconds": run.update_seconds,
@@ -629,15 +660,34 @@ def goals_text(results: dict[str, dict], seft: SeftBreakdown, unit: str) -> str:
     ])
 
 
+HOST_SPREAD_LIMIT = 0.85  # slowest / fastest host probe below this: the runs ran on different machines, in effect
+
+
 def contention_text(results: dict[str, dict]) -> str:
     # common.contention_note would count the workers' CPU time as other processes' (it only
     # subtracts the calling process's own), so each worker measures the others' load itself.
     worst = max(result["other_load"] for result in results.values())
     verdict_text = "the times are inflated" if worst > 0.1 else "the machine was quiet"
-    return (
+    lines = [
         f"Other processes kept up to {worst:.2f} of the cores busy on average while a method trained (column "
         f"'other load': /proc/stat busy time minus the worker's CPU time): {verdict_text}."
-    )
+    ]
+    probes = [(method, index + 1, r["host"]) for method, result in results.items()
+              for index, r in enumerate(result["rounds"]) if "host" in r]
+    if probes:
+        spread = {}
+        for key, unit in (("matmul_gflops", "GFLOP/s"), ("copy_gbps", "GB/s")):
+            values = [probe[key] for _, _, probe in probes]
+            spread[key] = min(values) / max(values)
+            slowest = min(probes, key=lambda probe: probe[2][key])
+            lines.append(f"Host probe ({key.split('_')[0]}, timed before and after each run, the slower kept): "
+                         f"{min(values):.1f}-{max(values):.1f} {unit} over the runs, the slowest {slowest[0]} in "
+                         f"round {slowest[1]}.")
+        steady = min(spread.values()) >= HOST_SPREAD_LIMIT
+        lines.append("The host ran at a steady speed." if steady else
+                     f"The host's speed varied by more than {1 - HOST_SPREAD_LIMIT:.0%} between runs: the methods' "
+                     "times are not comparable; rerun on a quiet host.")
+    return " ".join(lines)
 
 
 def report(args: argparse.Namespace, prepared: dict, results: dict[str, dict], wall: float) -> str:
