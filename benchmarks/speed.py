@@ -364,7 +364,8 @@ def peak_memory(device: torch.device) -> int:
 
 
 def host_speed(device: torch.device) -> dict[str, float]:
-    """How fast the host runs right now: a fixed fp32 matmul (GFLOP/s) and a 256 MiB copy (GB/s).
+    """How fast the host runs right now: a fixed fp32 matmul (GFLOP/s), a 256 MiB copy (GB/s) and
+    256 MiB of fresh memory written once (GB/s: the page faults that every step's new activations pay).
 
     A busy host shows in neither /proc/stat inside a virtual machine nor in the worker's own CPU
     time, and memory-bound steps slow down more than matrix products: timed around each run, these
@@ -385,7 +386,13 @@ def host_speed(device: torch.device) -> dict[str, float]:
         target.copy_(source)
     sync()
     copy = 4 * 2 * source.nbytes / (time.perf_counter() - start) / 1e9  # read and write
-    return {"matmul_gflops": matmul, "copy_gbps": copy}
+    del source, target
+    start = time.perf_counter()
+    for _ in range(3):
+        torch.empty(64 * 2**20, device=device).fill_(1.0)  # released at once: the next one faults again
+    sync()
+    fresh = 3 * 64 * 2**20 * 4 / (time.perf_counter() - start) / 1e9
+    return {"matmul_gflops": matmul, "copy_gbps": copy, "fresh_gbps": fresh}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -676,11 +683,12 @@ def contention_text(results: dict[str, dict]) -> str:
               for index, r in enumerate(result["rounds"]) if "host" in r]
     if probes:
         spread = {}
-        for key, unit in (("matmul_gflops", "GFLOP/s"), ("copy_gbps", "GB/s")):
+        for key, what, unit in (("matmul_gflops", "a 1024² matmul", "GFLOP/s"), ("copy_gbps", "a 256 MiB copy", "GB/s"),
+                                ("fresh_gbps", "256 MiB of fresh memory", "GB/s")):
             values = [probe[key] for _, _, probe in probes]
             spread[key] = min(values) / max(values)
             slowest = min(probes, key=lambda probe: probe[2][key])
-            lines.append(f"Host probe ({key.split('_')[0]}, timed before and after each run, the slower kept): "
+            lines.append(f"Host probe, {what} (timed before and after each run, the slower kept): "
                          f"{min(values):.1f}-{max(values):.1f} {unit} over the runs, the slowest {slowest[0]} in "
                          f"round {slowest[1]}.")
         steady = min(spread.values()) >= HOST_SPREAD_LIMIT
