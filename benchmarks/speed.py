@@ -24,8 +24,9 @@ default 5 steps) near the end, makes one topology update at its last step, swapp
 initial drop fraction (0.2, the largest swap the defaults ever make), and takes one more step, the
 first on the new topology; the window's extra time, the update and that step's extra time are
 extrapolated to the default cadence (an update every 20 steps), see the report. Each worker also
-times a fixed matmul and a 256 MiB copy before and after its run: the report says when the host's
-own speed varied by more than 15% between runs, which no load figure inside a virtual machine shows.
+times a fixed matmul, a 256 MiB copy and 256 MiB of fresh memory before and after its run: the
+report says when the host's own speed varied by more than 15% between runs, which no load figure
+inside a virtual machine shows.
 
 Models: on the CPU SmolLM2-135M-Instruct pruned with Wanda 50% (as ``make demo``; needs ``make
 assets``); on CUDA a LLaMA-shaped random model (TinyLlama-1.1B's shapes, 16 of its 22 layers) in
@@ -77,6 +78,7 @@ DESCRIPTIONS = {
 }
 LORA_RANK, LORA_ALPHA = 8, 16
 WARMUP_STEPS = 2
+HOST_SPREAD_LIMIT = 0.85  # slowest / fastest host probe below this: the runs ran on different machines, in effect
 LEARNING_RATE = 1e-4
 DEFAULTS = SparsityEvolutionConfig()  # the cadence the extrapolation targets (update_interval, accumulation_steps)
 SEQLEN = {"tiny": 64, "smollm2": 256, "llama-large": 1024}
@@ -369,7 +371,7 @@ def host_speed(device: torch.device) -> dict[str, float]:
 
     A busy host shows in neither /proc/stat inside a virtual machine nor in the worker's own CPU
     time, and memory-bound steps slow down more than matrix products: timed around each run, these
-    two tell a slow round from a slow method.
+    three tell a slow round from a slow method.
     """
     sync = synchronizer(device)
     a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
@@ -665,9 +667,6 @@ def goals_text(results: dict[str, dict], seft: SeftBreakdown, unit: str) -> str:
         f"* SEFT's own state ≤ 12 B per delta (optimizer state excluded): {own_bytes:.1f} B — {verdict(own_bytes, 12.0)}.",
         "",
     ])
-
-
-HOST_SPREAD_LIMIT = 0.85  # slowest / fastest host probe below this: the runs ran on different machines, in effect
 
 
 def contention_text(results: dict[str, dict]) -> str:

@@ -16,8 +16,8 @@ import torch
 from numba.core.caching import FunctionCache
 from numba.core.registry import CPUDispatcher
 
+from conftest import random_batch
 from seft_trl import SparsityEvolution, SparsityEvolutionConfig, numba_kernels, numba_topology
-from seft_trl.testing import tiny_model
 
 # Numba's factories that return a different function under the same name for each call.
 VARIANT_FACTORIES = ("make_quicksort_impl", "make_mergesort_impl", "_select_factory", "_partition_factory")
@@ -32,28 +32,21 @@ def cached_dispatchers() -> dict[str, CPUDispatcher]:
     }
 
 
-def train_a_few_steps_with_updates() -> None:
+def train_a_few_steps_with_updates(model: torch.nn.Module) -> None:
     """Every compiled path of a CPU run: the sampled δ gradient (density 0.01), selection, plans, counts."""
-    torch.manual_seed(0)
-    model = tiny_model()
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
-                module.weight[module.weight.abs() < module.weight.abs().median()] = 0
     engine = SparsityEvolution(model, SparsityEvolutionConfig(density=0.01, update_interval=4, accumulation_steps=2))
     optimizer = torch.optim.AdamW(engine.parameters(), lr=1e-3)
-    engine.attach(optimizer, total_steps=20, step_hook=False)
-    ids = torch.randint(0, 200, (2, 32))
-    for _ in range(8):
+    engine.attach(optimizer, total_steps=20)
+    for step in range(8):
+        ids = random_batch(batch=2, seqlen=32, seed=step)
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
-        engine.after_optimizer_step()
         optimizer.zero_grad()
     numba_topology.stable_argsort(torch.rand(10))
 
 
-def test_cached_kernels_link_no_function_that_shares_its_name_with_another():
-    train_a_few_steps_with_updates()
+def test_cached_kernels_link_no_function_that_shares_its_name_with_another(pruned_llama):
+    train_a_few_steps_with_updates(pruned_llama)
     called = {name: dispatcher for name, dispatcher in cached_dispatchers().items() if dispatcher.signatures}
     assert {"seft_trl.numba_topology._plan_single_group", "seft_trl.numba_topology._extreme",
             "seft_trl.numba_kernels._sampled_gtx_add"} <= set(called)
