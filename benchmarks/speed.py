@@ -1,14 +1,18 @@
 """Step time and peak memory of SEFTSFTTrainer against TRL + peft LoRA, masked full fine-tuning and the floor.
 
-Four ways to train the same pruned model on the same batches, each in its own process so that its
+Six ways to train the same pruned model on the same batches, each in its own process so that its
 peak memory is its own, in rounds that run every method once (``--rounds``, default 3), so that a
 slow spell of the machine falls on all methods alike rather than on one:
 
 * ``floor``: the frozen pruned model, forward + a backward that computes input gradients only (the
   embedding output is the only tensor that requires grad), no optimizer. Every method pays at least
   this.
+* ``trainer_floor``: ``trl.SFTTrainer`` training only the first layer's input norm: the floor plus the
+  trainer's own per-step work, which every trainer method pays.
 * ``seft``: ``SEFTSFTTrainer`` with as many deltas as LoRA r=8 has trainable parameters on the seven
   projections (q, k, v, o, gate, up, down).
+* ``seft_mean_swap``: the same, its window and update swapping the mean drop fraction of a run at the
+  defaults (0.1), which prices the average window of a whole run rather than the first, largest one.
 * ``lora``: ``trl.SFTTrainer`` with a peft ``LoraConfig(r=8, lora_alpha=16, lora_dropout=0)`` on the
   same seven projections.
 * ``masked_full``: ``trl.SFTTrainer`` training the seven projection weights, the gradient multiplied
@@ -62,17 +66,20 @@ from seft_trl.apps.assets import english_texts, load_smollm2
 from seft_trl.config import SparsityEvolutionConfig
 from seft_trl.pruning import prune
 from seft_trl.testing import byte_tokenizer, tiny_model
+from seft_trl.topology import drop_fraction_at, is_update_step
 
 # trl, peft and datasets are imported inside the functions that use them: importing trl takes
 # seconds, and the floor's process has no use for it.
 if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments
 
-METHODS = ("floor", "trainer_floor", "seft", "lora", "masked_full")
+METHODS = ("floor", "trainer_floor", "seft", "seft_mean_swap", "lora", "masked_full")
+SEFT_METHODS = ("seft", "seft_mean_swap")  # their window and update steps are reported apart
 DESCRIPTIONS = {
     "floor": "frozen model, forward + input-gradient-only backward, no optimizer",
     "trainer_floor": "SFTTrainer training only the first layer's input norm: the floor plus the trainer's own per-step cost",
     "seft": "SEFTSFTTrainer, ordinary steps (outside accumulation windows)",
+    "seft_mean_swap": "the same, its window and update swapping the mean drop fraction of a run at the defaults",
     "lora": "SFTTrainer + peft LoRA r=8",
     "masked_full": "SFTTrainer, projection weights trained under the pruning mask",
 }
@@ -107,6 +114,8 @@ TINY_NOTE = (
     "**The tiny model only checks that the benchmark runs**: the trainers' fixed per-step costs dominate its "
     "milliseconds of compute, so its ratios say nothing about real models."
 )
+# A run at the defaults of this many steps sets the mean drop fraction the seft_mean_swap run swaps.
+NOMINAL_RUN_STEPS = 1000
 README = Path(__file__).resolve().parents[1] / "README.md"
 RESULT_TAG = "SPEED_RESULT "  # marks the worker's result line among the trainers' own prints
 MIB = 2**20
@@ -150,6 +159,25 @@ def prepare(preset: str, device: torch.device, seqlen: int, folder: Path) -> dic
         "sparsity": report.sparsity,
         "chunks": len(chunks),
     }
+
+
+def run_swaps(total_steps: int = NOMINAL_RUN_STEPS) -> list[float]:
+    """The drop fractions of the topology updates of a run of ``total_steps`` at the defaults, in order.
+
+    Updates come every ``update_interval`` steps up to ``update_end`` of the run, and one whose
+    scheduled fraction is 0 opens no window (the engine's rule).
+    """
+    end_step = int(DEFAULTS.update_end * total_steps)
+    steps = range(DEFAULTS.update_interval, total_steps + 1, DEFAULTS.update_interval)
+    fractions = [drop_fraction_at(step, end_step, DEFAULTS.drop_fraction, DEFAULTS.drop_schedule)
+                 for step in steps if is_update_step(step, DEFAULTS.update_interval, end_step)]
+    return [fraction for fraction in fractions if fraction > 0]
+
+
+def mean_drop_fraction() -> float:
+    """The mean fraction the updates of a nominal run at the defaults swap (0.1 under the cosine decay)."""
+    swaps = run_swaps()
+    return sum(swaps) / len(swaps)
 
 
 # ---------------------------------------------------------------------------------- workers
@@ -252,12 +280,13 @@ def floor_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chunks: list
 
 
 def seft_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chunks: list[str], args: argparse.Namespace,
-             timer: StepTimer) -> Run:
+             timer: StepTimer, drop_fraction: float = DEFAULTS.drop_fraction, method: str = "seft") -> Run:
+    """SEFT whose one window and update swap ``drop_fraction`` (default: the defaults' first, largest swap)."""
     from seft_trl import SEFTConfig, SEFTSFTTrainer
 
     config = SEFTConfig(
         # One step past the update: the first step on the new topology rebuilds every layer's pattern.
-        **{**trainer_arguments(args, "seft"), "max_steps": args.steps + 1},
+        **{**trainer_arguments(args, method), "max_steps": args.steps + 1},
         seft_num_deltas=lora_trainable_count(model, LORA_RANK),
         seft_target_modules=PROJECTIONS,
         # One window and one update inside the short timed run: the window covers the last
@@ -267,6 +296,7 @@ def seft_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chunks: list[
         seft_accumulation_steps=DEFAULTS.accumulation_steps,
         seft_update_end=1.0,
         seft_drop_schedule="constant",
+        seft_drop_fraction=drop_fraction,
     )
     trainer = make_trainer(SEFTSFTTrainer, config, model, tokenizer, chunks, [timer])
     layers = trainer.seft.layers.values()
@@ -336,7 +366,14 @@ def trainer_floor_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chun
     return Run(norm.numel(), trainer.train)
 
 
-RUNS = {"floor": floor_run, "trainer_floor": trainer_floor_run, "seft": seft_run, "lora": lora_run, "masked_full": masked_full_run}
+def seft_mean_swap_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chunks: list[str],
+                       args: argparse.Namespace, timer: StepTimer) -> Run:
+    """SEFT swapping the mean drop fraction of a run at the defaults: what a window costs on average."""
+    return seft_run(model, tokenizer, chunks, args, timer, mean_drop_fraction(), "seft_mean_swap")
+
+
+RUNS = {"floor": floor_run, "trainer_floor": trainer_floor_run, "seft": seft_run, "seft_mean_swap": seft_mean_swap_run,
+        "lora": lora_run, "masked_full": masked_full_run}
 
 
 def _status_bytes(field: str) -> int:
@@ -433,7 +470,7 @@ def run_options(args: argparse.Namespace) -> dict:
     """The options that decide what a round measures, and the machine: a resumed run must share them."""
     options = {name: str(getattr(args, name)) for name in ("model", "device", "steps", "seqlen", "batch", "threads",
                                                             "optim", "gradient_checkpointing")}
-    return {**options, "machine": cpu_model()}
+    return {**options, "methods": list(METHODS), "machine": cpu_model()}
 
 
 def load_raw(path: Path, options: dict) -> dict:
@@ -498,23 +535,37 @@ class SeftBreakdown:
         """Mean step time over one default update cycle (update_interval steps)."""
         return self.ordinary + self.topology_seconds / DEFAULTS.update_interval
 
-    @property
-    def run_topology_per_step(self) -> float:
-        """Topology seconds per step over a whole run at the defaults, at most.
 
-        Windows and updates come in the first ``update_end`` of the steps only, and each costs at
-        most the measured one, which swaps the full drop fraction: later ones, under the cosine
-        decay, track and swap fewer candidates (the dense gradient costs the same).
-        """
-        return DEFAULTS.update_end * self.topology_seconds / DEFAULTS.update_interval
+
+@dataclass
+class RunEstimate:
+    """The topology's cost over a whole run at the defaults (``NOMINAL_RUN_STEPS`` steps).
+
+    The run's windows swap fractions decaying from the full drop fraction to 0, and a window's
+    cost grows with its fraction (candidates tracked, ranked and planned) on top of a part that
+    does not (the dense gradient, the passes over every weight). Taking that growth as linear,
+    the window at the mean fraction costs the mean window.
+    """
+
+    ordinary: float  # SEFT's ordinary step (s)
+    window_cost: float  # one window and its update beyond as many ordinary steps (s)
+    windows_per_step: float  # windows (= updates) per optimizer step of the run
 
     @property
-    def run_share(self) -> float:
-        return self.run_topology_per_step / (self.ordinary + self.run_topology_per_step)
+    def topology_per_step(self) -> float:
+        return self.windows_per_step * self.window_cost
 
     @property
-    def run_amortized_step(self) -> float:
-        return self.ordinary + self.run_topology_per_step
+    def share(self) -> float:
+        return self.topology_per_step / (self.ordinary + self.topology_per_step)
+
+    @property
+    def amortized_step(self) -> float:
+        return self.ordinary + self.topology_per_step
+
+
+def run_estimate(ordinary: float, window_cost: float) -> RunEstimate:
+    return RunEstimate(ordinary, window_cost, len(run_swaps()) / NOMINAL_RUN_STEPS)
 
 
 def merge_rounds(rounds: list[dict]) -> dict:
@@ -568,9 +619,10 @@ def round_medians(result: dict, window_steps: range) -> list[float]:
             for r in result["rounds"]]
 
 
-def median_step(method: str, result: dict, seft: SeftBreakdown) -> float:
-    if method == "seft":
-        return seft.ordinary
+def median_step(method: str, result: dict, steps: int) -> float:
+    """The median timed step; of a SEFT run, of its ordinary steps."""
+    if method in SEFT_METHODS:
+        return seft_breakdown(result, steps).ordinary
     return statistics.median(s for r in result["rounds"] for s in timed_steps(r).values())
 
 
@@ -578,14 +630,14 @@ def verdict(value: float, goal: float) -> str:
     return "met" if value <= goal else "not met"
 
 
-def results_table(results: dict[str, dict], seft: SeftBreakdown, unit: str) -> str:
-    steps = {method: median_step(method, result, seft) for method, result in results.items()}
+def results_table(results: dict[str, dict], seft: SeftBreakdown, unit: str, n_steps: int) -> str:
+    steps = {method: median_step(method, result, n_steps) for method, result in results.items()}
     window_steps = range(min(seft.window), max(seft.window) + 1)
     lora = results["lora"]
     rows = []
     for method, result in results.items():
         increment = training_increment(result)
-        excluded = window_steps if method == "seft" else range(0)
+        excluded = window_steps if method in SEFT_METHODS else range(0)
         rows.append([
             method,
             DESCRIPTIONS[method],
@@ -608,7 +660,7 @@ def results_table(results: dict[str, dict], seft: SeftBreakdown, unit: str) -> s
     return markdown_table(headers, rows)
 
 
-def breakdown_text(seft: SeftBreakdown, steps: int, rounds: int) -> str:
+def breakdown_text(seft: SeftBreakdown, mean_swap: SeftBreakdown, run: RunEstimate, steps: int, rounds: int) -> str:
     window = ", ".join(f"step {step}: {seconds:.3f} s" for step, seconds in seft.window.items())
     interval, accumulation = DEFAULTS.update_interval, DEFAULTS.accumulation_steps
     first, last = WARMUP_STEPS + 1, steps - accumulation
@@ -630,37 +682,44 @@ def breakdown_text(seft: SeftBreakdown, steps: int, rounds: int) -> str:
         f"({seft.update:.3f} + {seft.window_extra:.3f}) / ({interval} × {seft.ordinary:.3f} + "
         f"{seft.topology_seconds:.3f}) = **{seft.share_at_defaults:.1%}**; amortized step "
         f"= ordinary + (update + window overhead) / {interval} = **{seft.amortized_step:.3f} s**.",
-        f"* Over a whole run at the defaults (windows and updates in the first {DEFAULTS.update_end:.0%} of the steps "
-        f"only, drop fraction decaying by a {DEFAULTS.drop_schedule} schedule), at most: share "
-        f"{seft.run_share:.1%}, amortized step {seft.run_amortized_step:.3f} s. An upper bound: it counts every window "
-        "at the measured cost, which swaps the full drop fraction, and a later window tracks and swaps fewer candidates.",
+        f"* Over a whole run at the defaults: a run of {NOMINAL_RUN_STEPS} steps has {len(run_swaps())} windows, in "
+        f"the first {DEFAULTS.update_end:.0%} of its steps, whose drop fraction decays from {DEFAULTS.drop_fraction} "
+        f"to 0 ({DEFAULTS.drop_schedule}; mean {mean_drop_fraction():.3f}). The seft_mean_swap run swaps that mean: "
+        f"update {mean_swap.update:.3f} s + window overhead {mean_swap.window_extra:.3f} s = "
+        f"{mean_swap.topology_seconds:.3f} s a window (window steps: "
+        + ", ".join(f"step {step}: {seconds:.3f} s" for step, seconds in mean_swap.window.items())
+        + f"; its ordinary step {mean_swap.ordinary:.3f} s). Taking a window's cost as linear in its fraction, that is "
+        f"the mean window: share = {run.windows_per_step:.3f} windows a step × {run.window_cost:.3f} s / (ordinary "
+        f"step {run.ordinary:.3f} s + that) = **{run.share:.1%}**; amortized step **{run.amortized_step:.3f} s**. "
+        f"Every window at the first's cost (an upper bound): "
+        f"{run_estimate(run.ordinary, seft.topology_seconds).share:.1%}.",
     ])
 
 
-def goals_text(results: dict[str, dict], seft: SeftBreakdown, unit: str) -> str:
+def goals_text(results: dict[str, dict], seft: SeftBreakdown, run: RunEstimate, unit: str, steps: int) -> str:
     """The goals of issue 11, each with the measured value and whether it was met."""
-    lora_step = median_step("lora", results["lora"], seft)
-    trainer_floor = median_step("trainer_floor", results["trainer_floor"], seft)
+    lora_step = median_step("lora", results["lora"], steps)
+    trainer_floor = median_step("trainer_floor", results["trainer_floor"], steps)
     seft_result, lora = results["seft"], results["lora"]
     peak = seft_result["memory_peak"] / lora["memory_peak"]
     median_peak = seft_result["memory_peak_median"] / lora["memory_peak_median"]
     increment = training_increment(seft_result) / training_increment(lora)
     amortized, ordinary = seft.amortized_step / lora_step, seft.ordinary / lora_step
-    run_amortized = seft.run_amortized_step / lora_step
+    run_amortized = run.amortized_step / lora_step
     to_trainer_floor = seft.amortized_step / trainer_floor
     own_bytes = seft_result["state_bytes"] / seft_result["trainable"]
     return "\n".join([
         "## Goals",
         "",
         f"* SEFT's step amortized at the defaults ≤ 1.0× LoRA's: {amortized:.3f}× over an update interval while "
-        f"updates run — {verdict(amortized, 1.0)}; over a whole run at the defaults (upper bound) "
+        f"updates run — {verdict(amortized, 1.0)}; over a whole run at the defaults "
         f"{run_amortized:.3f}× — {verdict(run_amortized, 1.0)}; the ordinary step alone: {ordinary:.3f}× — "
         f"{verdict(ordinary, 1.0)}.",
         f"* Stretch, ≤ 1.10× the trainer floor (the same trainer, no adapter): {to_trainer_floor:.2f}× — "
         f"{verdict(to_trainer_floor, 1.10)} (LoRA: {lora_step / trainer_floor:.2f}×).",
         f"* Topology updates plus window overhead ≤ 2% of wall time at the defaults: {seft.share_at_defaults:.1%} "
-        f"of an update interval (extrapolated) — {verdict(seft.share_at_defaults, 0.02)}; {seft.run_share:.1%} of a "
-        f"whole run (upper bound) — {verdict(seft.run_share, 0.02)}.",
+        f"of an update interval at the first, largest swap (extrapolated) — {verdict(seft.share_at_defaults, 0.02)}; "
+        f"{run.share:.1%} of a whole run (windows at the mean swap) — {verdict(run.share, 0.02)}.",
         f"* Whole-process peak memory ≤ LoRA's: {peak:.2f}× the peak {unit} (the highest of the rounds) — "
         f"{verdict(peak, 1.0)}; the rounds' median peaks: {median_peak:.2f}× — {verdict(median_peak, 1.0)}; "
         f"the increment during training (median): {increment:.2f}× — {verdict(increment, 1.0)}.",
@@ -700,6 +759,8 @@ def contention_text(results: dict[str, dict]) -> str:
 def report(args: argparse.Namespace, prepared: dict, results: dict[str, dict], wall: float) -> str:
     device = torch.device(args.device)
     seft = seft_breakdown(results["seft"], args.steps)
+    mean_swap = seft_breakdown(results["seft_mean_swap"], args.steps)
+    run = run_estimate(seft.ordinary, mean_swap.topology_seconds)
     unit = "CUDA memory allocated" if device.type == "cuda" else "RSS"
     dtype = "bf16 weights, bf16 autocast" if device.type == "cuda" else "fp32"
     lora_count = f"{results['lora']['trainable']:,}"
@@ -718,16 +779,17 @@ def report(args: argparse.Namespace, prepared: dict, results: dict[str, dict], w
         "projections (its optimizer keeps dense state). SEFT runs with update_interval = steps, "
         f"accumulation_steps {DEFAULTS.accumulation_steps}, update_end 1.0 and a constant drop fraction "
         f"{DEFAULTS.drop_fraction}, so its last {DEFAULTS.accumulation_steps} steps form one window ending in one "
-        "update, and one more step, the first on the new topology.",
+        "update, and one more step, the first on the new topology; seft_mean_swap runs the same with the mean drop "
+        f"fraction of a run at the defaults ({mean_drop_fraction():.3f}).",
         f"Step: on_step_begin → on_step_end of the Trainer (forward, backward, clipping, optimizer, callbacks), "
         f"median over the timed steps; for the floor, forward + backward. Memory: peak {unit} of the method's "
         "process while it trained (the peak is reset when training starts, so model loading does not count), the "
         "highest of the rounds and each round's, and the increase over the value at that moment (median of the rounds). Own state: the bytes a method keeps beside the frozen model per "
         "trainable value, optimizer state excluded (SEFT: δ, its position and its base value; LoRA: A and B).",
         *([TINY_NOTE] if args.model == "tiny" else []),
-        results_table(results, seft, unit),
-        breakdown_text(seft, args.steps, args.rounds),
-        goals_text(results, seft, unit),
+        results_table(results, seft, unit, args.steps),
+        breakdown_text(seft, mean_swap, run, args.steps, args.rounds),
+        goals_text(results, seft, run, unit, args.steps),
         f"{machine_description(device)} Total wall time {wall:.0f} s. {contention_text(results)}",
         f"Command: `python benchmarks/speed.py --model {args.model} --device {args.device} --steps {args.steps} "
         f"--seqlen {args.seqlen} --batch {args.batch} --threads {args.threads} --optim {args.optim} "

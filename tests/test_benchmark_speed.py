@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-METHODS = ("floor", "trainer_floor", "seft", "lora", "masked_full")
+METHODS = ("floor", "trainer_floor", "seft", "seft_mean_swap", "lora", "masked_full")
 
 
 def table_rows(report: str) -> dict[str, dict[str, str]]:
