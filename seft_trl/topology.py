@@ -119,6 +119,16 @@ def _contains(sorted_values: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
 _FUSED_SAMPLE = 1 << 12
 
 
+def _sample_plan(shape: torch.Size, count: int) -> tuple[int, int]:
+    """(stride, rank) of a compiled ranking's threshold: every ``stride``-th entry is sampled, and its
+    ``rank``-th best score is loose enough to keep about twice ``count`` entries (as :func:`top_indices`)."""
+    n = shape[0] * shape[1]
+    stride = max(1, n // _FUSED_SAMPLE)
+    while math.gcd(stride, shape[1]) > 1:  # a stride sharing a factor with the row length
+        stride += 1  # would sample a few columns only
+    return stride, 2 * count * -(-n // stride) // n + 16  # the sample's share of 2 × count, before exclusions
+
+
 def _fused_extreme(
     criterion: str, grad: torch.Tensor, weight: torch.Tensor, row_sq: torch.Tensor, col_sq: torch.Tensor,
     count: int, largest: bool, skip_zero: bool, excluded: torch.Tensor,
@@ -126,19 +136,14 @@ def _fused_extreme(
     """Flat positions (int64, ascending) of the ``count`` largest (or smallest) finite scores of ``criterion``.
 
     Among eligible entries: where ``excluded`` (bool [out, in]) is False, and the weight is nonzero
-    where ``skip_zero``. A strided sample sets a threshold loose enough to keep about twice
-    ``count`` (as :func:`top_indices`), a compiled pass keeps the entries beyond it, and the exact
-    top ``count`` is taken among those (:meth:`~seft_trl.numba_topology.ScoredLayer.extreme`).
+    where ``skip_zero``. A strided sample sets a threshold (:func:`_sample_plan`), a compiled pass
+    keeps the entries beyond it, and the exact top ``count`` is taken among those
+    (:meth:`~seft_trl.numba_topology.ScoredLayer.extreme`).
     """
     from .numba_topology import ScoredLayer
 
     layer = ScoredLayer(criterion, grad, weight, row_sq, col_sq, excluded, skip_zero)
-    n = grad.numel()
-    stride = max(1, n // _FUSED_SAMPLE)
-    while math.gcd(stride, grad.shape[1]) > 1:  # a stride sharing a factor with the row length
-        stride += 1  # would sample a few columns only
-    rank = 2 * count * -(-n // stride) // n + 16  # the sample's share of 2 × count, before exclusions
-    return layer.extreme(count, largest, stride, rank)[0]
+    return layer.extreme(count, largest, *_sample_plan(grad.shape, count))[0]
 
 
 def select_candidates(
@@ -168,8 +173,16 @@ def select_candidates(
     fused = _fused_kernel_names(grad, growth, removal)
     flat_weight = weight.reshape(-1)
     if fused is not None:
-        excluded = torch.zeros(grad.shape, dtype=torch.bool)  # [out, in]: the deltas, later also the growth
+        excluded = torch.zeros(grad.shape, dtype=torch.bool)  # [out, in]: the deltas
         excluded.view(-1)[delta_index] = True
+        if scope.kind == "layer" and regrow_pruned:  # both rankings in one compiled call
+            from .numba_topology import choose_candidates
+
+            stride, rank = _sample_plan(grad.shape, n_candidates)  # the revivals are at most n_candidates
+            grow_index, remove_index, _ = choose_candidates(*fused, grad, weight, row_sq, col_sq, excluded,
+                                                            n_candidates, stride, rank, rank)
+            return Candidates(grow_index.to(delta_index.dtype), remove_index.to(delta_index.dtype))
+        # Without revival every growth candidate is a nonzero weight: no removal, in layer scope.
         grow_index = _fused_extreme(fused[0], grad, weight, row_sq, col_sq, n_candidates, True, not regrow_pruned,
                                     excluded)
     else:
@@ -182,10 +195,6 @@ def select_candidates(
         members = scope.group_members(torch.unique(scope.group_of(revival_index))).reshape(-1)
         taken = torch.sort(torch.cat([delta_index.long(), grow_index])).values  # positions removal may not take
         remove_index = members[(flat_weight[members] != 0) & ~_contains(taken, members)]
-    elif scope.kind == "layer" and fused is not None:
-        excluded.view(-1)[grow_index] = True
-        remove_index = _fused_extreme(fused[1], grad, weight, row_sq, col_sq, revival_index.numel(), False, True,
-                                      excluded)
     else:
         remove_index = _dense_removal(grad, weight, delta_index, grow_index, revival_index, scope, removal,
                                       row_sq, col_sq)

@@ -71,33 +71,72 @@ def test_compiled_selection_picks_the_torch_paths_candidates(monkeypatch, shape,
     assert fused.remove_index.numel() == (0 if not regrow_pruned else int((data["weight"].view(-1)[fused.grow_index] == 0).sum()))
 
 
-def test_a_threshold_that_lets_too_few_through_falls_back_to_every_entry(monkeypatch):
+def first_sampled(rows: int, cols: int, count: int) -> torch.Tensor:
+    """The flat positions of the first ``count`` entries the compiled rankings sample for their threshold."""
+    stride = topology._sample_plan(torch.Size([rows, cols]), 1)[0]
+    return torch.arange(0, count * stride, stride)
+
+
+def recorded_thresholds(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, ...]]:
+    """The thresholds each compiled ranking tried, in call order: (first, last) per criterion ranked."""
+    tried = []
+    extreme, choose = ScoredLayer.extreme, numba_topology.choose_candidates
+
+    def recorded_extreme(self, *args):
+        index, thresholds = extreme(self, *args)
+        tried.append(thresholds)
+        return index, thresholds
+
+    def recorded_choose(*args):
+        grow, remove, thresholds = choose(*args)
+        tried.append(thresholds)
+        return grow, remove, thresholds
+
+    monkeypatch.setattr(ScoredLayer, "extreme", recorded_extreme)
+    monkeypatch.setattr(numba_topology, "choose_candidates", recorded_choose)
+    return tried
+
+
+@pytest.mark.parametrize("regrow_pruned", [True, False])
+def test_a_threshold_that_lets_too_few_through_falls_back_to_every_entry(monkeypatch, regrow_pruned):
     """Large gradients only at the first sampled positions: the sample's threshold keeps far fewer
     than the candidates asked for, so the pass must run again with every eligible entry."""
     rows, cols = 300, 700
-    n = rows * cols
-    stride = n // topology._FUSED_SAMPLE
-    while math.gcd(stride, cols) > 1:
-        stride += 1
     grad = torch.rand(rows, cols, generator=torch.Generator().manual_seed(0))  # below 1
-    grad.view(-1)[torch.arange(0, 400 * stride, stride)] = 10.0
+    grad.view(-1)[first_sampled(rows, cols, 400)] = 10.0
     weight = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1))
-    thresholds = []
-    extreme = ScoredLayer.extreme
-
-    def recorded(self, *args):
-        index, tried = extreme(self, *args)
-        thresholds.append(tried)
-        return index, tried
-
-    monkeypatch.setattr(ScoredLayer, "extreme", recorded)
+    tried = recorded_thresholds(monkeypatch)
     kwargs = dict(grad=grad, weight=weight, delta_index=torch.tensor([5, 17], dtype=torch.int32),
-                  scope=Scope("layer", cols), n_candidates=2000, regrow_pruned=True,
+                  scope=Scope("layer", cols), n_candidates=2000, regrow_pruned=regrow_pruned,
                   growth=GROWTH_CRITERIA["gradient"], removal=REMOVAL_CRITERIA["taylor"],
                   row_sq=torch.ones(rows), col_sq=torch.ones(cols))
     fused = select_candidates(**kwargs)
-    assert thresholds[0] == (10.0, -math.inf)  # growth: the sampled threshold, then everything
+    assert tried[0][:2] == (10.0, -math.inf)  # growth: the sampled threshold, then everything
     assert torch.equal(fused.grow_index, torch_path(monkeypatch, **kwargs).grow_index.to(torch.int32))
+
+
+def test_removal_collects_every_entry_when_its_threshold_passes_only_growth_candidates(monkeypatch):
+    """The lowest removal scores sit at the first sampled positions, which growth takes as well (tiny
+    weights under large gradients): once the growth candidates are excluded nothing the removal
+    threshold kept is left, so removal must be collected again with every eligible entry."""
+    rows, cols = 300, 700
+    generator = torch.Generator().manual_seed(0)
+    grad = torch.rand(rows, cols, generator=generator)  # below 1
+    weight = torch.randn(rows, cols, generator=generator)
+    weight[weight.abs() < 0.67] = 0  # half pruned: growth revives some
+    trap = first_sampled(rows, cols, 400)
+    grad.view(-1)[trap], weight.view(-1)[trap] = 5.0, 1e-3  # removal score ½w² ≈ 5e-7, the layer's lowest
+    tried = recorded_thresholds(monkeypatch)
+    kwargs = dict(grad=grad, weight=weight, delta_index=torch.tensor([1, 3], dtype=torch.int32),
+                  scope=Scope("layer", cols), n_candidates=2000, regrow_pruned=True,
+                  growth=GROWTH_CRITERIA["gradient"], removal=REMOVAL_CRITERIA["taylor"],
+                  row_sq=torch.ones(rows), col_sq=torch.ones(cols))
+    fused, reference = select_candidates(**kwargs), torch_path(monkeypatch, **kwargs)
+    assert tried[0][2] == pytest.approx(5e-7) and tried[0][3] == math.inf  # removal: sampled, then everything
+    assert set(trap.tolist()) <= set(fused.grow_index.tolist())
+    assert torch.equal(fused.grow_index, reference.grow_index.to(torch.int32))
+    assert torch.equal(fused.remove_index, reference.remove_index.to(torch.int32))
+    assert fused.remove_index.numel() == int((weight.view(-1)[fused.grow_index.long()] == 0).sum()) > 0
 
 
 def test_equal_scores_at_the_cut_go_to_the_lower_positions():
