@@ -30,7 +30,8 @@ first on the new topology; the window's extra time, the update and that step's e
 extrapolated to the default cadence (an update every 20 steps), see the report. Each worker also
 times a fixed matmul, a 256 MiB copy and 256 MiB of fresh memory before and after its run: the
 report says when the host's own speed varied by more than 15% between runs, which no load figure
-inside a virtual machine shows.
+inside a virtual machine shows. Workers keep freed memory in glibc's heap (``ALLOCATOR_ENV``) rather
+than faulting fresh pages in every step, whose cost here followed the host's load.
 
 Models: on the CPU SmolLM2-135M-Instruct pruned with Wanda 50% (as ``make demo``; needs ``make
 assets``); on CUDA a LLaMA-shaped random model (TinyLlama-1.1B's shapes, 16 of its 22 layers) in
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -85,6 +87,12 @@ DESCRIPTIONS = {
 }
 LORA_RANK, LORA_ALPHA = 8, 16
 WARMUP_STEPS = 2
+# glibc in every worker: blocks of any size from the heap, and the heap never given back. By default
+# blocks above 32 MiB (the logits, the optimizer's temporaries) are mapped fresh and returned on free,
+# so each step faults their pages in again; inside this virtual machine that cost swung with the
+# host's load (masked full fine-tuning 7-12 s a step against 4.1-4.4 s with these settings, back to
+# back), which made rounds incomparable. Every method runs under the same allocator.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
 HOST_SPREAD_LIMIT = 0.85  # slowest / fastest host probe below this: the runs ran on different machines, in effect
 LEARNING_RATE = 1e-4
 DEFAULTS = SparsityEvolutionConfig()  # the cadence the extrapolation targets (update_interval, accumulation_steps)
@@ -470,7 +478,7 @@ def run_options(args: argparse.Namespace) -> dict:
     """The options that decide what a round measures, and the machine: a resumed run must share them."""
     options = {name: str(getattr(args, name)) for name in ("model", "device", "steps", "seqlen", "batch", "threads",
                                                             "optim", "gradient_checkpointing")}
-    return {**options, "methods": list(METHODS), "machine": cpu_model()}
+    return {**options, "methods": list(METHODS), "allocator": ALLOCATOR_ENV, "machine": cpu_model()}
 
 
 def load_raw(path: Path, options: dict) -> dict:
@@ -501,7 +509,7 @@ def run_worker(method: str, args: argparse.Namespace, workdir: str) -> dict:
                "--device", args.device, "--steps", str(args.steps), "--seqlen", str(args.seqlen),
                "--batch", str(args.batch), "--threads", str(args.threads), "--optim", args.optim,
                *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
-    completed = subprocess.run(command, capture_output=True, text=True)
+    completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **ALLOCATOR_ENV})
     if completed.returncode != 0:
         raise SystemExit(f"The {method} worker failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
     line = next(line for line in reversed(completed.stdout.splitlines()) if line.startswith(RESULT_TAG))
@@ -786,6 +794,10 @@ def report(args: argparse.Namespace, prepared: dict, results: dict[str, dict], w
         "process while it trained (the peak is reset when training starts, so model loading does not count), the "
         "highest of the rounds and each round's, and the increase over the value at that moment (median of the rounds). Own state: the bytes a method keeps beside the frozen model per "
         "trainable value, optimizer state excluded (SEFT: δ, its position and its base value; LoRA: A and B).",
+        "Allocator: every worker runs with " + ", ".join(f"`{k}={v}`" for k, v in ALLOCATOR_ENV.items())
+        + ": glibc serves blocks of any size from its heap and never returns freed memory to the system, so a step "
+        "reuses the pages of the last instead of faulting fresh ones in (whose cost followed the host's load). The "
+        "peaks are the heap's high-water marks under that setting, the same for every method.",
         *([TINY_NOTE] if args.model == "tiny" else []),
         results_table(results, seft, unit, args.steps),
         breakdown_text(seft, mean_swap, run, args.steps, args.rounds),
