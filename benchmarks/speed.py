@@ -28,9 +28,9 @@ default 5 steps) near the end, makes one topology update at its last step, swapp
 initial drop fraction (0.2, the largest swap the defaults ever make), and takes one more step, the
 first on the new topology; the window's extra time, the update and that step's extra time are
 extrapolated to the default cadence (an update every 20 steps), see the report. Each worker also
-times a fixed matmul, a 256 MiB copy and 256 MiB of fresh memory before and after its run: the
-report says when the host's own speed varied by more than 15% between runs, which no load figure
-inside a virtual machine shows. Workers keep freed memory in glibc's heap (``ALLOCATOR_ENV``) rather
+times a fixed matmul, a 256 MiB copy and 256 MiB of freshly mapped memory before and after its run:
+the report says when the matmul or the copy varied by more than 15% between runs, which no load
+figure inside a virtual machine shows. Workers keep freed memory in glibc's heap (``ALLOCATOR_ENV``) rather
 than faulting fresh pages in every step, whose cost here followed the host's load.
 
 Models: on the CPU SmolLM2-135M-Instruct pruned with Wanda 50% (as ``make demo``; needs ``make

@@ -188,8 +188,8 @@ def _without(index, score, taken):  # pragma: no cover - compiled by Numba
 
 
 @numba.njit(cache=True, nogil=True)
-def _candidates(growth_kind, removal_kind, grad, weight, row_sq, col_sq, excluded, n_grow, stride, grow_rank,
-                removal_rank, block_rows):  # pragma: no cover - compiled by Numba
+def _candidates(growth_kind, removal_kind, grad, weight, row_sq, col_sq, excluded, n_grow, stride, rank,
+                block_rows):  # pragma: no cover - compiled by Numba
     """A layer-scope window's growth and removal candidates (see :func:`choose_candidates`) from one
     sample and one collecting pass of both criteria; and the thresholds tried, growth's first and
     last, then removal's."""
@@ -197,8 +197,8 @@ def _candidates(growth_kind, removal_kind, grad, weight, row_sq, col_sq, exclude
     largest, skips = np.array([True, False]), np.array([False, True])  # removal: among nonzero weights only
     sample = np.empty((2, -(-grad.size // stride)), np.float32)
     m = _sample(kinds, grad, weight, row_sq, col_sq, excluded, skips, stride, sample)
-    thresholds = np.array([_sampled_threshold(sample[0, :m[0]], grow_rank, True),
-                           _sampled_threshold(sample[1, :m[1]], removal_rank, False)])
+    thresholds = np.array([_sampled_threshold(sample[0, :m[0]], rank, True),
+                           _sampled_threshold(sample[1, :m[1]], rank, False)])
     tried = np.empty(4, np.float32)
     tried[0], tried[2] = thresholds[0], thresholds[1]
     index, score, starts = _collect(kinds, grad, weight, row_sq, col_sq, excluded, thresholds, largest, skips,
@@ -302,15 +302,15 @@ class ScoredLayer:
 
 
 def choose_candidates(growth: str, removal: str, grad: torch.Tensor, weight: torch.Tensor, row_sq: torch.Tensor,
-                      col_sq: torch.Tensor, excluded: torch.Tensor, n_grow: int, stride: int, grow_rank: int,
-                      removal_rank: int) -> tuple[torch.Tensor, torch.Tensor, tuple[float, ...]]:
+                      col_sq: torch.Tensor, excluded: torch.Tensor, n_grow: int, stride: int,
+                      rank: int) -> tuple[torch.Tensor, torch.Tensor, tuple[float, ...]]:
     """A layer-scope window's candidates where growth may revive pruned weights, in one compiled call.
 
     Growth: the ``n_grow`` largest finite ``growth`` scores outside ``excluded`` (the deltas).
     Removal: as many of the smallest finite ``removal`` scores among the other nonzero weights, the
     growth candidates excluded, as growth candidates revive a zero weight. Each criterion's
-    threshold is the ``rank``-th best of every ``stride``-th entry (``removal_rank`` sized for
-    ``n_grow``, which bounds the revivals); both are collected in one pass over the layer, and a
+    threshold is the ``rank``-th best of every ``stride``-th entry, ``rank`` sized for ``n_grow``
+    (which also bounds the revivals); both are collected in one pass over the layer, and a
     criterion whose threshold lets too few through is collected again with every eligible entry.
     Chooses as :meth:`ScoredLayer.extreme` twice, growth then removal, would, without the torch work
     between the two (marking the growth candidates excluded, finding the revivals): on 14 SmolLM2
@@ -320,8 +320,8 @@ def choose_candidates(growth: str, removal: str, grad: torch.Tensor, weight: tor
     """
     layer = ScoredLayer(growth, grad, weight, row_sq, col_sq, excluded, False)
     with numba_threads() as threads:
-        grow, remove, tried = _candidates(layer.kind, SCORE_KINDS[removal], *layer.arrays, n_grow, stride, grow_rank,
-                                          removal_rank, layer.block_rows(threads))
+        grow, remove, tried = _candidates(layer.kind, SCORE_KINDS[removal], *layer.arrays, n_grow, stride, rank,
+                                          layer.block_rows(threads))
     return torch.from_numpy(grow), torch.from_numpy(remove), tuple(float(t) for t in tried)
 
 

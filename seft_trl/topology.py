@@ -180,7 +180,7 @@ def select_candidates(
 
             stride, rank = _sample_plan(grad.shape, n_candidates)  # the revivals are at most n_candidates
             grow_index, remove_index, _ = choose_candidates(*fused, grad, weight, row_sq, col_sq, excluded,
-                                                            n_candidates, stride, rank, rank)
+                                                            n_candidates, stride, rank)
             return Candidates(grow_index.to(delta_index.dtype), remove_index.to(delta_index.dtype))
         # Without revival every growth candidate is a nonzero weight: no removal, in layer scope.
         grow_index = _fused_extreme(fused[0], grad, weight, row_sq, col_sq, n_candidates, True, not regrow_pruned,
