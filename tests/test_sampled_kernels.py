@@ -93,6 +93,27 @@ def test_window_backward_adds_the_square_sums_to_the_same_entries(kernel, dtype,
     torch.testing.assert_close(col_sq, x.float().pow(2).sum(0), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("square_sums", [False, True])
+def test_numba_kernel_sweeps_wide_layers_in_column_blocks(square_sums):
+    # Wider than two column blocks: rows with entries in every block, at the blocks' edges, only in
+    # the last block, and none at all must each take every entry exactly once.
+    block, out_features = numba_kernels.COLUMN_BLOCK, 5
+    in_features = 2 * block + 37
+    columns_of_row = [
+        torch.randperm(in_features, generator=torch.Generator().manual_seed(1))[:300],
+        torch.tensor([block - 1, block, 2 * block - 1, 2 * block, in_features - 1]),
+        torch.tensor([2 * block + 5, 2 * block + 36]),
+        torch.tensor([], dtype=torch.int64),
+        torch.tensor([0]),
+    ]
+    index = torch.cat([r * in_features + cols for r, cols in enumerate(columns_of_row)])
+    index = index[torch.randperm(index.numel(), generator=torch.Generator().manual_seed(2))].to(torch.int32)
+    g, x = torch.randn(70, out_features), torch.randn(70, in_features)
+    pattern = SamplingPattern(index, out_features, in_features, kernel="numba")
+    sampled = sampled_gradient_and_square_sums(g, x, pattern)[0] if square_sums else sampled_weight_gradient(g, x, pattern)
+    torch.testing.assert_close(sampled, (g.t() @ x).view(-1)[index.long()], rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype, shape, k", [
     *((dtype, (37, 61), k) for dtype in (torch.int32, torch.int64) for k in (0, 1, 300, 2257)),
     (torch.int64, (65536, 65536), 3),  # positions past 2³¹, which only int64 holds
