@@ -191,11 +191,17 @@ def mean_drop_fraction() -> float:
 
 # ---------------------------------------------------------------------------------- workers
 class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step, keyed by its number (1-based); also usable without a Trainer."""
+    """Wall time of each optimizer step, keyed by its number (1-based); also usable without a Trainer.
 
-    def __init__(self, sync: Callable[[], None]) -> None:
+    With ``peak``, also the memory peak so far at the end of each step, which shows in which steps
+    the peak grew (a SEFT window's or the ordinary steps').
+    """
+
+    def __init__(self, sync: Callable[[], None], peak: Callable[[], int] | None = None) -> None:
         self.sync = sync
+        self.peak = peak
         self.seconds: dict[int, float] = {}
+        self.peaks: dict[int, int] = {}
         self._start = 0.0
 
     def begin(self) -> None:
@@ -205,6 +211,8 @@ class StepTimer(TrainerCallback):
     def end(self, step: int) -> None:
         self.sync()
         self.seconds[step] = time.perf_counter() - self._start
+        if self.peak is not None:
+            self.peaks[step] = self.peak()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.begin()
@@ -455,7 +463,7 @@ def worker(args: argparse.Namespace) -> None:
     model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=dtype).to(device)
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
     chunks = json.loads((folder / "chunks.json").read_text())
-    timer = StepTimer(synchronizer(device))
+    timer = StepTimer(synchronizer(device), lambda: peak_memory(device))
     run = RUNS[args.worker](model, tokenizer, chunks, args, timer)
 
     host_before = host_speed(device)
@@ -473,6 +481,7 @@ def worker(args: argparse.Namespace) -> None:
         "host": {key: min(host_before[key], host_after[key]) for key in host_before},  # the slower of the two
         "other_load": others_load(snapshot),
         "step_seconds": timer.seconds,
+        "step_peaks": timer.peaks,
         "update_seconds": run.update_seconds,
         "state_bytes": run.state_bytes,
     }
@@ -493,7 +502,7 @@ def load_raw(path: Path, options: dict) -> dict:
         if raw["options"] == options:
             for measured in raw["rounds"]:
                 for result in measured.values():
-                    result["step_seconds"] = {int(step): s for step, s in result["step_seconds"].items()}
+                    with_step_keys(result)
             print(f"Resuming from {path}: {len(raw['rounds'])} round(s) done.", flush=True)
             return raw
         print(f"{path} holds rounds measured with other options; starting afresh.", flush=True)
@@ -519,7 +528,13 @@ def run_worker(method: str, args: argparse.Namespace, workdir: str) -> dict:
         raise SystemExit(f"The {method} worker failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
     line = next(line for line in reversed(completed.stdout.splitlines()) if line.startswith(RESULT_TAG))
     result = json.loads(line[len(RESULT_TAG):])
-    result["step_seconds"] = {int(step): seconds for step, seconds in result["step_seconds"].items()}
+    return with_step_keys(result)
+
+
+def with_step_keys(result: dict) -> dict:
+    """``result`` with its per-step records keyed by int step numbers again (JSON keys are strings)."""
+    for key in ("step_seconds", "step_peaks"):
+        result[key] = {int(step): value for step, value in result.get(key, {}).items()}
     return result
 
 
@@ -581,7 +596,12 @@ def run_estimate(ordinary: float, window_cost: float) -> RunEstimate:
     return RunEstimate(ordinary, window_cost, len(run_swaps()) / NOMINAL_RUN_STEPS)
 
 
-def merge_rounds(rounds: list[dict]) -> dict:
+def first_window_step(steps: int) -> int:
+    """The first step of the SEFT runs' one accumulation window, which ends at the last step."""
+    return steps - DEFAULTS.accumulation_steps + 1
+
+
+def merge_rounds(rounds: list[dict], steps: int) -> dict:
     """One method's measurements over all rounds: step times kept per round, the rest as medians."""
     median = statistics.median
     return {
@@ -594,6 +614,9 @@ def merge_rounds(rounds: list[dict]) -> dict:
         "memory_peak": max(r["memory_peak"] for r in rounds),
         "memory_peak_median": median(r["memory_peak"] for r in rounds),
         "memory_increment": median(r["memory_peak"] - r["memory_before"] for r in rounds),
+        # The peak through the step before SEFT's window opens (the same step in every method's run).
+        "memory_peak_before_window": max((r["step_peaks"].get(first_window_step(steps) - 1, 0) for r in rounds),
+                                         default=0),
         "other_load": max(r["other_load"] for r in rounds),
         "rounds": rounds,
     }
@@ -606,7 +629,7 @@ def timed_steps(round_result: dict) -> dict[int, float]:
 def seft_breakdown(result: dict, steps: int) -> SeftBreakdown:
     """Ordinary steps pooled over the rounds; each window step, the step after the update and the update
     itself as medians over the rounds."""
-    window_steps = range(steps - DEFAULTS.accumulation_steps + 1, steps + 2)
+    window_steps = range(first_window_step(steps), steps + 2)
     ordinary, updates, windows = [], [], []
     for round_result in result["rounds"]:
         if len(round_result["update_seconds"]) != 1:
@@ -721,6 +744,12 @@ def goals_text(results: dict[str, dict], seft: SeftBreakdown, run: RunEstimate, 
     run_amortized = run.amortized_step / lora_step
     to_trainer_floor = seft.amortized_step / trainer_floor
     own_bytes = seft_result["state_bytes"] / seft_result["trainable"]
+    before = [result["memory_peak_before_window"] for result in (seft_result, lora)]
+    before_window = (
+        f" Before SEFT's window opens (the peak through step {first_window_step(steps) - 1}, the highest of the "
+        f"rounds): SEFT {before[0] / MIB:.0f} MiB, LoRA {before[1] / MIB:.0f} MiB ({before[0] / before[1]:.2f}×)."
+        if all(before) else ""
+    )
     return "\n".join([
         "## Goals",
         "",
@@ -735,7 +764,7 @@ def goals_text(results: dict[str, dict], seft: SeftBreakdown, run: RunEstimate, 
         f"{run.share:.1%} of a whole run (windows at the mean swap) — {verdict(run.share, 0.02)}.",
         f"* Whole-process peak memory ≤ LoRA's: {peak:.2f}× the peak {unit} (the highest of the rounds) — "
         f"{verdict(peak, 1.0)}; the rounds' median peaks: {median_peak:.2f}× — {verdict(median_peak, 1.0)}; "
-        f"the increment during training (median): {increment:.2f}× — {verdict(increment, 1.0)}.",
+        f"the increment during training (median): {increment:.2f}× — {verdict(increment, 1.0)}.{before_window}",
         f"* SEFT's own state ≤ 12 B per delta (optimizer state excluded): {own_bytes:.1f} B — {verdict(own_bytes, 12.0)}.",
         "",
     ])
@@ -876,7 +905,7 @@ def main() -> None:
             raw["rounds"].append(measured)
             raw["wall_seconds"] = earlier_wall + time.perf_counter() - started
             save_raw(raw, raw_path)
-    results = {method: merge_rounds([measured[method] for measured in raw["rounds"]]) for method in METHODS}
+    results = {method: merge_rounds([measured[method] for measured in raw["rounds"]], args.steps) for method in METHODS}
     write_report(report(args, raw["prepared"], results, raw["wall_seconds"]), args.output)
 
 

@@ -47,10 +47,16 @@ def test_quick_speed_benchmark_reports_every_method(tmp_path):
     lora = int(rows["lora"]["trainable params"].replace(",", ""))
     assert abs(int(rows["seft"]["trainable params"].replace(",", "")) - lora) <= 7  # per-layer rounding
     assert "## Goals" in report and "Topology updates plus window overhead ≤ 2%" in report
+    assert "Before SEFT's window opens (the peak through step" in report
 
     # The raw times of the round are kept; with every round done, a rerun with the same options
-    # measures nothing and reports the same numbers.
+    # measures nothing and reports the same numbers. Beside them, the peak so far after each step.
     raw = json.loads(output.with_suffix(".json").read_text())
+    for method in METHODS:
+        measured = raw["rounds"][0][method]
+        peaks = [measured["step_peaks"][step] for step in sorted(measured["step_peaks"], key=int)]
+        assert len(peaks) == len(measured["step_seconds"]) and peaks[0] > 0, method
+        assert peaks == sorted(peaks) and peaks[-1] <= measured["memory_peak"], method  # a peak so far never falls
     assert len(raw["rounds"]) == 1 and set(raw["rounds"][0]) == set(METHODS)
     rerun = run_quick(output)
     assert "Resuming from" in rerun.stdout and "trained in" not in rerun.stdout
