@@ -14,9 +14,12 @@ into memory); ``torch.sparse.sampled_addmm`` over a CSR pattern wherever neither
 ``benchmarks/results/delta_grad_kernels.md``). One sampled entry costs more than one dense entry,
 by a factor that depends on the kernel, the layer and the machine's BLAS; the cost rule samples
 when ``k * SAMPLED_ENTRY_COST[kernel] < out * in`` and otherwise takes the dense product and
-gathers. Numba's factor was 4-16 on a 2-core EPYC and 6-48 (median 16) on a 2-core Xeon with a
-faster BLAS, sampled_addmm's 5-43 and 13-225 (median 40); the constants sit at or above the
-medians, because the dense path also costs a transient out × in fp32 matrix. On an H200
+gathers. Numba's factor was 4-16 on a 2-core EPYC (an earlier kernel) and, with the column-blocked
+kernel, 6-52 on a 2-core Xeon with a faster BLAS: 6-9 at the 5-10% densities where the choice is
+close, high only at densities that sample anyway. sampled_addmm's factor was 5-43 and 13-225
+(median 40). The constants sit above those factors, because the dense path also costs a transient
+out × in fp32 matrix; Numba's now errs towards the dense path between 1/16 and about 1/6 density
+(at 10% sampling was 49-74% faster), far above SEFT's usual 1-3%. On an H200
 (``benchmarks/results/gpu.md``, T = 4096) the Triton kernel's factor was 309-432 in fp32 and
 837-2797 in bf16, where the dense product runs on the tensor cores: a gather kernel cannot compete
 there, so the rule takes the dense product on CUDA at every density above 0.25%. The CPU paths
