@@ -177,8 +177,10 @@ def token_square_sums(t: torch.Tensor, token_chunk: int) -> torch.Tensor:
 def scratch_bytes(out_features: int, in_features: int, k: int, threads: int, square_sums: bool = False) -> int:
     """Memory the kernel allocates outside torch's allocator (invisible to torch.profiler): per
     thread, its partial sums [k] (and [out + in] with square sums) and the transposed tiles
-    [out + in, TILE_TOKENS], all fp32."""
-    return 4 * threads * (k + (out_features + in_features) * (TILE_TOKENS + square_sums))
+    [out + in, TILE_TOKENS], all fp32; once, the rows' column-block bounds (int64)."""
+    blocks = max(1, -(-in_features // COLUMN_BLOCK))
+    bounds = 8 * (blocks + 1) * out_features
+    return 4 * threads * (k + (out_features + in_features) * (TILE_TOKENS + square_sums)) + bounds
 
 
 @numba.njit(cache=True, nogil=True)
