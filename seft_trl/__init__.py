@@ -7,6 +7,7 @@ CLI and the tests that need no trainer do not pay for importing TRL.
 
 from importlib import import_module
 
+from .allocator import keep_freed_memory
 from .config import SparsityEvolutionConfig
 from .engine import SparsityEvolution, merge, merged_state_dict
 from .layer import SparseDeltaLinear, UpdateStats
@@ -36,6 +37,7 @@ __all__ = [
     "UpdateStats",
     "detect_pattern",
     "find_target_linears",
+    "keep_freed_memory",
     "merge",
     "merged_state_dict",
     "reset_optimizer_slots",

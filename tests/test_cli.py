@@ -120,8 +120,10 @@ def test_the_demo_parses_through_the_shared_option_classes():
     demo, pruning, evaluation = parse_args([])
     assert isinstance(pruning, PruningArguments) and isinstance(evaluation, EvalArguments)
     assert (pruning.prune_method, pruning.prune_nsamples, evaluation.eval_seqlen, demo.train_seqlen) == ("wanda", 32, 512, 256)
+    assert demo.keep_cpu_heap is True
     demo, pruning, _ = parse_args(["--model", "m", "--sparsity", "0.6", "--steps", "5"])  # the first flags still work
     assert (demo.model_name_or_path, pruning.prune_sparsity, demo.steps) == ("m", 0.6, 5)
+    assert parse_args(["--keep_cpu_heap", "false"])[0].keep_cpu_heap is False
     with pytest.raises(SystemExit):
         parse_args(["--pattern", "4:2"])
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from trl import TrlParser
 
+from ..allocator import keep_freed_memory
 from ..evaluation import perplexity
 from ..report import SparsityReport, sparsity_report
 from ..text import token_ids, training_chunks
@@ -40,6 +41,10 @@ class DemoArguments:
     density: float = option(0.01, "Deltas per layer, as a fraction of its weights.")
     learning_rate: float = option(SEFTConfig.learning_rate, "SEFTConfig's default unless set (the long benchmark's best).")
     output_dir: str = option("demo-output", "Folder for the report, the plots and the repaired model.", "--output")
+    keep_cpu_heap: bool = option(
+        True, "On the CPU, keep freed memory in glibc's heap (seft_trl.allocator): far fewer page faults "
+        "(434 -> 309 s on a 2-core VM), a higher resident peak."
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[DemoArguments, PruningArguments, EvalArguments]:
@@ -121,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     args, pruning, evaluation = parse_args(argv)
     options = pruning.options()
     started = time.perf_counter()
+    if args.keep_cpu_heap and not torch.cuda.is_available() and keep_freed_memory():
+        print("Training on the CPU: freed memory stays in glibc's heap (--keep_cpu_heap false to leave it).")
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
 
