@@ -44,6 +44,8 @@ def keep_freed_memory() -> bool:
     if not is_glibc() or any(name in os.environ for name in ENVIRONMENT):
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on
-    mmap_set = libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(MMAP_THRESHOLD))
-    trim_set = libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(TRIM_THRESHOLD))
-    return bool(mmap_set) and bool(trim_set)
+    # A glibc that refuses this mmap threshold (mallopt returns 0) must not get the trim
+    # threshold alone: setting either stops glibc from raising its mmap threshold by itself.
+    if not libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(MMAP_THRESHOLD)):
+        return False
+    return bool(libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(TRIM_THRESHOLD)))
