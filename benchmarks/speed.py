@@ -65,6 +65,7 @@ from transformers import TrainerCallback
 from baselines import PROJECTIONS, lora_trainable_count, masked_full_adapter
 from common import RESULTS_DIR, cpu_model, cpu_snapshot, machine_description, markdown_table, others_load, synchronizer
 from common import write_report
+from seft_trl import allocator
 from seft_trl.apps.assets import english_texts, load_smollm2
 from seft_trl.config import SparsityEvolutionConfig
 from seft_trl.pruning import prune
@@ -93,7 +94,7 @@ WARMUP_STEPS = 2
 # so each step faults their pages in again; inside this virtual machine that cost swung with the
 # host's load (masked full fine-tuning 7-12 s a step against 4.1-4.4 s with these settings, back to
 # back), which made rounds incomparable. Every method runs under the same allocator.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+ALLOCATOR_ENV = allocator.ENVIRONMENT
 HOST_SPREAD_LIMIT = 0.85  # slowest / fastest host probe below this: the runs ran on different machines, in effect
 LEARNING_RATE = 1e-4
 DEFAULTS = SparsityEvolutionConfig()  # the cadence the extrapolation targets (update_interval, accumulation_steps)

@@ -9,8 +9,8 @@ page faults); with freed memory kept in the heap it ran in 309 s, 17 s of them i
 million faults), and printed the same results. The price is a higher resident peak (5.4 GB against
 4.8 GB there): the heap keeps its high-water mark.
 
-The same effect comes from the environment variables ``MALLOC_MMAP_THRESHOLD_`` and
-``MALLOC_TRIM_THRESHOLD_`` set before Python starts (``benchmarks/speed.py`` runs its workers so);
+The same effect comes from the environment variables in :data:`ENVIRONMENT`, set before Python
+starts (``benchmarks/speed.py`` runs its workers so);
 :func:`keep_freed_memory` does it from inside a running process, and leaves a process alone whose
 environment already sets either.
 """
@@ -25,7 +25,9 @@ import os
 # free memory at the heap's top stays mapped.
 MMAP_THRESHOLD = 2**30
 TRIM_THRESHOLD = 2**31 - 1
-ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+# The same for a process about to start: its environment may hold the larger values mallopt cannot
+# (4 GiB and 64 GiB), which glibc reads before the first allocation.
+ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers in glibc's malloc.h
 
 
