@@ -49,6 +49,9 @@ class SparsityEvolutionConfig:
       window's mean-square gradient instead of zero, which the global bias correction
       would turn into steps of several times the learning rate; its first moment starts
       at zero, so it ramps up (:mod:`seft_trl.optim_state`).
+    * ``dense_revival=None``: with the dense parent at hand (the distillation teacher), a revived
+      weight starts where pruning took it from instead of at zero, so it need not climb back at a
+      delta's learning rate; on whenever a parent is given.
     * ``column_cap=None``: growth by |grad| puts about half of the grown deltas into the 5% of
       input columns with the largest activations, and training them there cost more held-out loss
       than not training them (a probe at 6e-3; a cap of 2 removed the loss). Off until the long
@@ -154,6 +157,14 @@ class SparsityEvolutionConfig:
             "help": "Most deltas an input column may hold after growth, as a multiple of the layer's mean deltas "
             "per column (None: no cap). Growth by |grad| piles deltas into the few input columns of largest "
             "activations; a cap of 2 keeps it near the spread of the initial random placement."
+        },
+    )
+    dense_revival: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Start a revived pruned weight at its value in the dense parent (the model before pruning) instead "
+            "of at zero; the swap test prices that jump with its local model. Needs the parent (the trainer's "
+            "teacher). Default: on whenever a parent is given."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the initial delta positions."})

@@ -18,12 +18,15 @@ the same estimate on both sides:
   :func:`reachable_gain`);
 * **cost** of removing (zeroing) weight ``w``: ``½ w² h`` (optimal brain damage: what Wanda's
   kept weights are protected by and ``|w·g|`` ignores) plus the first-order term ``−w m`` where it
-  is a cost; it is never credited as a gain (see :func:`taylor_removal_cost`).
+  is a cost; it is never credited as a gain (see :func:`taylor_removal_cost`);
+* **jump** of a revived weight to its dense parent's value ``d`` (``dense_revival``): ``d m + ½ d² h``,
+  the same expansion read the other way (see :func:`dense_revival`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -150,3 +153,38 @@ def reachable_gain(mean: torch.Tensor, mean_sq: torch.Tensor, steps: int, curvat
 
 
 GAIN_ESTIMATES: dict[str, GainEstimate] = {"newton": newton_gain, "reachable": reachable_gain}
+
+# The dense parent's weights of one layer at flat positions [c] -> [c].
+DenseValues = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DenseRevival:
+    """Growth candidates that revive a pruned weight at its dense value: where each starts, and what it is worth."""
+
+    start: torch.Tensor  # [c]: the parent's value where the candidate revives, 0 elsewhere
+    gain: torch.Tensor  # [c]: predicted loss drop of the jump plus the training after it (where it revives)
+    square_shift: torch.Tensor  # [c]: change of the mean-square gradient where it lands (the moment seed)
+
+
+def dense_revival(revives: torch.Tensor, dense_values: DenseValues, index: torch.Tensor, mean: torch.Tensor,
+                  mean_sq: torch.Tensor, steps: int, curvature: torch.Tensor, rate_sum: float,
+                  gain: GainEstimate) -> DenseRevival:
+    """Price growth candidates [c] that start at the dense parent's value ``d`` where they revive (``revives``).
+
+    On the local model the jump from 0 to ``d`` changes the loss by ``d m + ½ d² h``, and training
+    goes on from where it lands, where the gradient is ``m + h d``: the predicted gain is the jump's
+    loss drop plus ``gain`` evaluated there (the window's noise kept: only the mean moves). Under the
+    Newton estimate the two add up to the gain from zero (a quadratic's minimum does not depend on
+    the start; up to the noise correction, clamped at zero), so the decisions stay those of a revival
+    at zero and only the start moves; under
+    the reachable estimate the jump covers distance Adam would need the rest of the run for, and a
+    jump the wrong way is charged.
+    """
+    start = torch.zeros_like(mean)
+    if bool(revives.any()):
+        start[revives] = dense_values(index[revives]).to(start.device, start.dtype)
+    landed = mean + curvature * start
+    shift = landed * landed - mean * mean
+    jump = -(start * mean + 0.5 * start * start * curvature)
+    return DenseRevival(start, jump + gain(landed, mean_sq + shift, steps, curvature, rate_sum), shift)

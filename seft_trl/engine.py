@@ -16,7 +16,9 @@ Every check runs before the model is touched, so bad input leaves it unchanged.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import warnings
 from typing import Iterator
 
@@ -27,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .config import SparsityEvolutionConfig
 from .layer import SparseDeltaLinear, TopologyCriteria, UpdateStats
 from .optim_state import check_optimizer_supported, reset_optimizer_slots, seed_optimizer_slots, unwrap_optimizer
+from .parent import DenseParent, check_parent_layers, dense_parent
 from .patterns import Scope, SparsityPattern, detect_pattern, satisfies
 from .sharding import is_sharded, whole
 from .targets import find_target_linears
@@ -115,10 +118,37 @@ def arm_window(layer: SparseDeltaLinear, fraction: float, candidate_factor: floa
         layer.begin_window(n_swaps, candidate_factor)
 
 
-class SparsityEvolution:
-    """Sparse-delta fine-tuning of ``model`` with drop–grow–adapt topology evolution."""
+def _revival_parent(
+    config: SparsityEvolutionConfig, parent: DenseParent | nn.Module | str | os.PathLike | None, revives: bool,
+    weights: dict[str, torch.Tensor],
+) -> DenseParent | None:
+    """The parent revived weights start from, checked against the layers; None when revivals start at zero."""
+    if config.dense_revival and parent is None:
+        raise ValueError(
+            "dense_revival=True starts revived weights at the dense parent's values: pass the parent (the model before "
+            "pruning, or its folder) as SparsityEvolution(model, config, parent=...), or the trainer's teacher."
+        )
+    if parent is None or config.dense_revival is False or not revives:
+        return None
+    if isinstance(parent, (nn.Module, str, os.PathLike)):
+        parent = dense_parent(parent)
+    check_parent_layers(parent, weights)
+    return parent
 
-    def __init__(self, model: nn.Module, config: SparsityEvolutionConfig | None = None) -> None:
+
+class SparsityEvolution:
+    """Sparse-delta fine-tuning of ``model`` with drop–grow–adapt topology evolution.
+
+    ``parent``: the dense model before pruning (a module, a local checkpoint folder, or a
+    :class:`~seft_trl.parent.DenseParent`). With it, a revived pruned weight starts at the parent's
+    value (``config.dense_revival``, on by default when a parent is given); its weights are read at
+    the revived positions only.
+    """
+
+    def __init__(
+        self, model: nn.Module, config: SparsityEvolutionConfig | None = None,
+        parent: DenseParent | nn.Module | str | os.PathLike | None = None,
+    ) -> None:
         config = config or SparsityEvolutionConfig()
         if any(isinstance(module, SparseDeltaLinear) for module in model.modules()):
             raise ValueError("This model already has SEFT layers; merge it (seft_trl.merge) before injecting again.")
@@ -131,6 +161,7 @@ class SparsityEvolution:
         weights = {name: linear.weight.detach() for name, linear in targets.items()}
         self.pattern = _resolve_pattern(weights, config.sparsity_pattern)
         counts = _delta_counts(targets, config)
+        self.parent = _revival_parent(config, parent, config.revives_pruned(self.pattern.is_nm), weights)
         if all(bool((w != 0).all()) for w in weights.values()):
             warnings.warn(
                 "The target layers are dense: the budget is every weight, so there is no sparsity to preserve "
@@ -263,7 +294,8 @@ class SparsityEvolution:
         rates_left = self.rates_left()
         stats = {}
         for name, layer in self.layers.items():
-            stats[name], moved_slots, mean_sq = layer.update_topology(layer.swap_count(fraction), rates_left[name])
+            dense = None if self.parent is None else functools.partial(self.parent.values, name)
+            stats[name], moved_slots, mean_sq = layer.update_topology(layer.swap_count(fraction), rates_left[name], dense)
             if self.optimizer is None:
                 continue
             mine, slots = layer.own_slots(moved_slots)  # under FSDP2 a rank's optimizer holds its slot chunk

@@ -26,6 +26,8 @@ from torch import nn
 from .config import SparsityEvolutionConfig
 from .criteria import (
     GAIN_ESTIMATES,
+    DenseRevival,
+    DenseValues,
     GROWTH_CRITERIA,
     REMOVAL_CRITERIA,
     SWAP_TESTS,
@@ -34,6 +36,7 @@ from .criteria import (
     RemovalScore,
     SwapTest,
     curvature_at,
+    dense_revival,
     lookup,
     taylor_removal_cost,
 )
@@ -463,11 +466,15 @@ class SparseDeltaLinear(nn.Module):
         return all(bool(torch.isfinite(t).all()) for t in (window.grad_sum, window.grad_sq_sum, window.row_sq, window.col_sq))
 
     @torch.no_grad()
-    def update_topology(self, n_swaps: int, rate_sum: float = math.inf) -> tuple[UpdateStats, torch.Tensor, torch.Tensor]:
+    def update_topology(
+        self, n_swaps: int, rate_sum: float = math.inf, dense_values: DenseValues | None = None
+    ) -> tuple[UpdateStats, torch.Tensor, torch.Tensor]:
         """Swap up to ``n_swaps`` deltas, decided on the window's statistics, and close the window.
 
         ``rate_sum``: the learning rates left in the run, summed (inf when unknown), which bounds how
-        far a delta can still move (``gain_estimate="reachable"``).
+        far a delta can still move (``gain_estimate="reachable"``). ``dense_values``: the dense
+        parent's weight at flat positions of this layer; given, a revived weight starts there
+        (:func:`~seft_trl.criteria.dense_revival`), else at zero.
 
         Returns the stats, the delta slots whose position changed, and for them the mean-square
         gradient at their new positions in the optimizer's scale (the second-moment seeds).
@@ -479,18 +486,22 @@ class SparseDeltaLinear(nn.Module):
         weight = whole(self.weight.detach())
         if window is None or n_swaps == 0 or window.steps == 0:
             return self._stats(0, 0, 0, 0, weight), self.delta_index.new_empty(0), self.delta_base.new_empty(0).float()
-        plan = self._plan(window, n_swaps, rate_sum, weight)
-        self._apply_plan(plan, weight)
+        plan, revival = self._plan(window, n_swaps, rate_sum, weight, dense_values)
+        self._apply_plan(plan, weight, None if revival is None else revival.start[plan.grow_candidate])
         if is_sharded(self.weight):
             start, end = row_range(self.weight)
             local(self.weight).copy_(weight[start:end])
         k, steps, scale = self.delta_index.numel(), window.steps, window.optimizer_scale
         grown = k + plan.grow_candidate
-        mean_sq = window.grad_sq_sum[grown] * (scale * scale / steps)
+        mean_sq = window.grad_sq_sum[grown] / steps
+        if revival is not None:  # a weight that jumped sees the gradient where it landed
+            mean_sq = mean_sq + revival.square_shift[plan.grow_candidate]
+        mean_sq = mean_sq * (scale * scale)
         stats = self._stats(plan.grow_index.numel(), plan.revived, plan.remove_index.numel(), plan.refused, weight)
         return stats, plan.drop_slots, mean_sq
 
-    def _plan(self, window: WindowStatistics, n_swaps: int, rate_sum: float, weight: torch.Tensor) -> SwapPlan:
+    def _plan(self, window: WindowStatistics, n_swaps: int, rate_sum: float, weight: torch.Tensor,
+              dense_values: DenseValues | None) -> tuple[SwapPlan, DenseRevival | None]:
         criteria = self.criteria
         grow_index, remove_index = window.candidates.grow_index, window.candidates.remove_index
         k, cg = self.delta_index.numel(), grow_index.numel()
@@ -509,6 +520,12 @@ class SparseDeltaLinear(nn.Module):
         group_support = self.group_support(weight)
         # A growth candidate is never a delta position, so it revives exactly where its weight is zero.
         grow_revives = weight.view(-1)[grow_index] == 0
+        revival = None
+        if dense_values is not None:
+            growth = slice(k, k + cg)
+            revival = dense_revival(grow_revives, dense_values, grow_index, mean[growth], mean_sq[growth], steps,
+                                    curvature[growth], rate_sum, criteria.gain)
+            gain[growth] = revival.gain.where(grow_revives, gain[growth])
         weight = weight.view(-1)[remove_index].float()
         group_budget = self.scope.group_budget(self.support_budget, self.row_budget)
         group_slack = (group_budget - group_support).clamp(min=0)
@@ -519,7 +536,7 @@ class SparseDeltaLinear(nn.Module):
             per_column = torch.bincount(self.delta_index.long() % self.in_features, minlength=self.in_features)
             cap = math.ceil(criteria.column_cap * k / self.in_features)
             grow_column_room = (cap - per_column[grow_column]).clamp(min=0)
-        return plan_swap(
+        plan = plan_swap(
             delta_magnitude=delta.abs(),
             drop_forgone=forgone,
             grow_index=grow_index,
@@ -538,14 +555,22 @@ class SparseDeltaLinear(nn.Module):
             grow_column=grow_column,
             grow_column_room=grow_column_room,
         )
+        return plan, revival
 
-    def _apply_plan(self, plan: SwapPlan, weight: torch.Tensor) -> None:
-        """Carry out ``plan`` on the layer's whole ``weight`` [out, in], its buffers and this rank's deltas."""
+    def _apply_plan(self, plan: SwapPlan, weight: torch.Tensor, grow_start: torch.Tensor | None = None) -> None:
+        """Carry out ``plan`` on the layer's whole ``weight`` [out, in], its buffers and this rank's deltas.
+
+        ``grow_start`` [n]: where each grown position starts (its dense value, or 0) when it revives a
+        pruned weight; None: at zero. The new delta's base is that start, so δ = 0 there as anywhere.
+        """
         weight = weight.view(-1)
         slots = plan.drop_slots
         if self.criteria.drop_mode == "revert":
             weight[self.delta_index[slots]] = self.delta_base[slots]
         weight[plan.remove_index] = 0
+        if grow_start is not None:
+            revived = weight[plan.grow_index] == 0
+            weight[plan.grow_index[revived]] = grow_start[revived].to(weight.dtype)
         self.delta_index[slots] = plan.grow_index.to(self.delta_index.dtype)
         self.delta_base[slots] = weight[plan.grow_index]
         local(self.delta.detach())[self.own_slots(slots)[1]] = 0.0
