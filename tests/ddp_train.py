@@ -1,9 +1,9 @@
 """Trains a tiny pruned model with SEFTSFTTrainer and saves each rank's SEFT state.
 
 Run by tests/test_ddp.py as 2 CPU processes under `accelerate launch` (DDP or FSDP2) and alone:
-``ddp_train.py OUTPUT_DIR PER_DEVICE_BATCH [SEFTConfig field=JSON value ...]``; three more keys: ``stop_at`` (stop
-after that step, as an interrupted run would), ``resume`` (a checkpoint to resume from) and ``final_dir`` (where
-``save_model`` writes the merged model).
+``ddp_train.py OUTPUT_DIR PER_DEVICE_BATCH [SEFTConfig field=JSON value ...]``; four more keys: ``stop_at`` (stop
+after that step, as an interrupted run would), ``resume`` (a checkpoint to resume from), ``final_dir`` (where
+``save_model`` writes the merged model) and ``teacher`` (true: distil from the dense parent, revive at its values).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from seft_trl import SEFTConfig, SEFTSFTTrainer  # noqa: E402
 from seft_trl.sharding import is_sharded, whole  # noqa: E402
+from seft_trl.testing import tiny_model  # noqa: E402
 from trainer_helpers import byte_tokenizer, pruned_model, seft_args, text_dataset  # noqa: E402
 
 
@@ -45,10 +46,12 @@ class StopAt(TrainerCallback):
 
 
 def main(output_dir: str, per_device_batch: int, overrides: dict) -> None:
-    stop_at, resume, final_dir = (overrides.pop(key, None) for key in ("stop_at", "resume", "final_dir"))
+    stop_at, resume, final_dir, teacher = (overrides.pop(key, None) for key in ("stop_at", "resume", "final_dir", "teacher"))
     options = {"per_device_train_batch_size": per_device_batch, "seft_accumulation_steps": 2, **overrides}
     args = SEFTConfig(**seft_args(output_dir, **options))
-    trainer = SEFTSFTTrainer(model=pruned_model(), args=args, train_dataset=text_dataset(), processing_class=byte_tokenizer())
+    parent = tiny_model() if teacher else None  # the model pruned_model() prunes
+    trainer = SEFTSFTTrainer(model=pruned_model(), args=args, train_dataset=text_dataset(), processing_class=byte_tokenizer(),
+                             teacher_model=parent)
     steps = StepRecord(trainer)
     trainer.add_callback(steps)
     if stop_at is not None:
@@ -69,6 +72,11 @@ def main(output_dir: str, per_device_batch: int, overrides: dict) -> None:
     record = {"state": state, "losses": losses, "revived": revived, "world_size": args.world_size, "reduced": reduced,
               "pattern_builds": steps.steps, "violations": steps.violations, "sharded": steps.sharded, "broadcast_buffers": len(synced),
               "broadcast_seft_buffers": sum(id(buffer) in synced for buffer in seft_buffers)}
+    if parent is not None:  # the teacher as each rank holds it, and whole: it must be the parent, untouched
+        record["teacher_sharded"] = all(is_sharded(p) for p in parent.parameters())
+        record["teacher"] = {name: whole(p.detach()) for name, p in parent.named_parameters()}
+        record["divergence"] = [entry["distill/divergence"] for entry in trainer.state.log_history
+                                if "distill/divergence" in entry]
     torch.save(record, Path(output_dir) / f"rank{rank}.pt")
 
 

@@ -58,6 +58,20 @@ def test_fsdp2_with_bf16_mixed_precision_and_gradient_checkpointing_keeps_ranks_
     torch.testing.assert_close(losses, reference, rtol=0, atol=2e-2)
 
 
+def test_ddp_and_fsdp2_with_the_dense_parent_as_teacher_keep_ranks_identical(tmp_path):
+    # DDP replicates the teacher on each rank, FSDP2 shards it as it shards the student; revivals start at the
+    # parent's values, read from the (gathered) teacher on every rank alike.
+    from seft_trl.testing import tiny_model
+
+    parent = {name: p.detach() for name, p in tiny_model().named_parameters()}
+    for launcher, name, sharded in ((LAUNCHER, "ddp", False), (FSDP2_LAUNCHER, "fsdp2", True)):
+        run([*launcher, str(SCRIPT), str(tmp_path / name), "2", "teacher=true"], {"OMP_NUM_THREADS": "1"})
+        rank0 = load_ranks_agreeing(tmp_path / name, sharded=sharded)
+        assert rank0["teacher_sharded"] is sharded
+        assert all(torch.equal(rank0["teacher"][key], value) for key, value in parent.items())  # never trained
+        assert rank0["divergence"] and all(value > 0 for value in rank0["divergence"])
+
+
 def assert_matches_single_process(rank0: dict, single_dir: Path) -> None:
     single = torch.load(single_dir / "rank0.pt")
     assert single["world_size"] == 1 and not single["reduced"] and not any(single["sharded"])

@@ -114,14 +114,15 @@ def test_merged_checkpoint_reloads_without_seft_and_keeps_exact_zeros(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".final.tmp")]  # staging folder cleaned up
 
 
-def resume_run(output_dir, max_steps, density, resume=None):
+def resume_run(output_dir, max_steps, density, resume=None, teacher=False):
     args = SEFTConfig(
         **seft_args(
             output_dir, max_steps=12, save_strategy="steps", save_steps=6,
             seft_update_interval=4, seft_accumulation_steps=3, seft_density=density,
         )
     )
-    trainer = SEFTSFTTrainer(model=pruned_model(), args=args, train_dataset=text_dataset(), processing_class=byte_tokenizer())
+    trainer = SEFTSFTTrainer(model=pruned_model(), args=args, train_dataset=text_dataset(), processing_class=byte_tokenizer(),
+                             teacher_model=tiny_model() if teacher else None)  # the dense parent of pruned_model()
     if max_steps < 12:  # stop after the checkpoint, as an interrupted run would
         trainer.add_callback(StopAt(max_steps))
     trainer.train(resume_from_checkpoint=resume)
@@ -139,16 +140,18 @@ class StopAt(SEFTCallback.__mro__[1]):  # a TrainerCallback
             control.should_training_stop = True
 
 
-@pytest.mark.parametrize("density", [0.1, 0.01])  # the dense-then-gather and the sampled δ-gradient paths
-def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, density):
-    straight_losses, straight = resume_run(tmp_path / "straight", 12, density)
-    resume_run(tmp_path / "interrupted", 6, density)
+# The dense-then-gather and the sampled δ-gradient paths, and distillation from the dense parent.
+@pytest.mark.parametrize("density, teacher", [(0.1, False), (0.01, False), (0.1, True)],
+                         ids=["dense-gather", "sampled", "teacher"])
+def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, density, teacher):
+    straight_losses, straight = resume_run(tmp_path / "straight", 12, density, teacher=teacher)
+    resume_run(tmp_path / "interrupted", 6, density, teacher=teacher)
     checkpoint = tmp_path / "interrupted" / "checkpoint-6"
     from safetensors import safe_open
 
     with safe_open(checkpoint / "model.safetensors", "pt") as f:  # step 6 is inside the window of update 8
         assert any(key.endswith("window_grad_sum") for key in f.keys())
-    resumed_losses, resumed = resume_run(tmp_path / "interrupted", 12, density, resume=str(checkpoint))
+    resumed_losses, resumed = resume_run(tmp_path / "interrupted", 12, density, resume=str(checkpoint), teacher=teacher)
     assert all(resumed_losses[step] == straight_losses[step] for step in range(7, 13))
     for name, (index, delta, weight) in straight.items():
         assert torch.equal(resumed[name][0], index)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Literal
+from typing import Any, Literal
 
 from trl import SFTConfig
 
 from ..config import SparsityEvolutionConfig
+from ..distillation import DistillationLoss
 
 _ENGINE_FIELDS = {f.name: f for f in fields(SparsityEvolutionConfig)}
 
@@ -33,6 +34,8 @@ class SEFTConfig(SFTConfig):
     256 steps. In the short quality benchmark (Wanda 50%) SEFT recovered 29% of the log-perplexity gap
     at 2e-4 and 56% at 7.83e-3; 3e-3 was its best in the long one (``benchmarks/results/quality_long.md``).
     """
+
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
 
     # Parameters whose default values are overridden from SFTConfig
     learning_rate: float = field(
@@ -63,6 +66,46 @@ class SEFTConfig(SFTConfig):
     seft_drop_mode: Literal["freeze", "revert"] = _engine_option("drop_mode")
     seft_candidate_factor: float = _engine_option("candidate_factor")
     seft_column_cap: float | None = _engine_option("column_cap")
+    seft_dense_revival: bool | None = _engine_option("dense_revival")
+
+    # The dense parent: distillation teacher and starting point of revived weights (TRL's DistillationConfig names)
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The dense model this one was pruned from (a local folder or a hub name): the distillation teacher, "
+            "and where revived weights start (seft_dense_revival). `seft-trl repair` and the recipes take it from the "
+            "pruned checkpoint's config (pruning_config.parent) when unset."
+        },
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments of AutoModelForCausalLM.from_pretrained for the teacher (default dtype: the "
+            "student's), e.g. a bitsandbytes quantization_config to hold a 7B teacher in 4 or 8 bits on CUDA."
+        },
+    )
+    distillation_weight: float = field(
+        default=DistillationLoss.weight,
+        metadata={
+            "help": "With a teacher: the loss is (1 - w) * CE + w * divergence from the teacher's next-token "
+            "distribution (0: plain CE, the teacher only seeds revivals; 1: pure distillation)."
+        },
+    )
+    beta: float = field(
+        default=DistillationLoss.beta,
+        metadata={"help": "The divergence, as TRL's DistillationTrainer: 0 forward KL(teacher || student), 1 reverse "
+                          "KL, between them the generalized Jensen-Shannon divergence (0.5: JSD)."},
+    )
+    temperature: float = field(
+        default=DistillationLoss.temperature,
+        metadata={"help": "Temperature of both distributions in the divergence (the CE stays at 1)."},
+    )
+    hidden_state_weight: float = field(
+        default=DistillationLoss.hidden_weight,
+        metadata={"help": "Weight of SquareHead's per-layer loss ||h_s - h_t||^2 / ||h_t||^2 between the student's and "
+                          "the teacher's decoder-layer outputs, averaged over layers (0: off)."},
+    )
+
     seft_min_8bit_size: int = field(
         default=0,
         metadata={
@@ -73,7 +116,12 @@ class SEFTConfig(SFTConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.seft_engine_config()  # validate the SEFT options now, not when training starts
+        self.seft_engine_config()  # validate the SEFT and distillation options now, not when training starts
+        self.distillation_loss()
+
+    def distillation_loss(self) -> DistillationLoss:
+        """The loss these arguments describe when a teacher is given."""
+        return DistillationLoss(self.distillation_weight, self.beta, self.temperature, self.hidden_state_weight)
 
     def seft_engine_config(self) -> SparsityEvolutionConfig:
         """The engine configuration these arguments describe."""

@@ -19,6 +19,7 @@ from transformers.utils import strtobool
 from transformers.utils.hub import hf_api
 from trl import SFTConfig, SFTTrainer
 
+from ..distillation import add_backbone_forward, distillation_loss
 from ..engine import SparsityEvolution, merged_state_dict
 from ..optim_state import check_optimizer_supported
 from ..report import SparsityReport, sparsity_report
@@ -26,6 +27,7 @@ from ..saving import atomic_directory, save_checkpoint
 from .callback import SEFTCallback
 from .model_card import final_metrics, hub_model_id, seft_model_card
 from .sft_config import SEFTConfig
+from .teacher import Teacher, check_tokenizer, check_vocabulary, load_teacher, prepare_teacher, teacher_folder
 
 
 # The learning rates a plain config carries when its user never chose one (TRL's and transformers').
@@ -107,6 +109,12 @@ class SEFTSFTTrainer(SFTTrainer):
     sparse at the end as at the start (checked at the end of ``train()``), ``save_model()`` writes
     a merged plain checkpoint, and periodic checkpoints keep the SEFT state to resume exactly.
     ``push_to_hub`` uploads the merged folder only; checkpoints are never pushed.
+
+    ``teacher_model`` (or ``args.teacher_model_name_or_path``): the dense parent, the model before
+    pruning, as a model or a folder. Training then minimises ``(1 - distillation_weight) * CE +
+    distillation_weight * divergence`` from the teacher's next-token distribution (plus the optional
+    hidden-state term; see :mod:`seft_trl.distillation`), and revived weights start at the parent's
+    values (``seft_dense_revival``). Evaluation losses stay plain CE, comparable with any model's.
     """
 
     _tag_names = ["trl", "sft", "seft"]
@@ -121,6 +129,7 @@ class SEFTSFTTrainer(SFTTrainer):
         eval_dataset=None,
         processing_class=None,
         *,
+        teacher_model: str | os.PathLike | PreTrainedModel | None = None,
         peft_config=None,
         **kwargs: Any,
     ) -> None:
@@ -134,6 +143,7 @@ class SEFTSFTTrainer(SFTTrainer):
         engine_config = args.seft_engine_config()
         if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
             raise ValueError("train_dataset is empty: SEFT needs at least one training example.")
+        teacher = self._find_teacher(teacher_model, args, model, processing_class)
         super().__init__(
             model,
             args,
@@ -149,9 +159,59 @@ class SEFTSFTTrainer(SFTTrainer):
                 "accelerators; CPU processes fall back to DDP): every rank holds the whole model.",
                 stacklevel=2,
             )
-        self.seft = SparsityEvolution(self.model, engine_config)
+        check_vocabulary(teacher.model, self.model)  # a student given as a path is known only now
+        self.seft = SparsityEvolution(self.model, engine_config, parent=teacher.parent())
         self.seft_callback = SEFTCallback(self.seft)
         self.add_callback(self.seft_callback)
+        self.distillation = args.distillation_loss()
+        self.teacher = None
+        if teacher.model is not None:
+            add_backbone_forward(self.model)
+            self._teacher_model = teacher.model
+            self.teacher = prepare_teacher(teacher.model, self.accelerator, self.is_fsdp_enabled)
+
+    @staticmethod
+    def _find_teacher(teacher_model, args: SEFTConfig, model, processing_class) -> Teacher:
+        """The dense parent, checked and (when a loss needs it) loaded before the student changes."""
+        source = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if source is None:
+            return Teacher(None, None)
+        if isinstance(source, nn.Module):
+            teacher = Teacher(source.requires_grad_(False).eval(), None)
+        else:
+            folder = teacher_folder(source, getattr(args, "teacher_model_revision", None))
+            wanted = args.distillation_loss().uses_teacher
+            dtype = model.dtype if isinstance(model, PreTrainedModel) else "auto"
+            teacher = Teacher(load_teacher(folder, args.teacher_model_init_kwargs, dtype) if wanted else None, folder)
+        check_tokenizer(teacher.folder, processing_class)
+        if isinstance(model, nn.Module):
+            check_vocabulary(teacher.model, model)
+        return teacher
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """With a teacher, training steps take the distillation loss; evaluation (and no teacher) SFTTrainer's CE."""
+        if self.teacher is None or not self.model.training or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        parts = distillation_loss(
+            model, self.teacher, inputs, self.distillation, num_items_in_batch,
+            student_head=self.accelerator.unwrap_model(model), teacher_head=self._teacher_model,
+        )
+        loss = parts.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as SFTTrainer: DDP averages the ranks' gradients
+        gathered = self.accelerator.gather_for_metrics(torch.stack([
+            parts.tokens.float(), parts.ce_sum, parts.divergence_sum, parts.hidden_sum, parts.entropy_sum, parts.correct,
+        ]).detach().reshape(1, -1)).sum(0)
+        tokens = float(gathered[0].clamp(min=1))
+        metrics = self._metrics["train"]
+        for name, value in zip(("distill/ce", "distill/divergence", "distill/hidden", "entropy", "mean_token_accuracy"),
+                               gathered[1:]):
+            metrics[name].append(float(value) / tokens)
+        # SFTTrainer's running count of the tokens trained on, as its own loss path keeps it
+        counted = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(inputs["position_ids"].size(1))
+        self._total_train_tokens += int(self.accelerator.gather_for_metrics(counted.to(loss.device)).sum()) // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        return loss
 
     def create_optimizer(self, model: nn.Module | None = None):
         # transformers does not forward `min_8bit_size` to bitsandbytes; without it, delta tensors
