@@ -67,6 +67,20 @@ def test_recipe_runs_on_a_tiny_model(arch, tmp_path, monkeypatch, capsys):
     assert summary["dense_ppl"] > 0 and summary["repaired_ppl"] > 0
     assert "perplexity repaired (SEFT)" in capsys.readouterr().out
     assert (tmp_path / "out" / "model.safetensors").exists() and (tmp_path / "out" / "sparsity_report.json").exists()
+    assert summary["teacher"] == "the dense model before this run pruned it"  # distilled from the model it pruned
+
+
+def test_a_repair_of_a_pruned_checkpoint_finds_the_parent_it_records(tmp_path):
+    from seft_trl.apps.cli import main
+
+    dense = tiny_checkpoint(tmp_path / "dense", "llama")
+    main(["prune", "--model_name_or_path", str(dense), "--prune_method", "magnitude", "--output_dir", str(tmp_path / "pruned")])
+    recorded = json.loads((tmp_path / "pruned" / "config.json").read_text())["pruning_config"]["parent"]
+    assert recorded == str(dense.resolve())
+    argv = recipe_argv(tmp_path / "pruned", alpaca_jsonl(tmp_path / "alpaca.jsonl"), tmp_path / "out")
+    argv = argv[: argv.index("--prune_method")] + argv[argv.index("--prune_method") + 2:]  # already pruned
+    assert run(default_model="unused", argv=argv)["teacher"] == recorded
+    assert run(default_model="unused", argv=[*argv, "--use_parent", "false", "--output_dir", str(tmp_path / "ce")])["teacher"] is None
 
 
 def test_recipe_script_runs_as_a_process(tmp_path):
@@ -91,7 +105,7 @@ def test_alpaca_formatting():
 @pytest.mark.parametrize("config", sorted((RECIPES / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_recipe_config_parses(config):
     parser = TrlParser(REPAIR_ARGUMENTS)
-    _, pruning, _, args, model_args = parser.parse_args_and_config(["--config", str(config), "--use_cpu", "true", "--bf16", "false"])
+    _, pruning, _, args, model_args, _ = parser.parse_args_and_config(["--config", str(config), "--use_cpu", "true", "--bf16", "false"])
     assert model_args.model_name_or_path and pruning.prune_method == "wanda"
     assert args.optim == "adamw_8bit" and args.seft_density == 0.01 and args.gradient_checkpointing
 

@@ -105,6 +105,17 @@ class PruningArguments:
 
 
 @dataclass
+class ParentArguments:
+    """The dense parent of a repair: the model before pruning, as distillation teacher and revival source."""
+
+    use_parent: bool = option(
+        True, "Repair with the dense parent when it is known and --teacher_model_name_or_path is unset: the model "
+        "loaded before --prune_method, or the parent a pruned checkpoint records (pruning_config.parent). false: "
+        "plain CE, revived weights start at zero."
+    )
+
+
+@dataclass
 class DataArguments:
     """The instruction data of a repair."""
 

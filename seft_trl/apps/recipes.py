@@ -9,6 +9,7 @@ TRL's ``ModelConfig``.
 
 from __future__ import annotations
 
+import copy
 import json
 import resource
 import sys
@@ -23,11 +24,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser
 
 from ..evaluation import perplexity
+from ..pruning import dense_parent_of
 from ..report import sparsity_report
 from ..text import TextSource, token_ids
 from ..trainer.sft_config import SEFTConfig
 from ..trainer.sft_trainer import SEFTSFTTrainer, sharding_engine
-from .options import DataArguments, EvalArguments, PruningArguments
+from ..trainer.teacher import teacher_folder
+from .options import DataArguments, EvalArguments, ParentArguments, PruningArguments
 
 # Alpaca's fields in a plain prompt, for tokenizers without a chat template.
 PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -116,19 +119,38 @@ def summary_table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-REPAIR_ARGUMENTS = (DataArguments, PruningArguments, EvalArguments, SEFTConfig, ModelConfig)
+REPAIR_ARGUMENTS = (DataArguments, PruningArguments, EvalArguments, SEFTConfig, ModelConfig, ParentArguments)
 
 
 def run(default_model: str, argv: list[str] | None = None) -> dict:
     """Parse the arguments (see :data:`REPAIR_ARGUMENTS`) and run one recipe; returns (and prints) the summary."""
     parser = TrlParser(REPAIR_ARGUMENTS)
-    data, pruning, evaluation, args, model_args = parser.parse_args_and_config(argv)
-    return repair(data, pruning, evaluation, args, model_args, default_model)
+    data, pruning, evaluation, args, model_args, parent = parser.parse_args_and_config(argv)
+    return repair(data, pruning, evaluation, args, model_args, parent, default_model=default_model)
+
+
+def recorded_parent(model) -> str | None:
+    """The dense parent a pruned checkpoint names, when it can be found here; else None, with a warning."""
+    recorded = (getattr(model.config, "pruning_config", None) or {}).get("parent")
+    if not recorded:
+        return None
+    try:
+        return str(teacher_folder(recorded))
+    except ValueError as error:
+        warnings.warn(f"The pruned model names its dense parent, but it cannot be used ({error}) The repair goes on "
+                      "without it: pass --teacher_model_name_or_path, or --use_parent false to silence this.", stacklevel=2)
+        return None
 
 
 def repair(data: DataArguments, pruning: PruningArguments, evaluation: EvalArguments, args: SEFTConfig,
-           model_args: ModelConfig, default_model: str | None = None) -> dict:
-    """Load, prune (when asked), repair with SEFT, save merged, measure; returns (and prints) the summary."""
+           model_args: ModelConfig, parent: ParentArguments | None = None, default_model: str | None = None) -> dict:
+    """Load, prune (when asked), repair with SEFT, save merged, measure; returns (and prints) the summary.
+
+    With ``parent.use_parent`` (the default) and no ``teacher_model_name_or_path``, the dense parent is
+    the teacher: the model as loaded when this run prunes it (kept in memory when a loss needs it,
+    else read from its folder for revivals), or the parent a pruned checkpoint records.
+    """
+    parent = parent or ParentArguments()
     model_name = model_args.model_name_or_path or default_model
     if model_name is None:
         raise ValueError("repair needs --model_name_or_path: a local folder or a hub name of the model to repair.")
@@ -153,18 +175,26 @@ def repair(data: DataArguments, pruning: PruningArguments, evaluation: EvalArgum
     def measure(stage: str) -> None:
         measured[stage] = measure_perplexity(model, tokenizer, eval_source, evaluation.eval_seqlen)
 
+    teacher = args.teacher_model_name_or_path
     if pruning.prune_method is not None:
         measure("dense")
+        if parent.use_parent and teacher is None:
+            teacher = copy.deepcopy(model) if args.distillation_loss().uses_teacher else dense_parent_of(model.config)
         pruning.prune(model, tokenizer, seed=args.seed, fallback_calibration=[as_text(r) for r in train_records])
+    elif parent.use_parent and teacher is None:
+        teacher = recorded_parent(model)
     measure("pruned")
     results: dict[str, float | str | None] = {"model": model_name}
     results["pruned_sparsity"] = sparsity_report(model).sparsity
+    results["teacher"] = ("the dense model before this run pruned it" if isinstance(teacher, torch.nn.Module)
+                          else teacher)
 
     conversational = tokenizer.chat_template is not None
     train_dataset = train_records.map(
         lambda r: to_prompt_completion(r, conversational), remove_columns=train_records.column_names
     )
-    trainer = SEFTSFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer)
+    trainer = SEFTSFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                             teacher_model=teacher)
     trainer.train()
     trainer.save_model()
     model.eval()
@@ -186,6 +216,7 @@ def repair(data: DataArguments, pruning: PruningArguments, evaluation: EvalArgum
         ("perplexity dense", fmt(results["dense_ppl"])),
         ("perplexity pruned", fmt(results["pruned_ppl"])),
         ("perplexity repaired (SEFT)", fmt(results["repaired_ppl"])),
+        ("teacher (dense parent)", fmt(results["teacher"]) if results["teacher"] else "none: plain CE"),
         ("perplexity window", f"{results['eval_seqlen']} tokens" + (f" ({results['eval_note']})" if results["eval_note"] else "")),
         ("sparsity pruned / repaired", f"{results['pruned_sparsity']:.2%} / {results['repaired_sparsity']:.2%}"),
         ("launch", results["launch"]),

@@ -4,7 +4,7 @@
 The command line is ``python -m seft_trl.prune``.
 """
 
-from .api import METHODS, PruningOptions, prune, resolve_options
+from .api import METHODS, PruningOptions, dense_parent_of, prune, resolve_options
 from .calibration import calibration_windows, random_windows
 from .masks import (
     kept_count,
@@ -25,6 +25,7 @@ __all__ = [
     "calibration_windows",
     "capture_layer_inputs",
     "decoder_and_layers",
+    "dense_parent_of",
     "kept_count",
     "lowest_in_layer",
     "lowest_per_group",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -142,11 +143,31 @@ def prune(
 
 
 def _recorded(model: nn.Module, provenance: dict) -> SparsityReport:
-    """Write ``provenance`` into the model's config (when it has one); the pruned model's report."""
+    """Write ``provenance`` into the model's config (when it has one); the pruned model's report.
+
+    The record names the dense parent (``parent``: where the model was loaded from before its first
+    pruning, a local folder made absolute, or a hub name), which a repair uses as its teacher.
+    """
     report = sparsity_report(model, pattern=provenance["pattern"])
-    if getattr(model, "config", None) is not None:
-        model.config.pruning_config = {**provenance, "achieved_sparsity": round(report.sparsity, 6)}
+    config = getattr(model, "config", None)
+    if config is not None:
+        parent = dense_parent_of(config)
+        model.config.pruning_config = {**provenance, "achieved_sparsity": round(report.sparsity, 6),
+                                       **({"parent": parent} if parent else {})}
     return report
+
+
+def dense_parent_of(config) -> str | None:
+    """The dense model a model (by its config) descends from: the parent its pruning recorded, else where it was
+    loaded from (an absolute path for a local folder); None when unknown."""
+    recorded = (getattr(config, "pruning_config", None) or {}).get("parent")
+    if recorded:
+        return recorded
+    source = getattr(config, "_name_or_path", "") or ""
+    if not source:
+        return None
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.is_dir() else source
 
 
 def _check_group_fits(targets: dict[str, nn.Linear], pattern: SparsityPattern) -> None:
