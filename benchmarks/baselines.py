@@ -182,9 +182,10 @@ class NonzeroGuard:
                 raise NonzeroBudgetError(f"Step {self.seft.step_count}: layer {name!r} no longer holds {pattern}.")
 
 
-def seft_adapter(model: nn.Module, config: SparsityEvolutionConfig) -> Adapter:
-    """SEFT through the engine (``drop_fraction=0`` gives fixed-support sparse deltas)."""
-    return engine_adapter(SparsityEvolution(model, config))
+def seft_adapter(model: nn.Module, config: SparsityEvolutionConfig, parent: nn.Module | None = None) -> Adapter:
+    """SEFT through the engine (``drop_fraction=0`` gives fixed-support sparse deltas); ``parent``: the dense
+    model, where revived weights start (dense-value revival)."""
+    return engine_adapter(SparsityEvolution(model, config, parent=parent))
 
 
 def engine_adapter(seft: SparsityEvolution) -> Adapter:

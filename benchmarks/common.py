@@ -132,6 +132,27 @@ def machine_description(device: torch.device) -> str:
     return "Machine: " + "; ".join(parts) + "."
 
 
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart peak tracking, so that the peak is the training's and not, say, the model loading's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes since :func:`reset_peak_memory`: CUDA memory allocated, or the resident set size."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else status_bytes("VmHWM")
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub-flavoured Markdown table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

@@ -51,19 +51,33 @@ import time
 from pathlib import Path
 
 from common import RESULTS_DIR, contention_note, cpu_snapshot
-from quality_plan import EVALUATION_ONLY, LONG, REGIMES, SHORT, Benchmark, Regime
+from quality_plan import EVALUATION_ONLY, LONG, NARROW, REGIMES, SCREEN, SHORT, Benchmark, Regime, trained_name
 from quality_runs import OutOfTime
 from quality_report import write_results
-from quality_workloads import Workload, lee_workload, quick_workload, wikipedia_workload
+from quality_workloads import Workload, lee_workload, narrow_workload, quick_workload, scaled_cadence, wikipedia_workload
 
 
 def build_workload(args: argparse.Namespace, regime: Regime) -> Workload:
+    narrow = regime in (SCREEN, NARROW)
     if args.quick:
-        return quick_workload(args.steps or 8, long=regime is LONG)
+        return quick_workload(args.steps or 8, long=regime in (LONG, NARROW), narrow=narrow)
     steps, seqlen = args.steps or regime.steps, args.seqlen or regime.seqlen
     if regime is LONG:
         return wikipedia_workload(steps, args.batch_size, seqlen, args.eval_seqlen, args.rank)
+    if narrow:
+        cadence = scaled_cadence(steps) if regime is SCREEN else {}
+        return narrow_workload(steps, args.batch_size, seqlen, args.eval_seqlen, args.rank, args.val_articles, cadence)
     return lee_workload(steps, args.batch_size, seqlen, args.eval_seqlen, args.rank, args.val_articles)
+
+
+def borrowed_rates(args: argparse.Namespace, regime: Regime, work: Workload):
+    """The chosen learning rate of each method in the regime ``regime`` takes its rates from, read from its log."""
+    source = REGIMES[regime.rates_from]
+    if args.quick:  # the smoke test: the middle of the lender's grid, without its runs
+        return lambda method: sorted(source.grids["lora" if method == "lora*" else method])[1]
+    folder = Path(args.rates_dir or args.output_dir)
+    lender = Benchmark(source, work, folder / f"{source.stem}_runs.csv", args.seeds, args.quick, frozenset())
+    return lender.lr_of
 
 
 def runnable_methods(args: argparse.Namespace, regime: Regime, parser: argparse.ArgumentParser) -> frozenset[str]:
@@ -77,8 +91,7 @@ def runnable_methods(args: argparse.Namespace, regime: Regime, parser: argparse.
     if unknown:
         parser.error(f"unknown --methods {sorted(unknown)} for the {regime.name} regime; choose from "
                      f"{', '.join(regime.methods)}")
-    if chosen & {"lora", "lora*"}:
-        chosen |= {"lora", "lora*"}
+    chosen |= {trained_name(name) for name in chosen}  # lora* comes from lora's runs
     return frozenset(chosen | set(EVALUATION_ONLY))
 
 
@@ -104,6 +117,8 @@ def main() -> None:
     add("--stop-after", type=float, default=None, metavar="SECONDS",
         help="pause after this long: the run in progress is checkpointed and the next invocation resumes it; "
              "no run starts that its method's median logged wall time would not finish")
+    add("--rates-dir", default=None, help="the folder of the run log whose chosen learning rates the narrow regime "
+                                          "reuses (the long regime's; default --output-dir)")
     add("--checkpoint-every", type=int, default=16, metavar="STEPS",
         help="save the run in progress this often, so even a killed benchmark loses little")
     args = parser.parse_args()
@@ -119,6 +134,8 @@ def main() -> None:
     deadline = None if args.stop_after is None else time.monotonic() + args.stop_after
     bench = Benchmark(regime, work, folder / f"{regime.stem}_runs.csv", args.seeds, args.quick, runnable,
                       deadline=deadline, checkpoint_every=args.checkpoint_every)
+    if regime.rates_from is not None:
+        bench.rates = borrowed_rates(args, regime, work)
     if runnable:
         try:
             bench.run_plan()

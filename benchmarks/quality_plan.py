@@ -14,7 +14,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -32,9 +32,11 @@ from baselines import (
     projection_linears,
     seft_adapter,
 )
+from common import peak_memory, reset_peak_memory
 from quality_runs import OutOfTime, Pending, PrunedCache, RunCheckpoint, RunKey, RunResult, append_run, read_runs
 from quality_workloads import Workload
 from seft_trl import SparsityEvolutionConfig, patterns, pruning
+from seft_trl.distillation import DistillationLoss, add_backbone_forward, distillation_loss
 from seft_trl.evaluation import perplexity
 from seft_trl.pruning import prune
 from seft_trl.report import SparsityReport, sparsity_report
@@ -45,6 +47,36 @@ UNPRUNED = "unpruned"  # the pattern column of the dense row
 EVALUATION_ONLY = ("dense", "pruned")
 SPARSE_BASELINES = ("lora*", "masked_lora", "spp", "fixed_deltas", "masked_full")
 BASE_METHODS = ("dense", "pruned", "lora", "lora*", "masked_lora", "spp", "masked_full", "fixed_deltas", "seft")
+
+
+@dataclass(frozen=True)
+class Teaching:
+    """How a distilled method ``<method>+<name>`` uses the dense parent: its loss, and (SEFT-engine methods)
+    the engine options it changes. With a teaching, SEFT-engine methods get the parent for dense-value revival."""
+
+    loss: DistillationLoss
+    engine: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    """Runs of one method after the grids, at its chosen rate: the patterns, and how many seeds (0, 1, ...)."""
+
+    method: str
+    patterns: tuple[str, ...] = tuple(PATTERNS)
+    seeds: int = 1
+
+
+def split_method(method: str) -> tuple[str, str | None]:
+    """'seft+kd' -> ('seft', 'kd'); 'masked_lora' -> ('masked_lora', None)."""
+    base, _, teaching = method.partition("+")
+    return base, teaching or None
+
+
+def trained_name(method: str) -> str:
+    """The method whose run yields ``method``'s result: LoRA's runs also give lora* (LoRA merged, then re-pruned)."""
+    base, teaching = split_method(method)
+    return ("lora" if base == "lora*" else base) + (f"+{teaching}" if teaching else "")
 
 
 @dataclass(frozen=True)
@@ -64,28 +96,53 @@ class Regime:
     # lies below fixed support's, these say which part of evolution fails at the rate fixed support
     # prefers (SEFT's own run there is a point of its grid).
     at_fixed_rate: tuple[str, ...] = ()
+    # Distillation from the dense parent: the teachings by suffix, and the runs after the grids, in order.
+    teachings: dict[str, Teaching] = field(default_factory=dict)
+    plan: tuple[PlanStep, ...] = ()
+    # Seeds 1.. of SEFT and of each pattern's best CE baseline (the regimes before the parent's).
+    extra_seeds: bool = True
+    # Another regime whose chosen learning rates every method here reuses (None: this regime's grids).
+    rates_from: str | None = None
+    # Whether every tuned method also runs at the other patterns (else only as ``plan`` says).
+    tuned_everywhere: bool = True
 
     @property
     def methods(self) -> tuple[str, ...]:
-        return (*BASE_METHODS, *self.ablations)
+        planned = [step.method for step in self.plan]
+        distilled = {f"lora*+{split_method(m)[1]}" for m in planned if split_method(m)[0] == "lora"}
+        return tuple(dict.fromkeys((*BASE_METHODS, *self.ablations, *self.grids, *planned, *sorted(distilled))))
 
     @property
     def tuned(self) -> tuple[str, ...]:
         """The methods with a learning-rate grid of their own."""
-        return (*self.grids, "lora*")
+        return (*self.grids, *(name.replace("lora", "lora*", 1) for name in self.grids if split_method(name)[0] == "lora"))
 
     def ablations_at(self, pattern: str) -> list[str]:
         """The ablations run at ``pattern``: those planned there that change something there."""
         planned = [name for name in self.ablations if pattern == FIRST_PATTERN or name in self.ablations_everywhere]
         return [name for name in planned if not same_as_defaults(self.ablations[name], pattern)]
 
+    def teaching(self, method: str) -> Teaching | None:
+        name = split_method(method)[1]
+        if name is None:
+            return None
+        if name not in self.teachings:
+            raise ValueError(f"{method}: no teaching {name!r} in the {self.name} regime ({', '.join(self.teachings)}).")
+        return self.teachings[name]
+
     def seft_options(self, method: str) -> dict[str, object] | None:
         """The engine options of a SEFT-engine method (beyond the cadence); None for the other methods."""
-        if method == "fixed_deltas":
-            return {"drop_fraction": 0.0}
-        if method == "seft":
-            return {}
-        return self.ablations.get(method)
+        base, _ = split_method(method)
+        if base == "fixed_deltas":
+            options = {"drop_fraction": 0.0}
+        elif base == "seft":
+            options = {}
+        elif base in self.ablations:
+            options = dict(self.ablations[base])
+        else:
+            return None
+        teaching = self.teaching(method)
+        return options if teaching is None else {**options, **teaching.engine}
 
 
 def same_as_defaults(options: dict[str, object], pattern: str) -> bool:
@@ -112,6 +169,13 @@ SHORT = Regime(
     grid_factor=2.5, max_grid_extensions=2, ablations=SHORT_ABLATIONS, ablations_everywhere=tuple(SHORT_ABLATIONS),
     stem="quality",
 )
+# The dense parent's use in the long regimes: the loss SEFTConfig defaults to with a teacher (seft+kd: with
+# dense-value revival; seft+kd0: revived weights start at zero, as without a parent).
+PARENT_LOSS = DistillationLoss()
+PARENT_TEACHINGS = {"kd": Teaching(PARENT_LOSS), "kd0": Teaching(PARENT_LOSS, {"dense_revival": False})}
+# Distilled runs at every pattern, the headline's first (SEFT with the parent, then the CE leader's).
+PARENT_PLAN = ("seft+kd", "masked_full+kd", "spp+kd", "masked_lora+kd", "fixed_deltas+kd", "seft+kd0", "lora+kd")
+
 # Centred below the short regime's optima: 8× the steps usually wants a lower rate.
 LONG_GRID = (1.5e-3, 3e-3, 6e-3)
 LONG = Regime(
@@ -136,18 +200,80 @@ LONG = Regime(
     ablations_everywhere=("seft_no_revival", "seft_revival"),
     stem="quality_long",
     at_fixed_rate=("seft_no_revival", "seft_drop0.1", "seft_zero_moments", "seft_column_cap2"),
+    teachings=PARENT_TEACHINGS,
+    plan=(*(PlanStep(method) for method in PARENT_PLAN), PlanStep("seft+kd", seeds=2)),
 )
-REGIMES = {regime.name: regime for regime in (SHORT, LONG)}
+
+# The screen of the parent's use (32 steps, the short regime's budget, on narrow data): which loss, which
+# rate, whether revived weights should start at their dense values. Every variant at 50%; the leading
+# ones at 2:4 and 70% too.
+SCREEN_TEACHINGS = {
+    **PARENT_TEACHINGS,
+    "kd_a1": Teaching(DistillationLoss(weight=1.0)),
+    "kd_a25": Teaching(DistillationLoss(weight=0.25)),
+    "kd_jsd": Teaching(DistillationLoss(weight=0.5, beta=0.5)),
+    "kd_rkl": Teaching(DistillationLoss(weight=0.5, beta=1.0)),
+    "kd_t2": Teaching(DistillationLoss(weight=0.5, temperature=2.0)),
+    "kd_sqh": Teaching(DistillationLoss(weight=0.5, hidden_weight=1.0)),
+    "kdr": Teaching(PARENT_LOSS, {"gain_estimate": "reachable"}),
+}
+SCREEN_GRID = (2e-4, 5e-4, 1.25e-3)
+SCREEN = Regime(
+    name="screen", steps=32, seqlen=128,
+    grids={"masked_lora": SHORT_LOW_RANK_GRID, "spp": SHORT_LOW_RANK_GRID, "masked_full": (2e-5, 5e-5, 1.25e-4),
+           "fixed_deltas": SCREEN_GRID, "seft": SCREEN_GRID, "masked_lora+kd": SHORT_LOW_RANK_GRID,
+           "seft+kd": SCREEN_GRID},
+    grid_factor=2.5, max_grid_extensions=2, ablations={}, ablations_everywhere=(), stem="quality_screen",
+    teachings=SCREEN_TEACHINGS, extra_seeds=False,
+    plan=(
+        *(PlanStep(f"masked_lora+{name}", (FIRST_PATTERN,)) for name in ("kd_a1", "kd_a25", "kd_jsd", "kd_rkl", "kd_t2", "kd_sqh")),
+        *(PlanStep(method, (FIRST_PATTERN,)) for method in ("seft+kd0", "seft+kdr", "fixed_deltas+kd", "masked_full+kd",
+                                                             "spp+kd", "seft+kd_a1")),
+        *(PlanStep(method, ("2:4", "70%")) for method in ("seft+kd", "masked_full", "spp", "masked_lora", "seft",
+                                                          "masked_full+kd", "seft+kd0")),
+    ),
+    tuned_everywhere=False,
+)
+# The repair on narrow data at the long regime's budget: every method with CE and with the parent, at the
+# long regime's chosen rates; the runs that decide the headline first.
+NARROW = Regime(
+    name="narrow", steps=256, seqlen=256, grids={}, grid_factor=2.0, max_grid_extensions=0, ablations={},
+    ablations_everywhere=(), stem="quality_narrow", teachings=PARENT_TEACHINGS, extra_seeds=False, rates_from="long",
+    plan=tuple(PlanStep(method) for method in (
+        "seft+kd", "masked_full", "spp", "masked_lora", "fixed_deltas", "seft", "masked_full+kd", "spp+kd",
+        "masked_lora+kd", "fixed_deltas+kd", "seft+kd0", "lora", "lora+kd")) + (PlanStep("seft+kd", seeds=2),),
+)
+REGIMES = {regime.name: regime for regime in (SHORT, LONG, SCREEN, NARROW)}
 
 
 # --------------------------------------------------------------------------------------- running
+LossFunction = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, batch [B, T]) -> scalar loss
+
+
+def causal_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=batch, labels=batch).loss
+
+
+def distilled_loss(teacher: nn.Module, loss: DistillationLoss) -> LossFunction:
+    """The trainer's distillation loss (seft_trl.distillation) from ``teacher``, as a loss of the shared loop."""
+    add_backbone_forward(teacher)
+
+    def compute(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return distillation_loss(add_backbone_forward(model), teacher, {"input_ids": batch, "labels": batch}, loss).loss
+
+    return compute
+
+
 def train(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], lr: float,
-          checkpoint: RunCheckpoint | None = None, stop: int | None = None) -> tuple[list[float], float]:
+          checkpoint: RunCheckpoint | None = None, stop: int | None = None,
+          loss_function: LossFunction = causal_lm_loss) -> tuple[list[float], float]:
     """The loop every method shares; returns the training losses and the seconds it trained.
 
     With a ``checkpoint``, a saved state is resumed first (its seconds count), the state is saved
     every ``checkpoint.every`` steps, and past the deadline it is saved and :class:`OutOfTime` raised.
     ``stop`` trains only the first ``stop`` steps of the run's schedule (a probe of its beginning).
+    ``loss_function``: the plain causal-LM loss, or a distillation loss (the same for every method it
+    is given to).
     """
     optimizer = torch.optim.AdamW(adapter.parameters, lr=lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, len(batches) // 16), len(batches))
@@ -166,7 +292,7 @@ def train(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], lr: f
     since, since_step = began, start  # the pace printed at each save: where an hour-long run's time goes
     model.train()
     for done, batch in enumerate(batches[start:stop], start=start + 1):
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = loss_function(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(adapter.parameters, 1.0)
         optimizer.step()
@@ -188,20 +314,26 @@ def train(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], lr: f
     return losses, earlier_s + time.perf_counter() - began
 
 
-def make_adapter(method: str, model: nn.Module, work: Workload, seed: int, regime: Regime) -> tuple[Adapter, int]:
-    """The method's adapter on ``model`` and its trainable parameter count."""
+def make_adapter(method: str, model: nn.Module, work: Workload, seed: int, regime: Regime,
+                 parent: nn.Module | None = None) -> tuple[Adapter, int]:
+    """The method's adapter on ``model`` and its trainable parameter count.
+
+    ``parent``: the dense model, given to SEFT-engine methods with a teaching (dense-value revival).
+    """
     torch.manual_seed(seed)
     count = lora_trainable_count(model, work.rank)
-    if method == "lora":
+    base, _ = split_method(method)
+    if base == "lora":
         return peft_lora_adapter(model, work.rank, 2 * work.rank), count
-    if method == "masked_lora":
+    if base == "masked_lora":
         return low_rank_adapter(model, work.rank, 2 * work.rank, "masked_add"), count
-    if method == "spp":
+    if base == "spp":
         return low_rank_adapter(model, work.rank, 2 * work.rank, "scale"), count
-    if method == "masked_full":
+    if base == "masked_full":
         adapter = masked_full_adapter(model)
         return adapter, sum(int(torch.count_nonzero(p)) for p in adapter.parameters)
-    return seft_adapter(model, seft_config(method, work, regime, seed, count)), count
+    config = seft_config(method, work, regime, seed, count)
+    return seft_adapter(model, config, parent), count
 
 
 def seft_config(method: str, work: Workload, regime: Regime, seed: int, count: int = 1) -> SparsityEvolutionConfig | None:
@@ -224,6 +356,18 @@ def options_record(config: SparsityEvolutionConfig) -> str:
     """
     values = {key: value for key, value in asdict(config).items()
               if key not in ("density", "num_deltas", "target_modules", "seed")}
+    return json.dumps(values, sort_keys=True)
+
+
+def run_record(method: str, work: Workload, regime: Regime, seed: int) -> str | None:
+    """What a run is logged with to be recognised later: the engine options (:func:`options_record`) and, for a
+    distilled method, its loss; None for a plain-CE method of no engine."""
+    config, teaching = seft_config(method, work, regime, seed), regime.teaching(method)
+    if config is None and teaching is None:
+        return None
+    values = {} if config is None else json.loads(options_record(config))
+    if teaching is not None:
+        values["distillation"] = asdict(teaching.loss)
     return json.dumps(values, sort_keys=True)
 
 
@@ -277,6 +421,9 @@ class Benchmark:
         self.checkpoint_every = checkpoint_every
         self.runs = self.current_runs(read_runs(runs_path))
         self.pruned: dict[str, tuple[nn.Module, SparsityReport]] = {}
+        self._teacher: nn.Module | None = None  # the dense model, loaded once for the distilled runs
+        # The chosen rate of a method in the regime this one takes its rates from (quality.py sets it).
+        self.rates: Callable[[str], float] | None = None
 
     def current_runs(self, logged: dict[RunKey, RunResult]) -> dict[RunKey, RunResult]:
         """The logged runs that stand for the plan's: an engine run logged with other options than the plan
@@ -284,10 +431,14 @@ class Benchmark:
         the options were recorded cannot be checked and are kept."""
         current = {}
         for key, run in logged.items():
-            config = seft_config(run.method, self.work, self.regime, run.seed)
-            if run.options is not None and config is not None and run.options != options_record(config):
+            if run.method not in self.regime.methods:
+                print(f"set aside: {run.method} at {run.pattern} (lr {run.lr:g}, seed {run.seed}) is not in the "
+                      f"{self.regime.name} regime's plan", flush=True)
+                continue
+            record = run_record(run.method, self.work, self.regime, run.seed)
+            if run.options is not None and record is not None and run.options != record:
                 print(f"set aside: {run.method} at {run.pattern} (lr {run.lr:g}, seed {run.seed}) was logged with engine "
-                      f"options {run.options}, the plan now uses {options_record(config)}", flush=True)
+                      f"options {run.options}, the plan now uses {record}", flush=True)
                 continue
             current[key] = run
         return current
@@ -317,22 +468,35 @@ class Benchmark:
         return copy.deepcopy(model), report
 
     def pruned_cache(self, pattern: str) -> PrunedCache:
-        name = f"pruned_{self.regime.name}_{file_tag(pattern)}.pt"
+        """Named after the workload's calibration, so regimes that prune alike (long, narrow) share the file."""
+        calibration = hashlib.sha256("\n\n".join(self.work.calibration_texts).encode()).hexdigest()[:12]
+        name = f"pruned_{file_tag(pattern)}_{calibration}.pt"
         return PrunedCache(self.runs_path.parent / "partial" / name)
+
+    def teacher(self) -> nn.Module:
+        """The dense model, the parent of every pattern's pruned model: loaded once, never trained."""
+        if self._teacher is None:
+            self._teacher = self.work.load_model().requires_grad_(False).eval()
+        return self._teacher
 
     def wanda(self, model: nn.Module, pattern: str) -> SparsityReport:
         return wanda(model, pattern, self.work)
 
-    def evaluate(self, model: nn.Module) -> tuple[float, float]:
+    def evaluate(self, model: nn.Module) -> tuple[float, float, str | None]:
+        """Validation and test perplexity, and those of the workload's extra texts as a run-log cell."""
         work = self.work
-        return tuple(perplexity(model, None, ids, seqlen=work.eval_seqlen, progress=False)
-                     for ids in (work.val_ids, work.test_ids))
+
+        def ppl(ids: torch.Tensor) -> float:
+            return perplexity(model, None, ids, seqlen=min(work.eval_seqlen, len(ids)), progress=False)
+
+        extra = {name: round(ppl(ids), 4) for name, ids in work.extra_evals.items()}
+        return ppl(work.val_ids), ppl(work.test_ids), json.dumps(extra, sort_keys=True) if extra else None
 
     def result(self, pattern: str, method: str, lr: float, seed: int = 0) -> RunResult:
         """The run's result, from the log or by running it now; Pending when it may not run now."""
         key = (pattern, method, lr, seed)
         if key not in self.runs:
-            trained = "lora" if method == "lora*" else method  # a LoRA run yields both lora and lora*
+            trained = trained_name(method)  # a LoRA run yields both lora and lora*
             if trained not in self.runnable:
                 raise Pending(key)
             checkpoint = self.checkpoint((pattern, trained, lr, seed))
@@ -374,44 +538,50 @@ class Benchmark:
 
     def evaluate_only(self, model: nn.Module, pattern: str, method: str, pruned: SparsityReport | None) -> RunResult:
         started = time.perf_counter()
-        val, test = self.evaluate(model)
+        val, test, extra = self.evaluate(model)
         sparsity = pruned.sparsity if pruned else sparsity_report(model).sparsity
-        print(f"[{pattern}] {method}: val {val:8.2f}  test {test:8.2f}", flush=True)
+        print(f"[{pattern}] {method}: val {val:8.2f}  test {test:8.2f}  {extra or ''}", flush=True)
         return RunResult(pattern=pattern, method=method, lr=0.0, seed=0, val_ppl=val, test_ppl=test,
                          sparsity=sparsity, sparsity_kept=pruned is not None, trainable=0, revived=0,
-                         final_loss=float("nan"), train_s=0.0, wall_s=time.perf_counter() - started)
+                         final_loss=float("nan"), train_s=0.0, wall_s=time.perf_counter() - started, evals=extra)
 
     def train_run(self, model: nn.Module, before: SparsityReport, pattern: str, method: str, lr: float,
                   seed: int) -> list[RunResult]:
         started = time.perf_counter()
-        adapter, count = make_adapter(method, model, self.work, seed, self.regime)
+        teaching = self.regime.teaching(method)
+        teacher = None if teaching is None else self.teacher()
+        reset_peak_memory(torch.device("cpu"))  # the teacher counts: it stays resident for the run
+        adapter, count = make_adapter(method, model, self.work, seed, self.regime, parent=teacher)
         setup_s = time.perf_counter() - started
-        losses, train_s = train(model, adapter, self.work.batches(seed), lr, self.checkpoint((pattern, method, lr, seed)))
+        loss_function = causal_lm_loss if teaching is None else distilled_loss(teacher, teaching.loss)
+        losses, train_s = train(model, adapter, self.work.batches(seed), lr, self.checkpoint((pattern, method, lr, seed)),
+                                loss_function=loss_function)
+        peak_mb = peak_memory(torch.device("cpu")) / 2**20
         trained = time.perf_counter()
         model = adapter.finish()
         final_loss = statistics.mean(losses[-max(1, len(losses) // 8):])
         variants = [(method, model)]
-        if method == "lora":
-            variants.append(("lora*", copy.deepcopy(model)))
+        base, suffix = split_method(method)
+        if base == "lora":
+            variants.append(("lora*" + (f"+{suffix}" if suffix else ""), copy.deepcopy(model)))
             self.wanda(variants[1][1], pattern)
         growth = adapter.notes.get("nonzero_growth")
-        config = seft_config(method, self.work, self.regime, seed)
         measured = []
         for name, variant in variants:
             after = sparsity_report(variant, pattern=PATTERNS[pattern][0])
             measured.append((name, *self.evaluate(variant), after))
         wall_s = setup_s + train_s + time.perf_counter() - trained  # a resumed run's earlier training included
         results = []
-        for name, val, test, after in measured:
+        for name, val, test, extra, after in measured:
             results.append(RunResult(
                 pattern=pattern, method=name, lr=lr, seed=seed, val_ppl=val, test_ppl=test, sparsity=after.sparsity,
                 sparsity_kept=kept(before, after), trainable=count, revived=int(adapter.notes.get("revived", 0)),
                 final_loss=final_loss, train_s=train_s, wall_s=wall_s,
                 nonzero_growth=None if growth is None or name == "lora*" else int(growth),
                 swapped=count_note(adapter.notes, "swapped"), refused=count_note(adapter.notes, "refused"),
-                options=None if config is None else options_record(config),
+                options=run_record(name, self.work, self.regime, seed), evals=extra, peak_rss_mb=peak_mb,
             ))
-            print(f"[{pattern}] {name:17s} lr {lr:.2e} seed {seed}: val {val:8.2f}  test {test:8.2f}  "
+            print(f"[{pattern}] {name:17s} lr {lr:.2e} seed {seed}: val {val:8.2f}  test {test:8.2f}  {extra or ''}  "
                   f"sparsity {after.sparsity:.2%} kept {results[-1].sparsity_kept}  ({train_s:.0f} s train, "
                   f"{wall_s:.0f} s run)", flush=True)
         return results
@@ -443,9 +613,19 @@ class Benchmark:
         return min(self.grid(method), key=lambda lr: self.result(FIRST_PATTERN, method, lr).val_ppl)
 
     def lr_of(self, method: str) -> float:
+        """The method's learning rate: its grid's choice; else (ablations, distilled methods without a grid)
+        that of the method it varies; in a regime with ``rates_from``, that regime's choice."""
         if method in EVALUATION_ONLY:
             return 0.0
-        return self.best_lr("seft" if method in self.regime.ablations else method)
+        if method in self.regime.tuned:
+            return self.best_lr(method)
+        base, _ = split_method(method)
+        base = "seft" if base in self.regime.ablations else base
+        if self.rates is not None:
+            return self.rates(base)
+        if base not in self.regime.tuned:
+            raise Pending((FIRST_PATTERN, base, math.nan, 0))  # nothing chooses its rate in this regime
+        return self.best_lr(base)
 
     def best_baseline(self, pattern: str) -> str:
         """The sparsity-preserving baseline with the best validation perplexity at ``pattern`` (seed 0)."""
@@ -470,9 +650,15 @@ class Benchmark:
             self.attempt(f"the {method} grid", lambda: self.best_lr(method))
         for pattern in list(PATTERNS)[1:]:
             self.result(pattern, "pruned", 0.0)
-            for method in self.planned(self.regime.tuned):
+            for method in self.planned(self.regime.tuned if self.regime.tuned_everywhere else ()):
                 self.attempt(f"{method} at {pattern}", lambda: self.result(pattern, method, self.lr_of(method)))
-        for pattern in PATTERNS:
+        for step in self.regime.plan:
+            for pattern in step.patterns:
+                for seed in range(step.seeds):
+                    if self.planned([step.method]):
+                        self.attempt(f"{step.method} at {pattern} (seed {seed})",
+                                     lambda: self.result(pattern, step.method, self.lr_of(step.method), seed))
+        for pattern in PATTERNS if self.regime.extra_seeds else ():
             self.attempt(f"the extra seeds at {pattern}", lambda: self.extra_seeds(pattern))
         for pattern in PATTERNS:
             for method in self.planned(self.regime.ablations_at(pattern)):
@@ -482,7 +668,7 @@ class Benchmark:
                          lambda: self.result(FIRST_PATTERN, method, self.best_lr("fixed_deltas")))
 
     def planned(self, methods: tuple[str, ...] | list[str]) -> list[str]:
-        return [m for m in methods if ("lora" if m == "lora*" else m) in self.runnable]
+        return [m for m in methods if trained_name(m) in self.runnable]
 
     def extra_seeds(self, pattern: str) -> None:
         """Seeds 1.. of SEFT and of the pattern's best baseline (which needs every baseline's seed 0)."""

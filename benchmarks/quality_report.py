@@ -14,7 +14,8 @@ from typing import Callable, TypeVar
 import torch
 
 from common import machine_description, markdown_table
-from quality_plan import BASE_METHODS, FIRST_PATTERN, LONG, PATTERNS, SPARSE_BASELINES, UNPRUNED, Benchmark
+from quality_plan import BASE_METHODS, FIRST_PATTERN, LONG, PATTERNS, SHORT, SPARSE_BASELINES, UNPRUNED, Benchmark
+from quality_plan import split_method
 from quality_runs import Pending, RunResult
 from seft_trl import SparsityEvolutionConfig
 
@@ -66,32 +67,136 @@ def gap_cell(bench: Benchmark, pattern: str, runs: list[RunResult]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ tables
+def run_columns(bench: Benchmark) -> list[str]:
+    """RUN_COLUMNS with a column per extra held-out text of the workload, and the peak memory."""
+    extra = [f"{name} ppl" for name in bench.work.extra_evals]
+    return [*RUN_COLUMNS[:6], *extra, *RUN_COLUMNS[6:], "peak RSS MiB"]
+
+
+def extra_ppls(runs: list[RunResult], name: str) -> list[float]:
+    return [value for run in runs if (value := run.extra_ppl(name)) is not None]
+
+
 def run_row(bench: Benchmark, pattern: str, method: str) -> list[str]:
     runs = runs_of(bench, pattern, method)
     if not runs:
-        return [pattern, method] + [PENDING] * (len(RUN_COLUMNS) - 2)
+        return [pattern, method] + [PENDING] * (len(run_columns(bench)) - 2)
     first = runs[0]
     growth = [run.nonzero_growth for run in runs if run.nonzero_growth is not None]
     walls = [run.wall_s for run in runs if not math.isnan(run.wall_s)]
+    peaks = [run.peak_rss_mb for run in runs if not math.isnan(run.peak_rss_mb)]
+    extra = [spread(values) if (values := extra_ppls(runs, name)) else "-" for name in bench.work.extra_evals]
     return [
         pattern, method, f"{first.lr:g}" if first.lr else "-", f"{first.trainable:,}", f"{first.val_ppl:.2f}",
-        spread([run.test_ppl for run in runs]), "-" if method == "dense" else gap_cell(bench, pattern, runs),
+        spread([run.test_ppl for run in runs]), *extra,
+        "-" if method == "dense" else gap_cell(bench, pattern, runs),
         f"{statistics.mean(run.sparsity for run in runs):.2%}",
         "-" if method == "dense" else "yes" if all(run.sparsity_kept for run in runs) else "**no**",
-        f"{first.revived:,}" if method.startswith("seft") else "-",
+        f"{first.revived:,}" if split_method(method)[0].startswith("seft") else "-",
         f"{max(growth):,}" if growth else "-",
         f"{statistics.mean(run.train_s for run in runs):.0f}",
         f"{statistics.mean(walls):.0f}" if walls else "-",
+        f"{statistics.mean(peaks):.0f}" if peaks else "-",
     ]
+
+
+def planned_at(bench: Benchmark, pattern: str) -> list[str]:
+    """The methods the regime's plan runs at ``pattern`` (or has logged there), in the plan's order."""
+    regime = bench.regime
+    tuned = [m for m in BASE_METHODS if m != "dense" and m in (*regime.tuned, "pruned")]
+    if pattern != FIRST_PATTERN and not regime.tuned_everywhere:
+        tuned = ["pruned"]
+    planned = [step.method for step in regime.plan if pattern in step.patterns]
+    planned += [f"lora*+{split_method(m)[1]}" for m in planned if split_method(m)[0] == "lora"]
+    if pattern == FIRST_PATTERN or regime.tuned_everywhere:
+        planned += [m for m in regime.tuned if "+" in m]
+    logged = [m for (p, m, _, _) in bench.runs if p == pattern]
+    return list(dict.fromkeys([*tuned, *regime.ablations_at(pattern), *planned, *logged]))
 
 
 def all_run_rows(bench: Benchmark) -> list[list[str]]:
     """The dense row, then per pattern every method the plan runs there."""
     rows = [run_row(bench, UNPRUNED, "dense")]
     for pattern in PATTERNS:
-        methods = [m for m in BASE_METHODS if m != "dense"] + bench.regime.ablations_at(pattern)
-        rows += [run_row(bench, pattern, method) for method in methods]
+        rows += [run_row(bench, pattern, method) for method in planned_at(bench, pattern)]
     return rows
+
+
+# ----------------------------------------------------------------------------- the dense parent
+PARENT_BASELINES = ("lora*", "masked_lora", "spp", "fixed_deltas")  # SEFT's trainable count, as SEFT+kd
+
+
+def parent_rows(bench: Benchmark, teaching: str = "kd") -> list[list[str]]:
+    """Each method with CE and with the parent's loss, at every pattern (test, and the domain's test if any)."""
+    extra = [name for name in bench.work.extra_evals if name.endswith("test")]
+    rows = []
+    for pattern in PATTERNS:
+        for method in ("seft", "fixed_deltas", "masked_lora", "spp", "lora*", "masked_full"):
+            ce, kd = heldout_ppls(bench, pattern, method), heldout_ppls(bench, pattern, f"{method}+{teaching}")
+            if not (ce or kd or f"{method}+{teaching}" in planned_at(bench, pattern)):
+                continue
+            change = f"{statistics.mean(kd) / statistics.mean(ce) - 1:+.1%}" if ce and kd else "-"
+            cells = [pattern, method, spread(ce) if ce else PENDING, spread(kd) if kd else PENDING, change]
+            for name in extra:
+                ce_x = extra_ppls(runs_of(bench, pattern, method), name)
+                kd_x = extra_ppls(runs_of(bench, pattern, f"{method}+{teaching}"), name)
+                cells += [spread(ce_x) if ce_x else PENDING, spread(kd_x) if kd_x else PENDING]
+            rows.append(cells)
+    return rows
+
+
+def parent_goal_rows(bench: Benchmark) -> list[list[str]]:
+    """G1 (SEFT with the parent vs the best CE baseline), G2 (vs each baseline with the parent), G3 (vs fixed support)."""
+    rows = []
+    for pattern in PATTERNS:
+        seft = heldout_ppls(bench, pattern, "seft+kd")
+        ce = {m: values for m in SPARSE_BASELINES if (values := heldout_ppls(bench, pattern, m))}
+        best = min(ce, key=lambda m: runs_of(bench, pattern, m)[0].val_ppl) if ce else None  # chosen on validation
+        g1 = PENDING
+        if seft and best:
+            ratio = statistics.mean(seft) / statistics.mean(ce[best])
+            g1 = f"{ratio:.3f}× {best}'s {statistics.mean(ce[best]):.2f}" + (
+                "" if len(ce) == len(SPARSE_BASELINES) else f" (best of {len(ce)} so far)")
+        beaten = []
+        for method in PARENT_BASELINES:
+            other = heldout_ppls(bench, pattern, f"{method}+kd")
+            if seft and other:
+                beaten.append(f"{method} {statistics.mean(seft) / statistics.mean(other) - 1:+.1%}")
+        fixed = heldout_ppls(bench, pattern, "fixed_deltas+kd")
+        g3 = verdict(seft, fixed) if seft and fixed else PENDING
+        rows.append([pattern, spread(seft) if seft else PENDING, g1, "; ".join(beaten) or PENDING, g3])
+    return rows
+
+
+def parent_section(bench: Benchmark) -> list[str]:
+    if not bench.regime.teachings:
+        return []
+    extra = [name for name in bench.work.extra_evals if name.endswith("test")]
+    headers = ["pattern", "method", "CE: test ppl", "+kd: test ppl", "change"]
+    headers += [f"{label}: {name} ppl" for name in extra for label in ("CE", "+kd")]
+    teachings = "; ".join(f"{name}: {teaching_text(teaching)}" for name, teaching in bench.regime.teachings.items())
+    return [
+        "## With the dense parent (CE vs distillation; test perplexity, mean ± half-range over seeds)", "",
+        f"Teachings: {teachings}.", "",
+        markdown_table(headers, parent_rows(bench)), "",
+        "Goals with the parent: G1, SEFT+kd against the sparsity-preserving baseline trained with CE that is best on "
+        "validation (ratio of test perplexities); G2, against each baseline at the same trainable count given the same "
+        "distillation (negative: SEFT+kd lower); G3, against fixed support with distillation.", "",
+        markdown_table(["pattern", "SEFT+kd", "G1: vs best CE baseline", "G2: vs each baseline +kd",
+                        "G3: beats fixed_deltas+kd"], parent_goal_rows(bench)), "",
+    ]
+
+
+def teaching_text(teaching) -> str:
+    loss = teaching.loss
+    parts = [f"(1 - {loss.weight:g})·CE + {loss.weight:g}·"
+             + {0.0: "KL(teacher ‖ student)", 1.0: "KL(student ‖ teacher)"}.get(loss.beta, f"JSD(β={loss.beta:g})")
+             + (f" at temperature {loss.temperature:g}" if loss.temperature != 1.0 else "")]
+    if loss.hidden_weight:
+        parts.append(f"+ {loss.hidden_weight:g}·SquareHead")
+    if teaching.engine:
+        parts.append(", ".join(f"{key}={value}" for key, value in teaching.engine.items()))
+    return " ".join(parts)
 
 
 def heldout_ppls(bench: Benchmark, pattern: str, method: str) -> list[float]:
@@ -233,7 +338,12 @@ def setup_lines(bench: Benchmark) -> list[str]:
         f"run with {bench.seeds} seed(s) (a seed sets the data order and the initialisation); ± is the half-range.",
         f"- Perplexity: non-overlapping windows of {work.eval_seqlen} tokens; validation = {len(work.val_ids):,} "
         f"tokens, {work.val_source} (used only to pick the learning rate and the headline baseline); "
-        f"test = {len(work.test_ids):,} tokens, {work.test_source}.",
+        f"test = {len(work.test_ids):,} tokens, {work.test_source}."
+        + "".join(f" {name}: {len(ids):,} tokens, {work.extra_sources[name]}." for name, ids in work.extra_evals.items()),
+        "- With the dense parent (methods `+kd`): the unpruned model is the teacher of the same loss for every method "
+        "(seft_trl.distillation: CE mixed with a divergence from its next-token distribution, chunked), and SEFT-engine "
+        "methods start revived weights at its values unless the teaching says otherwise; peak RSS is the benchmark "
+        "process's over the run, the teacher included.",
         "- Gap recovered: (ln ppl_pruned − ln ppl_method) / (ln ppl_pruned − ln ppl_dense) on the test split: "
         "0% is the pruned model, 100% the dense one.",
         "- Sparsity kept: no layer has more nonzeros than after pruning and the N:M pattern holds.",
@@ -245,8 +355,9 @@ def setup_lines(bench: Benchmark) -> list[str]:
 
 
 def lora_count(bench: Benchmark) -> str:
-    runs = runs_of(bench, FIRST_PATTERN, "lora")
-    return f"{runs[0].trainable:,}" if runs else PENDING
+    """The matched trainable count, from any logged run of a method that has it."""
+    counts = [run.trainable for run in bench.runs.values() if run.trainable and not run.method.startswith("masked_full")]
+    return f"{counts[0]:,}" if counts else PENDING
 
 
 def cadence_line(bench: Benchmark) -> str:
@@ -275,11 +386,11 @@ def grid_line(bench: Benchmark) -> str:
 def write_results(bench: Benchmark, folder: Path, wall_s: float, note: str) -> None:
     """Write <stem>.md and <stem>.png into ``folder`` from ``bench``'s run log."""
     regime, work = bench.regime, bench.work
-    command = "python benchmarks/quality.py" + (" --regime long" if regime is LONG else "")
+    command = "python benchmarks/quality.py" + ("" if regime is SHORT else f" --regime {regime.name}")
     train_min = sum(run.train_s for run in bench.runs.values()) / 60
     text = "\n".join([
-        f"# Repair quality{', long regime' if regime is LONG else ''}: SEFT vs sparsity-preserving baselines "
-        f"({work.model_name})",
+        f"# Repair quality{'' if regime is SHORT else f', {regime.name} regime'}: SEFT vs sparsity-preserving "
+        f"baselines ({work.model_name})",
         "",
         f"Generated by `{command}`. {machine_description(torch.device('cpu'))} Training time summed over the "
         f"{len(bench.runs)} logged runs: {train_min:.0f} min (pruning and evaluation come on top); this invocation "
@@ -288,6 +399,7 @@ def write_results(bench: Benchmark, folder: Path, wall_s: float, note: str) -> N
         "## Setup",
         *setup_lines(bench),
         "",
+        *parent_section(bench),
         "## Goal: SEFT beats every sparsity-preserving baseline (test perplexity, mean ± half-range over seeds)",
         "",
         markdown_table(["pattern", "SEFT", "best sparsity-preserving baseline", "goal"], goal_rows(bench)),
@@ -298,7 +410,7 @@ def write_results(bench: Benchmark, folder: Path, wall_s: float, note: str) -> N
         "",
         "## All runs (test perplexity: mean ± half-range over seeds when repeated)",
         "",
-        markdown_table(RUN_COLUMNS, all_run_rows(bench)),
+        markdown_table(run_columns(bench), all_run_rows(bench)),
         "",
         f"## Learning-rate grid at {FIRST_PATTERN} (validation perplexity, seed 0; chosen in bold)",
         "",

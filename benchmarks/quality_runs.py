@@ -12,6 +12,7 @@ that its method's median logged wall time would not finish).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import time
@@ -57,10 +58,18 @@ class RunResult:
     # SEFT-engine methods: the engine options the run used (quality_plan.options_record); empty in rows
     # logged before they were recorded.
     options: str | None = None
+    # Perplexities of the workload's extra held-out texts, as JSON {name: ppl}; empty where none were measured.
+    evals: str | None = None
+    # Peak resident memory of the benchmark process over the run (teacher included), in MiB.
+    peak_rss_mb: float = math.nan
 
     @property
     def key(self) -> RunKey:
         return (self.pattern, self.method, self.lr, self.seed)
+
+    def extra_ppl(self, name: str) -> float | None:
+        """The perplexity of the extra held-out text ``name``; None where it was not measured."""
+        return json.loads(self.evals).get(name) if self.evals else None
 
 
 def _parse(row: dict[str, str | None]) -> RunResult:
@@ -74,7 +83,7 @@ def _parse(row: dict[str, str | None]) -> RunResult:
             values[field.name] = text == "True"
         elif field.name in ("seed", "trainable", "revived", "nonzero_growth", "swapped", "refused"):
             values[field.name] = int(text)
-        elif field.name in ("pattern", "method", "options"):
+        elif field.name in ("pattern", "method", "options", "evals"):
             values[field.name] = text
         else:
             values[field.name] = float(text)

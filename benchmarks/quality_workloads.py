@@ -3,6 +3,9 @@
 * short: the Lee news corpus (~80k training tokens), 32 steps × 4 × 128 tokens;
 * long: the Wikipedia sample of gensim's test data (see :func:`seft_trl.apps.assets.wikipedia_texts`),
   256 steps × 4 × 256 tokens in one epoch, validation and test capped at ~12k and ~25k tokens;
+* narrow (and its short screen): the repair a user runs on narrow data: trained on the Lee news corpus,
+  pruned and validated on Wikipedia like the long regime, tested on Wikipedia (general text) and on
+  held-out news (the repair's own domain);
 * quick: a tiny random LLaMA on the README's paragraphs, the same code path as the regime it stands in for.
 """
 
@@ -42,6 +45,10 @@ class Workload:
     test_source: str
     # SEFT options that set its topology cadence; empty: the engine's defaults.
     cadence: dict[str, int] = field(default_factory=dict)
+    # More held-out texts measured with every run, by name (e.g. the training domain's validation and test
+    # when validation and test are general text), and what each one is for the report.
+    extra_evals: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra_sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def seqlen(self) -> int:
@@ -137,15 +144,46 @@ def wikipedia_workload(steps: int, batch_size: int, seqlen: int, eval_seqlen: in
     ))
 
 
+def narrow_workload(steps: int, batch_size: int, seqlen: int, eval_seqlen: int, rank: int, val_articles: int,
+                    cadence: dict[str, int]) -> Workload:
+    """A repair on narrow data: Lee news to train, Wikipedia to prune, validate and test on, held-out news as well.
+
+    Pruning is the long regime's (Wanda calibrated on the Wikipedia training articles), so both settings
+    start from the same pruned model and differ only in the repair text. The run repeats the news text
+    in epochs, as instruction tuning on a small set does.
+    """
+    from seft_trl.apps.assets import english_texts, load_smollm2, wikipedia_texts
+
+    news_train, news_test = english_texts()
+    news_train, news_val = news_train[:-val_articles], news_train[-val_articles:]
+    wiki_train, wiki_val, wiki_test = wikipedia_texts()
+    _, tokenizer = load_smollm2()
+    return Workload(
+        load_model=lambda: load_smollm2()[0], tokenizer=tokenizer, calibration_texts=wiki_train,
+        train_ids=chunks(token_ids(tokenizer, news_train), seqlen),
+        val_ids=capped_ids(tokenizer, wiki_val, VAL_TOKENS), test_ids=capped_ids(tokenizer, wiki_test, TEST_TOKENS),
+        steps=steps, batch_size=batch_size, eval_seqlen=eval_seqlen,
+        calibration={"nsamples": 32, "seqlen": 512}, rank=rank, model_name=SMOLLM2,
+        corpus=f"{len(news_train)} Lee news articles (Australian news, gensim's test data): narrow text",
+        val_source=opening_of(wiki_val, "Wikipedia validation") + " (general text)",
+        test_source=opening_of(wiki_test, "Wikipedia test") + " (general text)",
+        cadence=cadence,
+        extra_evals={"news_val": token_ids(tokenizer, news_val), "news_test": token_ids(tokenizer, news_test)},
+        extra_sources={"news_val": f"the {len(news_val)} news articles held out of training (validation)",
+                       "news_test": f"the {len(news_test)} held-out news articles of the demo (test)"},
+    )
+
+
 def opening_of(texts: list[str], split: str) -> str:
     return f"the opening of each of the {len(texts)} {split} articles in equal shares, short ones whole"
 
 
-def quick_workload(steps: int, long: bool) -> Workload:
+def quick_workload(steps: int, long: bool, narrow: bool = False) -> Workload:
     """A tiny random LLaMA and the README's paragraphs: exercises every method in seconds.
 
     ``long`` takes the long regime's path (split by article order, capped held-out text, one epoch)
-    with a cadence scaled to the few steps, so that topology updates happen.
+    with a cadence scaled to the few steps, so that topology updates happen; ``narrow`` adds the
+    narrow regimes' extra held-out texts.
     """
     from seft_trl.apps.assets import split_by_order
     from seft_trl.testing import byte_tokenizer, tiny_model
@@ -159,11 +197,13 @@ def quick_workload(steps: int, long: bool) -> Workload:
     else:
         train, held_out = paragraphs[: len(paragraphs) // 2], paragraphs[len(paragraphs) // 2:]
         val_ids, test_ids = token_ids(tokenizer, held_out[::2])[:512], token_ids(tokenizer, held_out[1::2])[:512]
+    extra = {"news_val": test_ids[:256], "news_test": val_ids[:256]} if narrow else {}
     work = Workload(
         load_model=tiny_model, tokenizer=tokenizer, calibration_texts=train,
         train_ids=chunks(token_ids(tokenizer, train), 32), val_ids=val_ids, test_ids=test_ids,
         steps=steps, batch_size=2, eval_seqlen=64, calibration={"nsamples": 4, "seqlen": 64}, rank=2,
         model_name="tiny random LLaMA (--quick)", corpus="the README's paragraphs", val_source="other paragraphs",
-        test_source="other paragraphs", cadence=scaled_cadence(steps),
+        test_source="other paragraphs", cadence=scaled_cadence(steps), extra_evals=extra,
+        extra_sources=dict.fromkeys(extra, "other paragraphs"),
     )
     return one_epoch(work) if long else work

@@ -64,7 +64,7 @@ from transformers import TrainerCallback
 
 from baselines import PROJECTIONS, lora_trainable_count, masked_full_adapter
 from common import RESULTS_DIR, cpu_model, cpu_snapshot, machine_description, markdown_table, others_load, synchronizer
-from common import write_report
+from common import peak_memory, status_bytes, reset_peak_memory, write_report
 from seft_trl import allocator
 from seft_trl.apps.assets import english_texts, load_smollm2
 from seft_trl.config import SparsityEvolutionConfig
@@ -394,30 +394,9 @@ RUNS = {"floor": floor_run, "trainer_floor": trainer_floor_run, "seft": seft_run
         "lora": lora_run, "masked_full": masked_full_run}
 
 
-def _status_bytes(field: str) -> int:
-    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Restart peak tracking, so that the peak is the training's and not, say, the model loading's."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
-
-
 def memory_in_use(device: torch.device) -> int:
     """Bytes in use now: allocated CUDA memory, or this process's resident set size."""
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else _status_bytes("VmRSS")
-
-
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes since :func:`reset_peak_memory`: CUDA memory allocated, or the resident set size."""
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_bytes("VmHWM")
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else status_bytes("VmRSS")
 
 
 def host_speed(device: torch.device) -> dict[str, float]:
