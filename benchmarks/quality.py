@@ -65,8 +65,9 @@ def build_workload(args: argparse.Namespace, regime: Regime) -> Workload:
     if regime is LONG:
         return wikipedia_workload(steps, args.batch_size, seqlen, args.eval_seqlen, args.rank)
     if narrow:
-        cadence = scaled_cadence(steps) if regime is SCREEN else {}
-        return narrow_workload(steps, args.batch_size, seqlen, args.eval_seqlen, args.rank, args.val_articles, cadence)
+        cadence, share = (scaled_cadence(steps), 0.5) if regime is SCREEN else ({}, 1.0)
+        return narrow_workload(steps, args.batch_size, seqlen, args.eval_seqlen, args.rank, args.val_articles, cadence,
+                               share)
     return lee_workload(steps, args.batch_size, seqlen, args.eval_seqlen, args.rank, args.val_articles)
 
 

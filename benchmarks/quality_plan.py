@@ -32,6 +32,7 @@ from baselines import (
     projection_linears,
     seft_adapter,
 )
+from blockwise import blockwise_train, surviving_count
 from common import peak_memory, reset_peak_memory
 from quality_runs import OutOfTime, Pending, PrunedCache, RunCheckpoint, RunKey, RunResult, append_run, read_runs
 from quality_workloads import Workload
@@ -181,7 +182,8 @@ LONG_GRID = (1.5e-3, 3e-3, 6e-3)
 LONG = Regime(
     name="long", steps=256, seqlen=256,
     grids={"lora": LONG_GRID, "masked_lora": LONG_GRID, "spp": (3e-3, 6e-3, 1.2e-2),
-           "masked_full": (6e-5, 1.25e-4, 2.5e-4), "fixed_deltas": LONG_GRID, "seft": LONG_GRID},
+           "masked_full": (6e-5, 1.25e-4, 2.5e-4), "fixed_deltas": LONG_GRID, "seft": LONG_GRID,
+           "ebft": (1.25e-4, 2.5e-4, 5e-4)},
     grid_factor=2.0, max_grid_extensions=3,
     ablations={
         "seft_no_revival": {"regrow_pruned": False},
@@ -201,7 +203,8 @@ LONG = Regime(
     stem="quality_long",
     at_fixed_rate=("seft_no_revival", "seft_drop0.1", "seft_zero_moments", "seft_column_cap2"),
     teachings=PARENT_TEACHINGS,
-    plan=(*(PlanStep(method) for method in PARENT_PLAN), PlanStep("seft+kd", seeds=2)),
+    # ebft: block-wise reconstruction from the parent (blockwise.py), distillation's rival; its grid runs in turn.
+    plan=(*(PlanStep(method) for method in PARENT_PLAN), PlanStep("ebft"), PlanStep("seft+kd", seeds=2)),
 )
 
 # The screen of the parent's use (32 steps, the short regime's budget, on narrow data): which loss, which
@@ -220,9 +223,9 @@ SCREEN_TEACHINGS = {
 SCREEN_GRID = (2e-4, 5e-4, 1.25e-3)
 SCREEN = Regime(
     name="screen", steps=32, seqlen=128,
-    grids={"masked_lora": SHORT_LOW_RANK_GRID, "spp": SHORT_LOW_RANK_GRID, "masked_full": (2e-5, 5e-5, 1.25e-4),
-           "fixed_deltas": SCREEN_GRID, "seft": SCREEN_GRID, "masked_lora+kd": SHORT_LOW_RANK_GRID,
-           "seft+kd": SCREEN_GRID},
+    grids={"masked_lora": SHORT_LOW_RANK_GRID, "masked_lora+kd": SHORT_LOW_RANK_GRID, "seft": SCREEN_GRID,
+           "seft+kd": SCREEN_GRID, "masked_full": (2e-5, 5e-5, 1.25e-4), "spp": SHORT_LOW_RANK_GRID,
+           "fixed_deltas": SCREEN_GRID},
     grid_factor=2.5, max_grid_extensions=2, ablations={}, ablations_everywhere=(), stem="quality_screen",
     teachings=SCREEN_TEACHINGS, extra_seeds=False,
     plan=(
@@ -241,7 +244,7 @@ NARROW = Regime(
     ablations_everywhere=(), stem="quality_narrow", teachings=PARENT_TEACHINGS, extra_seeds=False, rates_from="long",
     plan=tuple(PlanStep(method) for method in (
         "seft+kd", "masked_full", "spp", "masked_lora", "fixed_deltas", "seft", "masked_full+kd", "spp+kd",
-        "masked_lora+kd", "fixed_deltas+kd", "seft+kd0", "lora", "lora+kd")) + (PlanStep("seft+kd", seeds=2),),
+        "masked_lora+kd", "fixed_deltas+kd", "seft+kd0", "ebft", "lora", "lora+kd")) + (PlanStep("seft+kd", seeds=2),),
 )
 REGIMES = {regime.name: regime for regime in (SHORT, LONG, SCREEN, NARROW)}
 
@@ -548,24 +551,31 @@ class Benchmark:
     def train_run(self, model: nn.Module, before: SparsityReport, pattern: str, method: str, lr: float,
                   seed: int) -> list[RunResult]:
         started = time.perf_counter()
+        base, suffix = split_method(method)
         teaching = self.regime.teaching(method)
-        teacher = None if teaching is None else self.teacher()
+        teacher = None if teaching is None and base != "ebft" else self.teacher()
         reset_peak_memory(torch.device("cpu"))  # the teacher counts: it stays resident for the run
-        adapter, count = make_adapter(method, model, self.work, seed, self.regime, parent=teacher)
-        setup_s = time.perf_counter() - started
-        loss_function = causal_lm_loss if teaching is None else distilled_loss(teacher, teaching.loss)
-        losses, train_s = train(model, adapter, self.work.batches(seed), lr, self.checkpoint((pattern, method, lr, seed)),
-                                loss_function=loss_function)
+        checkpoint = self.checkpoint((pattern, method, lr, seed))
+        if base == "ebft":  # block by block against the dense model's hidden states: a loop of its own
+            torch.manual_seed(seed)
+            notes, count, setup_s = {}, surviving_count(model), time.perf_counter() - started
+            losses, train_s = blockwise_train(model, teacher, self.work.batches(seed), lr, checkpoint)
+        else:
+            adapter, count = make_adapter(method, model, self.work, seed, self.regime, parent=teacher)
+            setup_s = time.perf_counter() - started
+            loss_function = causal_lm_loss if teaching is None else distilled_loss(teacher, teaching.loss)
+            losses, train_s = train(model, adapter, self.work.batches(seed), lr, checkpoint, loss_function=loss_function)
+            notes = adapter.notes
         peak_mb = peak_memory(torch.device("cpu")) / 2**20
         trained = time.perf_counter()
-        model = adapter.finish()
+        if base != "ebft":
+            model = adapter.finish()
         final_loss = statistics.mean(losses[-max(1, len(losses) // 8):])
         variants = [(method, model)]
-        base, suffix = split_method(method)
         if base == "lora":
             variants.append(("lora*" + (f"+{suffix}" if suffix else ""), copy.deepcopy(model)))
             self.wanda(variants[1][1], pattern)
-        growth = adapter.notes.get("nonzero_growth")
+        growth = notes.get("nonzero_growth")
         measured = []
         for name, variant in variants:
             after = sparsity_report(variant, pattern=PATTERNS[pattern][0])
@@ -575,10 +585,10 @@ class Benchmark:
         for name, val, test, extra, after in measured:
             results.append(RunResult(
                 pattern=pattern, method=name, lr=lr, seed=seed, val_ppl=val, test_ppl=test, sparsity=after.sparsity,
-                sparsity_kept=kept(before, after), trainable=count, revived=int(adapter.notes.get("revived", 0)),
+                sparsity_kept=kept(before, after), trainable=count, revived=int(notes.get("revived", 0)),
                 final_loss=final_loss, train_s=train_s, wall_s=wall_s,
                 nonzero_growth=None if growth is None or name == "lora*" else int(growth),
-                swapped=count_note(adapter.notes, "swapped"), refused=count_note(adapter.notes, "refused"),
+                swapped=count_note(notes, "swapped"), refused=count_note(notes, "refused"),
                 options=run_record(name, self.work, self.regime, seed), evals=extra, peak_rss_mb=peak_mb,
             ))
             print(f"[{pattern}] {name:17s} lr {lr:.2e} seed {seed}: val {val:8.2f}  test {test:8.2f}  {extra or ''}  "
@@ -646,11 +656,13 @@ class Benchmark:
         """
         self.result(UNPRUNED, "dense", 0.0)
         self.result(FIRST_PATTERN, "pruned", 0.0)
-        for method in self.planned(self.regime.tuned):
+        later = {step.method for step in self.regime.plan}  # tuned when their turn in the plan comes
+        for method in self.planned([m for m in self.regime.tuned if m not in later]):
             self.attempt(f"the {method} grid", lambda: self.best_lr(method))
         for pattern in list(PATTERNS)[1:]:
             self.result(pattern, "pruned", 0.0)
-            for method in self.planned(self.regime.tuned if self.regime.tuned_everywhere else ()):
+            everywhere = [m for m in self.regime.tuned if m not in later] if self.regime.tuned_everywhere else []
+            for method in self.planned(everywhere):
                 self.attempt(f"{method} at {pattern}", lambda: self.result(pattern, method, self.lr_of(method)))
         for step in self.regime.plan:
             for pattern in step.patterns:

@@ -145,12 +145,13 @@ def wikipedia_workload(steps: int, batch_size: int, seqlen: int, eval_seqlen: in
 
 
 def narrow_workload(steps: int, batch_size: int, seqlen: int, eval_seqlen: int, rank: int, val_articles: int,
-                    cadence: dict[str, int]) -> Workload:
+                    cadence: dict[str, int], eval_share: float = 1.0) -> Workload:
     """A repair on narrow data: Lee news to train, Wikipedia to prune, validate and test on, held-out news as well.
 
     Pruning is the long regime's (Wanda calibrated on the Wikipedia training articles), so both settings
     start from the same pruned model and differ only in the repair text. The run repeats the news text
-    in epochs, as instruction tuning on a small set does.
+    in epochs, as instruction tuning on a small set does. ``eval_share``: the held-out texts are cut to
+    this share of the long regime's caps (the screen's runs are shorter than their evaluation).
     """
     from seft_trl.apps.assets import english_texts, load_smollm2, wikipedia_texts
 
@@ -161,14 +162,16 @@ def narrow_workload(steps: int, batch_size: int, seqlen: int, eval_seqlen: int, 
     return Workload(
         load_model=lambda: load_smollm2()[0], tokenizer=tokenizer, calibration_texts=wiki_train,
         train_ids=chunks(token_ids(tokenizer, news_train), seqlen),
-        val_ids=capped_ids(tokenizer, wiki_val, VAL_TOKENS), test_ids=capped_ids(tokenizer, wiki_test, TEST_TOKENS),
+        val_ids=capped_ids(tokenizer, wiki_val, round(VAL_TOKENS * eval_share)),
+        test_ids=capped_ids(tokenizer, wiki_test, round(TEST_TOKENS * eval_share)),
         steps=steps, batch_size=batch_size, eval_seqlen=eval_seqlen,
         calibration={"nsamples": 32, "seqlen": 512}, rank=rank, model_name=SMOLLM2,
         corpus=f"{len(news_train)} Lee news articles (Australian news, gensim's test data): narrow text",
         val_source=opening_of(wiki_val, "Wikipedia validation") + " (general text)",
         test_source=opening_of(wiki_test, "Wikipedia test") + " (general text)",
         cadence=cadence,
-        extra_evals={"news_val": token_ids(tokenizer, news_val), "news_test": token_ids(tokenizer, news_test)},
+        extra_evals={"news_val": capped_ids(tokenizer, news_val, round(VAL_TOKENS * eval_share)),
+                     "news_test": capped_ids(tokenizer, news_test, round(TEST_TOKENS * eval_share))},
         extra_sources={"news_val": f"the {len(news_val)} news articles held out of training (validation)",
                        "news_test": f"the {len(news_test)} held-out news articles of the demo (test)"},
     )

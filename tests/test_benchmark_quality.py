@@ -138,6 +138,56 @@ def test_quality_quick_long_regime_runs_baselines_first_then_resumes(tmp_path: P
     assert (tmp_path / "quality_long.png").stat().st_size > 1000
 
 
+def test_quality_quick_narrow_regime_distils_every_method_alike_and_measures_the_repair_domain_too(tmp_path: Path) -> None:
+    run_quality(tmp_path, "--regime", "narrow", "--methods", "seft+kd,seft+kd0,masked_full,masked_lora+kd,ebft")
+    runs = {(row["pattern"], row["method"], row["seed"]): row for row in csv_rows(tmp_path / "quality_narrow_runs.csv")}
+    for pattern in PATTERNS:
+        for method in ("seft+kd", "seft+kd0", "masked_full", "masked_lora+kd", "ebft"):
+            row = runs[(pattern, method, "0")]
+            assert row["sparsity_kept"] == "True" and float(row["peak_rss_mb"]) > 0, (pattern, method)
+            assert set(json.loads(row["evals"])) == {"news_val", "news_test"}  # the repair's own domain, held out
+        for method in ("seft+kd", "masked_lora+kd"):  # one loss for every distilled method, logged with the run
+            assert json.loads(runs[(pattern, method, "0")]["options"])["distillation"]["weight"] == 0.5
+        assert "distillation" not in (runs[(pattern, "masked_full", "0")]["options"] or "")
+        for method in ("seft+kd", "seft+kd0"):  # revival (at the parent's values or at zero) where it is the default
+            row = runs[(pattern, method, "0")]
+            assert (int(row["revived"]) > 0) == (pattern != "2:4") and int(row["nonzero_growth"]) <= 0
+        assert json.loads(runs[(pattern, "seft+kd0", "0")]["options"])["dense_revival"] is False
+    assert ("50%", "seft+kd", "1") in runs  # the headline's second seed
+    report = (tmp_path / "quality_narrow.md").read_text()
+    assert "## With the dense parent" in report and "| 50% | seft | pending |" in report  # CE runs not in --methods
+    assert "news_test ppl" in report and "G1: vs best CE baseline" in report
+
+
+def test_blockwise_reconstruction_fits_each_layer_to_the_dense_one_keeps_zeros_and_resumes_exactly(tmp_path: Path) -> None:
+    from blockwise import blockwise_train
+
+    dense = tiny_model()
+    batches = [random_batch(2, 16, seed=seed) for seed in range(24)]
+
+    def layer_errors(model) -> list[float]:
+        ids = torch.cat(batches)
+        with torch.no_grad():
+            ours = model(input_ids=ids, output_hidden_states=True).hidden_states[1:]
+            theirs = dense(input_ids=ids, output_hidden_states=True).hidden_states[1:]
+        return [float((a - b).pow(2).mean()) for a, b in zip(ours, theirs)]
+
+    straight = prune_linears(tiny_model())
+    zeros = {name: p == 0 for name, p in straight.named_parameters()}
+    before = layer_errors(straight)
+    blockwise_train(straight, dense, batches, lr=1e-3)
+    assert all(after < 0.8 * start for after, start in zip(layer_errors(straight), before))
+    assert all(bool((p[zeros[name]] == 0).all()) for name, p in straight.named_parameters())
+
+    interrupted = prune_linears(tiny_model())
+    checkpoint = RunCheckpoint(tmp_path / "ebft.pt", every=16, deadline=time.monotonic() - 1)  # stop at once
+    with pytest.raises(OutOfTime, match="after decoder layer 1 of 2"):
+        blockwise_train(interrupted, dense, batches, lr=1e-3, checkpoint=checkpoint)
+    resumed = prune_linears(tiny_model())
+    blockwise_train(resumed, dense, batches, lr=1e-3, checkpoint=RunCheckpoint(tmp_path / "ebft.pt", every=16))
+    assert all(torch.equal(p, resumed.state_dict()[name]) for name, p in straight.state_dict().items())
+
+
 def test_pruned_weights_are_reused_across_invocations_only_while_their_inputs_match(tmp_path: Path) -> None:
     work = quick_workload(8, long=True)
     calls = []
