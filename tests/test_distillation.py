@@ -120,6 +120,32 @@ def test_the_trainer_distils_from_a_frozen_teacher_on_completions_only(tmp_path)
     assert isinstance(trainer.seft.parent, ModuleParent) and sparsity_report(trainer.model).within_budget
 
 
+def test_packed_sequences_are_distilled_with_the_teacher_seeing_the_same_packing(tmp_path):
+    dense = tiny_model()
+    args = SEFTConfig(**seft_args(tmp_path, packing=True, activation_checkpointing=False, max_steps=2))
+    trainer = SEFTSFTTrainer(model=prune_linears(copy.deepcopy(dense)), args=args, train_dataset=text_dataset(),
+                             processing_class=byte_tokenizer(), teacher_model=dense)
+    seen = []
+    forward = trainer._teacher_model.forward
+    trainer._teacher_model.forward = lambda *a, **kw: seen.append(sorted(kw)) or forward(*a, **kw)
+    trainer.train()
+    assert seen and all("position_ids" in keys for keys in seen)  # padding-free packing: positions restart per sequence
+    assert all(entry["distill/divergence"] >= 0 for entry in trainer.state.log_history if "distill/divergence" in entry)
+
+
+def test_a_teacher_held_in_8_bits_distils_and_revivals_read_the_parents_files(tmp_path):
+    dense = tiny_model()
+    dense.save_pretrained(tmp_path / "dense")
+    args = SEFTConfig(**seft_args(tmp_path / "out", max_steps=2, teacher_model_name_or_path=str(tmp_path / "dense"),
+                                  teacher_model_init_kwargs={"quantization_config": {"load_in_8bit": True}}))
+    trainer = SEFTSFTTrainer(model=prune_linears(copy.deepcopy(dense)), args=args, train_dataset=text_dataset(),
+                             processing_class=byte_tokenizer())
+    assert type(trainer._teacher_model.model.layers[0].mlp.up_proj).__name__ == "Linear8bitLt"
+    assert isinstance(trainer.seft.parent, SafetensorsParent)  # quantized weights are no starting values
+    trainer.train()
+    assert all(entry["distill/divergence"] > 0 for entry in trainer.state.log_history if "distill/divergence" in entry)
+
+
 def test_a_revived_slot_starts_at_the_parents_value_and_every_layer_stays_within_budget(tmp_path):
     dense = tiny_model()
     dense.save_pretrained(tmp_path / "dense")

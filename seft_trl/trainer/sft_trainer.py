@@ -182,7 +182,8 @@ class SEFTSFTTrainer(SFTTrainer):
             folder = teacher_folder(source, getattr(args, "teacher_model_revision", None))
             wanted = args.distillation_loss().uses_teacher
             dtype = model.dtype if isinstance(model, PreTrainedModel) else "auto"
-            teacher = Teacher(load_teacher(folder, args.teacher_model_init_kwargs, dtype) if wanted else None, folder)
+            loaded = load_teacher(folder, args.teacher_model_init_kwargs, dtype, args.device) if wanted else None
+            teacher = Teacher(loaded, folder)
         check_tokenizer(teacher.folder, processing_class)
         if isinstance(model, nn.Module):
             check_vocabulary(teacher.model, model)

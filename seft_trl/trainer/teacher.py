@@ -68,11 +68,23 @@ def teacher_folder(name_or_path: str | os.PathLike, revision: str | None = None)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-def load_teacher(folder: Path, init_kwargs: dict[str, Any] | None, default_dtype: torch.dtype | str) -> nn.Module:
-    """The parent as a frozen causal LM in eval mode (``init_kwargs`` as for ``from_pretrained``; dtype default given)."""
+def load_teacher(folder: Path, init_kwargs: dict[str, Any] | None, default_dtype: torch.dtype | str,
+                 device: torch.device | str = "cpu") -> nn.Module:
+    """The parent as a frozen causal LM in eval mode (``init_kwargs`` as for ``from_pretrained``; dtype default given).
+
+    A ``quantization_config`` given as a dict (YAML, the command line) is bitsandbytes': 8-bit
+    (``{"load_in_8bit": true}``) or 4-bit (``{"load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}``)
+    weights, quantized as they load onto ``device`` (where the run computes).
+    """
     kwargs = dict(init_kwargs or {})
     dtype = kwargs.get("dtype", default_dtype)
     kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    if isinstance(kwargs.get("quantization_config"), dict):
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(**kwargs["quantization_config"])
+    if kwargs.get("quantization_config") is not None:
+        kwargs.setdefault("device_map", {"": str(device)})
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     return model.requires_grad_(False).eval()
 

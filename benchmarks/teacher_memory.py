@@ -1,0 +1,160 @@
+"""What the dense parent costs as a teacher, and the ways down: measured on SmolLM2-135M, projected to 7B and 8B.
+
+A teacher doubles the weights a repair holds. The options, all through ``teacher_model_init_kwargs``
+(seft_trl.trainer.teacher.load_teacher, as users load it):
+
+* ``fp32`` / ``bf16``: the parent as it is (on the CPU the student computes in fp32);
+* ``int8``: bitsandbytes' LLM.int8 weights (``{"quantization_config": {"load_in_8bit": true}}``);
+* ``nf4``: bitsandbytes' 4-bit NormalFloat weights (``{"load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}``);
+* FSDP2 (not measured here): the teacher is sharded like the student, 1/N of it on each of N GPUs.
+
+Each option runs in a process of its own (so its peak resident memory is its own): SEFT at
+``density=0.01`` on a magnitude-pruned (50%) SmolLM2, AdamW, batch 4 × 256 tokens of Wikipedia,
+the distillation loss of SEFTConfig's defaults (``none``: plain CE, no teacher). Measured: resident
+memory after loading, the peak over the steps, the median step time, the teacher's bytes, and the
+teacher's own perplexity on 4,096 Wikipedia test tokens (what quantization costs the teacher).
+The 7B/8B table is arithmetic over the same byte counts: no GPU was lent to measure it.
+
+    python benchmarks/teacher_memory.py            # about 5 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import RESULTS_DIR, machine_description, markdown_table, peak_memory, reset_peak_memory, status_bytes
+
+OPTIONS = {
+    "none": None,
+    "fp32": {"dtype": "float32"},
+    "bf16": {"dtype": "bfloat16"},
+    "int8": {"quantization_config": {"load_in_8bit": True}},
+    "nf4": {"quantization_config": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                    "bnb_4bit_compute_dtype": "float32"}},
+}
+STEPS, BATCH, SEQLEN, PPL_TOKENS = 6, 4, 256, 4096
+
+
+def worker(option: str) -> dict:
+    """One option's measurements, in this process."""
+    from seft_trl import SparsityEvolution, SparsityEvolutionConfig
+    from seft_trl.apps.assets import DEFAULT_SMOLLM2_CACHE, load_smollm2, wikipedia_texts
+    from seft_trl.distillation import DistillationLoss, add_backbone_forward, distillation_loss
+    from seft_trl.evaluation import perplexity
+    from seft_trl.pruning import prune
+    from seft_trl.text import token_ids
+    from seft_trl.trainer.teacher import load_teacher
+
+    model, tokenizer = load_smollm2()
+    prune(model, method="magnitude", sparsity=0.5, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                  "gate_proj", "up_proj", "down_proj"])
+    train, _, test = wikipedia_texts()
+    ids = token_ids(tokenizer, train[:8])[: STEPS * BATCH * SEQLEN].view(STEPS, BATCH, SEQLEN)
+    resident_student = status_bytes("VmRSS")
+    teacher, teacher_bytes, teacher_ppl = None, 0, None
+    if OPTIONS[option] is not None:
+        teacher = load_teacher(Path(DEFAULT_SMOLLM2_CACHE).expanduser(), OPTIONS[option], torch.float32)
+        teacher_bytes = sum(t.numel() * t.element_size() for t in (*teacher.parameters(), *teacher.buffers()))
+        teacher_ppl = perplexity(teacher, None, token_ids(tokenizer, test)[:PPL_TOKENS], seqlen=512, progress=False)
+        add_backbone_forward(teacher)
+    resident = status_bytes("VmRSS")
+    seft = SparsityEvolution(model, SparsityEvolutionConfig(density=0.01, target_modules=["q_proj", "k_proj", "v_proj",
+                                                            "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    optimizer = torch.optim.AdamW(seft.parameters(), lr=3e-3)
+    seft.attach(optimizer, total_steps=STEPS)
+    model.train()
+    reset_peak_memory(torch.device("cpu"))
+    times = []
+    for batch in ids:
+        started = time.perf_counter()
+        if teacher is None:
+            loss = model(input_ids=batch, labels=batch).loss
+        else:
+            loss = distillation_loss(add_backbone_forward(model), teacher, {"input_ids": batch, "labels": batch},
+                                     DistillationLoss()).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    return {"option": option, "resident_student_mb": resident_student / 2**20, "resident_mb": resident / 2**20,
+            "peak_mb": peak_memory(torch.device("cpu")) / 2**20, "step_s": statistics.median(times[1:]),
+            "teacher_mb": teacher_bytes / 2**20, "teacher_ppl": teacher_ppl}
+
+
+# ------------------------------------------------------------------------------------------ projection
+# bytes per weight of the teacher's projections, and what each option keeps in bf16 (embeddings, LM head, norms)
+BYTES_PER_PROJECTION_WEIGHT = {"bf16": 2.0, "int8": 1.0, "nf4": 0.5 + 4 / 64}  # nf4: one fp32 absmax per 64
+SHAPES = {  # hidden, MLP, layers, vocabulary, key-value width, tied embeddings
+    "LLaMA-2-7B": (4096, 11008, 32, 32000, 4096, False),
+    "LLaMA-3-8B": (4096, 14336, 32, 128256, 1024, False),
+}
+# Per delta at seft_density 0.01: δ (fp32) 4 + its gradient 4 + position (int32) 4 + base (bf16) 2 + 8-bit Adam 2.
+BYTES_PER_DELTA = 16
+
+
+def projection_rows() -> list[list[str]]:
+    rows = []
+    for name, (hidden, mlp, layers, vocab, kv, tied) in SHAPES.items():
+        projections = layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp)
+        rest = vocab * hidden * (1 if tied else 2) + layers * 2 * hidden + hidden
+        student = 2 * (projections + rest) + BYTES_PER_DELTA * 0.01 * projections
+        for option, per_weight in BYTES_PER_PROJECTION_WEIGHT.items():
+            rows_out = layers * (3 * hidden + 2 * kv + 2 * mlp)  # output rows of the projections: int8's fp32 scales
+            teacher = per_weight * projections + 2 * rest + (4 * rows_out if option == "int8" else 0)
+            rows.append([name, option, f"{student / 1e9:.1f}", f"{teacher / 1e9:.1f}", f"{(student + teacher) / 1e9:.1f}",
+                         f"{(student + teacher) / 8 / 1e9:.1f}"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", choices=sorted(OPTIONS), help=argparse.SUPPRESS)
+    parser.add_argument("--output", default=str(RESULTS_DIR / "teacher_memory.md"))
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker)))
+        return
+    measured = []
+    for option in OPTIONS:
+        done = subprocess.run([sys.executable, __file__, "--worker", option], capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
+        measured.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(measured[-1], flush=True)
+    base = measured[0]
+    rows = [[m["option"], f"{m['teacher_mb']:.0f}", f"{m['resident_mb'] - base['resident_mb']:+.0f}",
+             f"{m['peak_mb']:.0f}", f"{m['peak_mb'] - base['peak_mb']:+.0f}", f"{m['step_s']:.2f}",
+             "-" if m["teacher_ppl"] is None else f"{m['teacher_ppl']:.2f}"] for m in measured]
+    text = "\n".join([
+        "# The teacher's memory: measured on SmolLM2-135M (CPU), projected to 7B and 8B", "",
+        f"Generated by `python benchmarks/teacher_memory.py`. {machine_description(torch.device('cpu'))}", "",
+        f"SEFT at density 0.01 on a magnitude-pruned (50%) SmolLM2-135M-Instruct, AdamW, {STEPS} steps of "
+        f"{BATCH} × {SEQLEN} Wikipedia tokens, distilled with SEFTConfig's default loss from the dense model held "
+        "as each option loads it (`teacher_model_init_kwargs`); `none`: plain CE without a teacher. Each option "
+        f"ran in its own process. Teacher perplexity: the teacher alone on {PPL_TOKENS:,} Wikipedia test tokens "
+        "(what the option costs the teacher itself).", "",
+        markdown_table(["teacher", "teacher MiB", "resident vs none", "peak RSS MiB", "peak vs none",
+                        "step s (median)", "teacher ppl"], rows), "",
+        "## Projected: a 7B/8B student at seft_density 0.01 with its teacher (GB, weights and SEFT state; "
+        "activations come on top)", "",
+        "Student: bf16 weights plus 16 bytes per delta (δ and its gradient in fp32, int32 position, bf16 base, "
+        "8-bit Adam). Teacher: its projections at the option's bytes per weight (int8: plus an fp32 scale per "
+        "output row; nf4: plus an fp32 absmax per 64 weights), embeddings, LM head and norms in bf16. FSDP2 over "
+        "8 GPUs shards both models: the last column is per GPU. Arithmetic, not a measurement: no GPU was lent.", "",
+        markdown_table(["model", "teacher", "student GB", "teacher GB", "together GB", "per GPU, FSDP2 × 8"],
+                       projection_rows()), "",
+    ])
+    Path(args.output).write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
