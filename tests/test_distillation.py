@@ -119,6 +119,12 @@ def test_the_trainer_distils_from_a_frozen_teacher_on_completions_only(tmp_path)
     assert all((labels == -100).any() for labels in captured)  # the prompts were masked
     assert isinstance(trainer.seft.parent, ModuleParent) and sparsity_report(trainer.model).within_budget
 
+    # Without a distillation term the parent only seeds revivals: the loss is SFTTrainer's CE, no teacher runs.
+    plain = SEFTSFTTrainer(model=prune_linears(copy.deepcopy(dense)), args=SEFTConfig(**seft_args(tmp_path,
+                           distillation_weight=0.0)), train_dataset=text_dataset(), processing_class=byte_tokenizer(),
+                           teacher_model=dense)
+    assert plain.teacher is None and isinstance(plain.seft.parent, ModuleParent)
+
 
 def test_packed_sequences_are_distilled_with_the_teacher_seeing_the_same_packing(tmp_path):
     dense = tiny_model()

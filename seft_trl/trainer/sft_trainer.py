@@ -164,8 +164,8 @@ class SEFTSFTTrainer(SFTTrainer):
         self.seft_callback = SEFTCallback(self.seft)
         self.add_callback(self.seft_callback)
         self.distillation = args.distillation_loss()
-        self.teacher = None
-        if teacher.model is not None:
+        self.teacher = None  # the teacher to call (prepared by accelerate); None: the loss is plain CE
+        if teacher.model is not None and self.distillation.uses_teacher:
             add_backbone_forward(self.model)
             self._teacher_model = teacher.model
             self.teacher = prepare_teacher(teacher.model, self.accelerator, self.is_fsdp_enabled)
