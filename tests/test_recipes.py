@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,9 @@ def test_a_repair_of_a_pruned_checkpoint_finds_the_parent_it_records(tmp_path):
     argv = argv[: argv.index("--prune_method")] + argv[argv.index("--prune_method") + 2:]  # already pruned
     assert run(default_model="unused", argv=argv)["teacher"] == recorded
     assert run(default_model="unused", argv=[*argv, "--use_parent", "false", "--output_dir", str(tmp_path / "ce")])["teacher"] is None
+    shutil.rmtree(dense)  # a parent that is gone: the repair goes on with plain CE and says why
+    with pytest.warns(UserWarning, match="names its dense parent, but it cannot be used"):
+        assert run(default_model="unused", argv=[*argv, "--output_dir", str(tmp_path / "gone")])["teacher"] is None
 
 
 def test_recipe_script_runs_as_a_process(tmp_path):
