@@ -239,13 +239,15 @@ SCREEN = Regime(
     ),
 )
 # The repair on narrow data at the long regime's budget: every method with CE and with the parent, at the
-# long regime's chosen rates; the runs that decide the headline first.
+# long regime's chosen rates; pattern by pattern, the runs that decide the headline (SEFT with the parent
+# against the CE leader of the long regime) first.
+NARROW_ORDER = ("seft+kd", "masked_full", "spp", "masked_lora", "fixed_deltas", "seft", "masked_full+kd", "spp+kd",
+                "masked_lora+kd", "fixed_deltas+kd", "seft+kd0", "ebft", "lora", "lora+kd")
 NARROW = Regime(
     name="narrow", steps=256, seqlen=256, grids={}, grid_factor=2.0, max_grid_extensions=0, ablations={},
     ablations_everywhere=(), stem="quality_narrow", teachings=PARENT_TEACHINGS, extra_seeds=False, rates_from="long",
-    plan=tuple(PlanStep(method) for method in (
-        "seft+kd", "masked_full", "spp", "masked_lora", "fixed_deltas", "seft", "masked_full+kd", "spp+kd",
-        "masked_lora+kd", "fixed_deltas+kd", "seft+kd0", "ebft", "lora", "lora+kd")) + (PlanStep("seft+kd", seeds=2),),
+    plan=(*(PlanStep(method, (pattern,)) for pattern in PATTERNS for method in NARROW_ORDER),
+          PlanStep("seft+kd", seeds=2)),
 )
 REGIMES = {regime.name: regime for regime in (SHORT, LONG, SCREEN, NARROW)}
 
