@@ -377,6 +377,14 @@ def run_record(method: str, work: Workload, regime: Regime, seed: int) -> str | 
     return json.dumps(values, sort_keys=True)
 
 
+def same_record(logged: str, current: str) -> bool:
+    """Whether a run logged with ``logged`` options is the run ``current`` describes. An engine option added
+    after the run was logged is absent from its record; at its default it changes nothing, so it matches."""
+    old, new = json.loads(logged), json.loads(current)
+    defaults = asdict(SparsityEvolutionConfig())
+    return {**{key: defaults[key] for key in new.keys() - old.keys() if key in defaults}, **old} == new
+
+
 def wanda(model: nn.Module, pattern: str, work: Workload) -> SparsityReport:
     """Prune ``model`` in place to ``pattern`` (a PATTERNS key) with Wanda, calibrated on the training text."""
     spec, sparsity = PATTERNS[pattern]
@@ -442,7 +450,7 @@ class Benchmark:
                       f"{self.regime.name} regime's plan", flush=True)
                 continue
             record = run_record(run.method, self.work, self.regime, run.seed)
-            if run.options is not None and record is not None and run.options != record:
+            if run.options is not None and record is not None and not same_record(run.options, record):
                 print(f"set aside: {run.method} at {run.pattern} (lr {run.lr:g}, seed {run.seed}) was logged with engine "
                       f"options {run.options}, the plan now uses {record}", flush=True)
                 continue

@@ -287,11 +287,14 @@ def test_an_engine_run_logged_with_other_options_than_the_plan_now_gives_is_set_
                          options=options)
 
     stale = json.dumps({**json.loads(current), "column_cap": 2.0}, sort_keys=True)  # as if the default had changed
+    # Logged before the engine had dense_revival: at its default the option changes nothing, so the run stands.
+    older = json.dumps({key: value for key, value in json.loads(current).items() if key != "dense_revival"})
     for run in (logged("seft", 1e-3, current), logged("seft", 2e-3, stale), logged("seft", 4e-3, None),
-                logged("lora", 1e-3, None)):
+                logged("lora", 1e-3, None), logged("seft", 8e-3, older)):
         append_run(tmp_path / "runs.csv", run)
     bench = Benchmark(LONG, work, tmp_path / "runs.csv", seeds=1, quick=True, runnable=frozenset())
-    assert set(bench.runs) == {("50%", "seft", 1e-3, 0), ("50%", "seft", 4e-3, 0), ("50%", "lora", 1e-3, 0)}
+    assert set(bench.runs) == {("50%", "seft", 1e-3, 0), ("50%", "seft", 4e-3, 0), ("50%", "lora", 1e-3, 0),
+                               ("50%", "seft", 8e-3, 0)}
     assert "set aside: seft at 50% (lr 0.002" in capsys.readouterr().out
     with pytest.raises(Pending):  # the stale run is missing again, and seft may not run here
         bench.result("50%", "seft", 2e-3)
