@@ -120,7 +120,7 @@ def test_the_demo_parses_through_the_shared_option_classes():
     demo, pruning, evaluation = parse_args([])
     assert isinstance(pruning, PruningArguments) and isinstance(evaluation, EvalArguments)
     assert (pruning.prune_method, pruning.prune_nsamples, evaluation.eval_seqlen, demo.train_seqlen) == ("wanda", 32, 512, 256)
-    assert demo.keep_cpu_heap is True
+    assert demo.keep_cpu_heap is True and demo.use_parent is True  # the repair with the dense parent
     demo, pruning, _ = parse_args(["--model", "m", "--sparsity", "0.6", "--steps", "5"])  # the first flags still work
     assert (demo.model_name_or_path, pruning.prune_sparsity, demo.steps) == ("m", 0.6, 5)
     assert parse_args(["--keep_cpu_heap", "false"])[0].keep_cpu_heap is False

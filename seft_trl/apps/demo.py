@@ -11,6 +11,7 @@ Every option: ``--help`` (the demo's own, and those of pruning and evaluation).
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ class DemoArguments:
     density: float = option(0.01, "Deltas per layer, as a fraction of its weights.")
     learning_rate: float = option(SEFTConfig.learning_rate, "SEFTConfig's default unless set (the long benchmark's best).")
     output_dir: str = option("demo-output", "Folder for the report, the plots and the repaired model.", "--output")
+    use_parent: bool = option(
+        True, "Repair with the dense parent, as the recipes do: distil from the model as loaded (before pruning) and "
+        "start revived weights at its values. false: plain CE, revivals at zero."
+    )
     keep_cpu_heap: bool = option(
         True, "On the CPU, keep freed memory in glibc's heap (seft_trl.allocator): far fewer page faults "
         "(434 -> 309 s on a 2-core VM), a higher resident peak."
@@ -99,7 +104,8 @@ def markdown_report(results: dict, plots: list[str]) -> str:
     rows = [
         ("dense", results["dense_ppl"], "0.00%", "-"),
         (f"pruned: {results['pruning']}", results["pruned_ppl"], f"{results['pruned_sparsity']:.2%}", f"{results['prune_s']:.0f} s"),
-        ("SEFT repair", results["repaired_ppl"], f"{results['repaired_sparsity']:.2%}", f"{results['train_s']:.0f} s"),
+        ("SEFT repair" + (" with the dense parent" if results["teacher"] else ""), results["repaired_ppl"],
+         f"{results['repaired_sparsity']:.2%}", f"{results['train_s']:.0f} s"),
     ]
     lines = [
         f"# SEFT demo: {results['model']}",
@@ -112,7 +118,8 @@ def markdown_report(results: dict, plots: list[str]) -> str:
         *[f"| {name} | {ppl:.2f} | {sparsity} | {spent} |" for name, ppl, sparsity, spent in rows],
         "",
         f"SEFT: {results['steps']} steps, {results['deltas']:,} trainable deltas ({results['density']:.0%} of each "
-        f"layer), {results['revived']:,} pruned weights revived and as many removed over the run; nonzeros "
+        f"layer){', distilled from the dense model (' + results['teacher'] + ')' if results['teacher'] else ', plain CE'}, "
+        f"{results['revived']:,} pruned weights revived and as many removed over the run; nonzeros "
         f"{results['nonzeros_before']:,} before, {results['nonzeros_after']:,} after. Total wall time "
         f"{results['wall_s']:.0f} s on {torch.get_num_threads()} CPU threads.",
         "",
@@ -148,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     dense_ppl = perplexity(model, tokenizer, heldout_texts, seqlen=evaluation.eval_seqlen)
     print(f"dense: {dense_ppl:.2f}")
 
+    teacher = copy.deepcopy(model) if args.use_parent else None  # the dense parent, kept before pruning
     stage(f"Pruning with {options.method} ({options.pattern}, sparsity {options.sparsity:.0%})")
     pruning_started = time.perf_counter()
     before = pruning.prune(model, tokenizer, seed=0, fallback_calibration=train_texts)
@@ -155,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     pruned_ppl = perplexity(model, tokenizer, heldout_texts, seqlen=evaluation.eval_seqlen)
     print(f"pruned: {pruned_ppl:.2f}, sparsity {before.sparsity:.2%}")
 
-    stage(f"SEFT repair: {args.steps} steps")
+    stage(f"SEFT repair: {args.steps} steps" + (", distilled from the dense model" if teacher is not None else ""))
     config = SEFTConfig(
         output_dir=str(output / "run"),
         max_steps=args.steps,
@@ -176,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
         seed=0,
     )
     dataset = training_chunks(tokenizer, train_texts, args.train_seqlen)
-    trainer = SEFTSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    trainer = SEFTSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                             teacher_model=teacher)
     training_started = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - training_started
@@ -198,6 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
         "nonzeros_before": before.nonzeros,
         "nonzeros_after": after.nonzeros,
         "revived": int(sum(entry.get("seft/revived", 0) for entry in history)),
+        "teacher": None if teacher is None else (
+            f"loss (1 - {config.distillation_weight:g}) CE + {config.distillation_weight:g} divergence, beta "
+            f"{config.beta:g}, temperature {config.temperature:g}; revived weights start at their dense values"),
         "deltas": sum(layer.delta.numel() for layer in trainer.seft.layers.values()),
         "density": args.density,
         "steps": args.steps,
