@@ -5,8 +5,9 @@ GPU machines are lent rarely and briefly, so the check is one script that runs u
 1. **CUDA tests**: the device-aware tests run on the GPU: the fused Triton δ-gradient kernel
    against dense autograd (fp32, bf16, fp16, ragged token counts, empty and full rows), the layer
    against its dense reference (the Triton path is selected automatically on CUDA), 8-bit and paged
-   8-bit optimizer state of 2¹⁷-element deltas, AdEMAMix, and bitwise resume inside a window
-   through the Trainer.
+   8-bit optimizer state of 2¹⁷-element deltas, AdEMAMix, bitwise resume inside a window
+   through the Trainer (also with a teacher), and the trainer's distillation from the dense parent
+   (a bitsandbytes 8-bit teacher on CUDA among them).
 2. **Layer speed** at 4096×11008 (``layer_speed.py --device cuda``).
 3. **δ-gradient kernels**: the sampled kernels against the dense product at the ~1B model's shapes
    and 7B's MLP, bf16 and fp32 (``delta_grad_kernels.py --device cuda``): what the cost rule's
@@ -41,7 +42,7 @@ BENCHMARKS = ROOT / "benchmarks"
 # The dry run's FSDP2 step: the quickest 2-process FSDP2 test, over gloo.
 FSDP2_OPTIM_TEST = "tests/test_ddp.py::test_moved_slot_state_of_sharded_deltas_is_written_chunk_by_chunk"
 CUDA_TESTS = ["tests/test_sampled_kernels.py", "tests/test_layer.py", "tests/test_optim_state.py",
-              "tests/test_trainer.py::test_resume_reproduces_the_uninterrupted_run_bitwise"]
+              "tests/test_trainer.py::test_resume_reproduces_the_uninterrupted_run_bitwise", "tests/test_distillation.py"]
 
 
 @dataclass
