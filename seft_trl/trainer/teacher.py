@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,15 @@ class Teacher:
         """Where revived weights start: the loaded model's weights when they are plain tensors, else its files."""
         if self.model is not None and _plain_weights(self.model):
             return ModuleParent(self.model)
-        return SafetensorsParent(self.folder) if self.folder is not None else None
+        if self.folder is not None:
+            return SafetensorsParent(self.folder)
+        if self.model is not None:
+            warnings.warn(
+                "The teacher's weights are quantized and its folder is unknown, so revived weights start at zero: pass "
+                "the teacher as its folder (teacher_model_name_or_path) for them to start at the dense values.",
+                stacklevel=3,
+            )
+        return None
 
 
 def _plain_weights(model: nn.Module) -> bool:
