@@ -270,7 +270,7 @@ def test_run_log_reads_old_rows_with_defaults_and_rewrites_them_under_the_new_he
 
     new = RunResult("unpruned", "dense", 0.0, 0, 30.0, 31.1, 0.0, False, 0, 0, math.nan, 0.0, wall_s=12.0)
     append_run(log, new)
-    assert log.read_text().splitlines()[0] == old_header + ",wall_s,nonzero_growth,swapped,refused,options"
+    assert log.read_text().splitlines()[0] == old_header + ",wall_s,nonzero_growth,swapped,refused,options,evals,peak_rss_mb"
     runs = read_runs(log)
     assert runs[old.key].revived == 329280 and math.isnan(runs[old.key].wall_s) and runs[old.key].nonzero_growth is None
     assert runs[old.key].swapped is None and runs[old.key].refused is None
