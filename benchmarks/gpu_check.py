@@ -153,6 +153,9 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="the same steps at toy sizes on the CPU")
     parser.add_argument("--output", type=Path, default=None, help="default: results/gpu.md (gpu_dry_run.md with --dry-run)")
     parser.add_argument("--log-dir", type=Path, default=None, help="also write each step's whole output there")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the steps' own reports (speed.md and its raw .json, layer.md, ...) in this folder "
+                             "instead of a temporary one")
     args = parser.parse_args()
     output = args.output or RESULTS_DIR / ("gpu_dry_run.md" if args.dry_run else "gpu.md")
     gpus = 0
@@ -162,8 +165,10 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("No CUDA device: run the GPU check on a GPU machine, or pass --dry-run to rehearse it here.")
         gpus = torch.cuda.device_count()
-    with tempfile.TemporaryDirectory(prefix="seft-gpu-check-") as workdir:
-        outcomes = [run(step, args.log_dir) for step in plan(args.dry_run, Path(workdir), gpus)]
+    with tempfile.TemporaryDirectory(prefix="seft-gpu-check-") as scratch:
+        workdir = args.workdir or Path(scratch)
+        workdir.mkdir(parents=True, exist_ok=True)
+        outcomes = [run(step, args.log_dir) for step in plan(args.dry_run, workdir, gpus)]
         write_report(report(outcomes, args.dry_run), output)
     if any(outcome.returncode != 0 for outcome in outcomes):
         raise SystemExit(1)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -23,6 +27,7 @@ from torch import nn
 from seft_trl.pruning import prune
 from seft_trl.testing import tiny_model
 
+ROOT = Path(__file__).parents[1]
 VOCAB = 96  # token ids of the random batches: below every tiny model's vocabulary
 
 
@@ -43,3 +48,24 @@ def random_batch(batch: int = 4, seqlen: int = 24, seed: int | None = None) -> t
 @pytest.fixture
 def pruned_llama() -> nn.Module:
     return prune_linears(tiny_model("llama"))
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """`benchmarks/gpu_check.py --dry-run`, run once: its outcome, its report, and the folder of its steps' reports."""
+
+    result: subprocess.CompletedProcess
+    report: Path
+    workdir: Path
+
+
+@pytest.fixture(scope="session")
+def gpu_check_dry_run(tmp_path_factory: pytest.TempPathFactory) -> DryRun:
+    """The GPU check's dry run, shared: it includes `benchmarks/speed.py --quick`, which the speed test reads and
+    resumes, so the suite launches the speed benchmark's six worker processes once, not twice."""
+    folder = tmp_path_factory.mktemp("gpu-check")
+    report, workdir = folder / "gpu.md", folder / "steps"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--output", str(report),
+                             "--workdir", str(workdir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+    return DryRun(result, report, workdir)

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 
 
-def test_gpu_check_dry_run_runs_and_reports_every_step(tmp_path):
-    output = tmp_path / "gpu.md"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--output", str(output)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+def test_gpu_check_dry_run_runs_and_reports_every_step(gpu_check_dry_run):
+    result = gpu_check_dry_run.result
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = output.read_text()
+    report = gpu_check_dry_run.report.read_text()
     for step in ("CUDA tests", "layer speed", "model speed and memory", "FSDP2, 2 processes"):
         assert f"| {step} | passed |" in report
     assert "## layer speed" in report and "## model speed and memory" in report

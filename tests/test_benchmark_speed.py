@@ -1,4 +1,7 @@
-"""benchmarks/speed.py --quick runs end to end as a process, reports every method with real numbers and resumes."""
+"""benchmarks/speed.py --quick runs end to end as a process, reports every method with real numbers and resumes.
+
+The run is the GPU check dry run's model step (the session fixture ``gpu_check_dry_run``): the same script with
+``--optim adamw_8bit --gradient-checkpointing``; the test reads its report and resumes it."""
 
 from __future__ import annotations
 
@@ -20,17 +23,21 @@ def table_rows(report: str) -> dict[str, dict[str, str]]:
     return {row["method"]: row for row in rows}
 
 
+# The dry run's model step (benchmarks/gpu_check.py), which a rerun must match to resume.
+QUICK_OPTIONS = ["--quick", "--device", "cpu", "--optim", "adamw_8bit", "--gradient-checkpointing"]
+
+
 def run_quick(output: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    result = subprocess.run([sys.executable, "benchmarks/speed.py", "--quick", "--output", str(output)],
+    result = subprocess.run([sys.executable, "benchmarks/speed.py", *QUICK_OPTIONS, "--output", str(output)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-def test_quick_speed_benchmark_reports_every_method(tmp_path):
-    output = tmp_path / "speed.md"
-    run_quick(output)
+def test_quick_speed_benchmark_reports_every_method(gpu_check_dry_run):
+    assert gpu_check_dry_run.result.returncode == 0, gpu_check_dry_run.result.stdout[-3000:]
+    output = gpu_check_dry_run.workdir / "speed.md"
     report = output.read_text()
     rows = table_rows(report)
     assert set(METHODS) <= set(rows)
