@@ -16,7 +16,7 @@ memory after loading, the peak over the steps, the median step time, the teacher
 teacher's own perplexity on 4,096 Wikipedia test tokens (what quantization costs the teacher).
 The 7B/8B table is arithmetic over the same byte counts: no GPU was lent to measure it.
 
-    python benchmarks/teacher_memory.py            # about 5 min on 2 cores
+    python benchmarks/teacher_memory.py            # about 10 min on 2 cores (bf16 matmuls are slow on a CPU)
 """
 
 from __future__ import annotations
