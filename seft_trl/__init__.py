@@ -9,7 +9,7 @@ from importlib import import_module
 
 from .allocator import keep_freed_memory
 from .config import SparsityEvolutionConfig
-from .engine import SparsityEvolution, merge, merged_state_dict
+from .engine import NonFiniteError, SparsityEvolution, merge, merged_state_dict
 from .layer import SparseDeltaLinear, UpdateStats
 from .optim_state import reset_optimizer_slots
 from .patterns import SparsityPattern, detect_pattern
@@ -26,6 +26,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "NonFiniteError",
     "SEFTCallback",
     "SEFTConfig",
     "SEFTSFTTrainer",

@@ -31,7 +31,7 @@ from .layer import SparseDeltaLinear, TopologyCriteria, UpdateStats
 from .optim_state import check_optimizer_supported, reset_optimizer_slots, seed_optimizer_slots, unwrap_optimizer
 from .parent import DenseParent, check_parent_layers, dense_parent
 from .patterns import Scope, SparsityPattern, detect_pattern, satisfies
-from .sharding import is_sharded, whole
+from .sharding import is_sharded, local, whole
 from .targets import find_target_linears
 from .topology import drop_fraction_at, is_update_step
 
@@ -103,6 +103,21 @@ def _check_ranks_agree(layers: dict[str, SparseDeltaLinear]) -> None:
         )
 
 
+class NonFiniteError(RuntimeError):
+    """A target weight or a delta holds NaN or infinity: training on it would silently produce a NaN model."""
+
+
+def check_finite_weights(weights: dict[str, torch.Tensor]) -> None:
+    """Refuse weights that hold NaN or infinity (at a pruned position too), naming the layers, before any change."""
+    bad = [name for name, weight in weights.items() if not bool(torch.isfinite(local(weight)).all())]
+    if bad:
+        raise NonFiniteError(
+            f"{len(bad)} target weight(s) hold NaN or infinite values: {', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}. SEFT would turn every delta into NaN. Check the checkpoint (a "
+            "failed conversion or pruning step, or a dtype overflow) and load a finite one."
+        )
+
+
 def initial_delta_index(weight: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """k positions drawn uniformly from the nonzero weights (SpIEL starts at random positions)."""
     nonzero = torch.nonzero(weight.detach().reshape(-1)).squeeze(1)
@@ -159,6 +174,7 @@ class SparsityEvolution:
                 "then call fully_shard, then build the optimizer from SparsityEvolution.parameters()."
             )
         weights = {name: linear.weight.detach() for name, linear in targets.items()}
+        check_finite_weights(weights)
         self.pattern = _resolve_pattern(weights, config.sparsity_pattern)
         counts = _delta_counts(targets, config)
         self.parent = _revival_parent(config, parent, config.revives_pruned(self.pattern.is_nm), weights)
@@ -254,12 +270,29 @@ class SparsityEvolution:
         for layer in self.layers.values():
             layer.close_step(skipped)
         if not skipped:
+            self._check_finite_deltas()  # before W' is written: the weights keep the last finite step
             for layer in self.layers.values():
                 layer.materialize()
             due = is_update_step(self.step_count, self.config.update_interval, self.end_step)
             if due and self.scheduled_drop_fraction(self.step_count) > 0:
                 self.update_topology()
         self._arm_window()
+
+    def _check_finite_deltas(self) -> None:
+        """Stop training at the first step that leaves a delta NaN or infinite (one device sync per step)."""
+        layers = list(self.layers.values())
+        bad = torch.stack([~torch.isfinite(local(layer.delta.detach())).all() for layer in layers]).to(torch.int32)
+        if is_sharded(layers[0].delta):  # FSDP2: each rank checks its chunk, and all must stop together
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bool(bad.any()):
+            names = [name for name, flag in zip(self.layers, bad.tolist()) if flag]
+            raise NonFiniteError(
+                f"Optimizer step {self.step_count} left the deltas of {len(names)} layer(s) NaN or infinite "
+                f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}). Training stopped before they reached "
+                "the weights, which hold the last finite step; saved checkpoints are intact. Lower the learning "
+                "rate, clip gradients (max_grad_norm), or use a loss scaler for fp16, then resume from the last "
+                "checkpoint."
+            )
 
     def scheduled_drop_fraction(self, step: int) -> float:
         """The fraction of deltas an update at ``step`` swaps (``config.drop_fraction`` decayed by the schedule)."""
