@@ -14,7 +14,7 @@ from trl import SFTConfig, SFTTrainer
 
 from conftest import random_batch
 from seft_trl.testing import tiny_model
-from seft_trl import SEFTCallback, SEFTConfig, SEFTSFTTrainer, SparseDeltaLinear, SparsityEvolution
+from seft_trl import NonFiniteError, SEFTCallback, SEFTConfig, SEFTSFTTrainer, SparseDeltaLinear, SparsityEvolution
 from seft_trl import SparsityEvolutionConfig, sparsity_report
 from trainer_helpers import byte_tokenizer, pruned_model, seft_args, text_dataset
 
@@ -303,3 +303,63 @@ def test_a_plain_sft_config_is_accepted_and_its_full_fine_tuning_rate_is_flagged
         chosen = SEFTSFTTrainer(model=pruned_model(), args=SFTConfig(**sft_kwargs, learning_rate=1e-2),
                                 train_dataset=text_dataset(), processing_class=byte_tokenizer())
     assert chosen.args.learning_rate == 1e-2
+
+
+@pytest.mark.parametrize("value, where", [(float("nan"), "kept"), (float("inf"), "pruned")])
+def test_a_non_finite_target_weight_is_refused_with_its_name_before_any_change(tmp_path, value, where):
+    model = pruned_model()
+    weight = model.model.layers[1].mlp.up_proj.weight
+    with torch.no_grad():
+        flat = weight.view(-1)
+        flat[torch.nonzero(flat != 0 if where == "kept" else flat == 0)[0]] = value
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.1\.mlp\.up_proj"):
+        SEFTSFTTrainer(model=model, args=SEFTConfig(**seft_args(tmp_path)), train_dataset=text_dataset(),
+                       processing_class=byte_tokenizer())
+    assert not any(isinstance(module, SparseDeltaLinear) for module in model.modules())
+    torch.testing.assert_close(dict(model.state_dict()), before, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_diverging_run_stops_with_the_error_keeps_finite_weights_and_its_last_checkpoint(tmp_path):
+    args = SEFTConfig(**seft_args(tmp_path, learning_rate=1e30, max_steps=8, save_strategy="steps", save_steps=1,
+                                  max_grad_norm=0.0, logging_nan_inf_filter=False))
+    trainer = SEFTSFTTrainer(model=pruned_model(), args=args, train_dataset=text_dataset(),
+                             processing_class=byte_tokenizer())
+    with pytest.raises(NonFiniteError, match="NaN or infinite.*Lower the learning rate"):
+        trainer.train()
+    step = trainer.seft.step_count
+    assert 1 <= step < 8
+    assert all(bool(torch.isfinite(layer.weight).all()) for layer in trainer.seft.layers.values())
+    checkpoints = sorted(tmp_path.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    assert checkpoints and int(checkpoints[-1].name.split("-")[1]) == step - 1  # the last good step, whole
+    assert (checkpoints[-1] / "trainer_state.json").exists()
+
+
+def test_resume_passes_over_an_interrupted_checkpoint_and_names_a_damaged_file(tmp_path):
+    import shutil
+
+    def run(resume=None, max_steps=4):
+        args = SEFTConfig(**seft_args(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=2))
+        trainer = SEFTSFTTrainer(model=pruned_model(), args=args, train_dataset=text_dataset(),
+                                 processing_class=byte_tokenizer())
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    run()
+    # A kill while checkpoint-6 was being written: everything but the trainer state, which transformers writes last.
+    shutil.copytree(tmp_path / "checkpoint-4", tmp_path / "checkpoint-6")
+    (tmp_path / "checkpoint-6" / "trainer_state.json").unlink()
+    with pytest.warns(UserWarning, match=r"incomplete checkpoint.*checkpoint-6.*Resuming from .*checkpoint-4"):
+        resumed = run(resume=True, max_steps=6)
+    assert resumed.state.global_step == 6 and resumed.seft.step_count == 6
+
+    for name in ("optimizer.pt", "rng_state.pth", "model.safetensors"):
+        damaged = tmp_path / "damaged" / name
+        shutil.rmtree(damaged.parent, ignore_errors=True)
+        shutil.copytree(tmp_path / "checkpoint-4", damaged.parent)
+        with open(damaged, "r+b") as file:
+            file.truncate(damaged.stat().st_size // 2)
+        with pytest.raises(ValueError, match=rf"{name} is damaged.*truncated.*Resume from an earlier checkpoint"):
+            run(resume=str(damaged.parent), max_steps=6)
+    with pytest.raises(ValueError, match="does not exist"):
+        run(resume=str(tmp_path / "checkpoint-99"))

@@ -14,7 +14,7 @@ from huggingface_hub import CommitInfo, ModelCard
 import torch
 from torch import nn
 from transformers import PreTrainedModel, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy
 from transformers.utils import strtobool
 from transformers.utils.hub import hf_api
 from trl import SFTConfig, SFTTrainer
@@ -23,7 +23,8 @@ from ..distillation import add_backbone_forward, distillation_loss
 from ..engine import SparsityEvolution, merged_state_dict
 from ..optim_state import check_optimizer_supported
 from ..report import SparsityReport, sparsity_report
-from ..saving import atomic_directory, save_checkpoint
+from ..saving import published_files, save_checkpoint
+from .checkpoints import check_checkpoint, newest_complete_checkpoint
 from .callback import SEFTCallback
 from .model_card import final_metrics, hub_model_id, seft_model_card
 from .sft_config import SEFTConfig
@@ -225,10 +226,13 @@ class SEFTSFTTrainer(SFTTrainer):
         return super().create_optimizer(model)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        if resume_from_checkpoint is True:  # as transformers resolves it
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        if resume_from_checkpoint is True:  # as transformers resolves it, passing over interrupted saves
+            resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir}) to "
+                                 "resume from: start without resume_from_checkpoint.")
+        if resume_from_checkpoint:
+            check_checkpoint(resume_from_checkpoint)
         self.seft_callback.saved_windows = self._saved_windows(resume_from_checkpoint)
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         report = self.seft_callback.final_report
@@ -296,10 +300,8 @@ class SEFTSFTTrainer(SFTTrainer):
             card = self.seft_model_card(report, **card_kwargs)
             files = {"sparsity_report.json": report.as_dict(), "README.md": str(card)}
             model = self.accelerator.unwrap_model(self.model)
-            # The inner save publishes into the staging folder, the outer one into output_dir.
-            with atomic_directory(output_dir) as staging:
-                save_checkpoint(model, self.processing_class, staging, files, state_dict=state_dict)
-                written = sorted(path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file())
+            save_checkpoint(model, self.processing_class, output_dir, files, state_dict=state_dict)
+            written = published_files(output_dir)
         self.accelerator.wait_for_everyone()
         return written
 
