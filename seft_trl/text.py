@@ -87,20 +87,41 @@ def _file_texts(path: Path, text_field: str) -> list[str]:
             f"{str(path)!r} does not exist. Give a .txt, .jsonl or .json file or a folder saved with datasets' "
             "save_to_disk (a str is read as text, not as a path)."
         )
-    if path.suffix == ".jsonl":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [_record_text(json.loads(line), text_field, path) for line in lines if line.strip()]
-    if path.suffix == ".json":
-        records = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(records, list):
-            raise ValueError(f"{path} must hold a JSON list of records with a string field {text_field!r}.")
-        return [_record_text(record, text_field, path) for record in records]
+    if path.suffix in (".jsonl", ".json"):
+        return [_record_text(record, text_field, path, number) for number, record in enumerate(json_records(path), 1)]
     return [path.read_text(encoding="utf-8")]
 
 
-def _record_text(record: object, text_field: str, path: Path) -> str:
-    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-        raise ValueError(f"Every record of {path} must be a JSON object with a string field {text_field!r}.")
+def json_records(path: Path) -> list[dict]:
+    """The records of a file holding a JSON list of objects or JSON lines (whatever its extension, as datasets
+    reads them); a syntax error names the file and the line, a record that is not an object its number."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8 JSON.") from None
+    try:
+        whole = json.loads(text)
+        records = whole if isinstance(whole, list) else [whole]
+    except json.JSONDecodeError as error:
+        if text.lstrip().startswith("["):  # one JSON list: its own error has the line
+            raise ValueError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno} ({error.msg}).") from None
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as bad:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({bad.msg} at column {bad.colno}).") from None
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: record {number} is a JSON {type(record).__name__}, not an object with fields.")
+    return records
+
+
+def _record_text(record: dict, text_field: str, path: Path, number: int) -> str:
+    if not isinstance(record.get(text_field), str):
+        raise ValueError(f"{path}: record {number} has no string field {text_field!r}; every record needs one.")
     return record[text_field]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,43 @@ def test_report_of_a_sharded_fsdp_checkpoint_says_to_report_the_merged_save(tmp_
     (tmp_path / "checkpoint-3" / "pytorch_model_fsdp_0").mkdir(parents=True)
     with pytest.raises(ValueError, match="sharded FSDP checkpoint.*save_model"):
         checkpoint_report(tmp_path / "checkpoint-3")
+
+
+def test_user_mistakes_end_in_one_line_and_exit_status_2_and_debug_shows_the_traceback(tmp_path, capsys):
+    model = tiny_checkpoint(tmp_path / "model")
+    bad_json = tmp_path / "alpaca.jsonl"
+    bad_json.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": "d"\n')
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    truncated = tmp_path / "truncated"
+    tiny_checkpoint(truncated)
+    weights = truncated / "model.safetensors"
+    with open(weights, "r+b") as file:
+        file.truncate(weights.stat().st_size - 100)
+    no_config = tiny_checkpoint(tmp_path / "no_config")
+    (no_config / "config.json").unlink()
+    missing = str(tmp_path / "no" / "such" / "model")
+    cpu = ["--use_cpu", "true", "--bf16", "false", "--report_to", "none"]
+    cases = [
+        (["prune", "--model_name_or_path", missing, "--prune_method", "magnitude", "--output_dir", str(tmp_path / "p")],
+         "does not exist"),
+        (["repair", "--model_name_or_path", missing, "--dataset_name", str(bad_json), "--output_dir", str(tmp_path / "r"),
+          *cpu], "does not exist"),
+        (["repair", "--model_name_or_path", str(model), "--dataset_name", str(bad_json), "--output_dir",
+          str(tmp_path / "r"), *cpu], f"{bad_json}: line 3 is not valid JSON"),
+        (["report", "--model_name_or_path", missing], "does not exist"),
+        (["report", "--model_name_or_path", str(not_a_model)], "no config.json"),
+        (["report", "--model_name_or_path", str(no_config)], "has no config.json"),
+        (["report", "--model_name_or_path", str(truncated)], f"{weights} is damaged: .*truncated"),
+    ]
+    capsys.readouterr()  # the setup's progress bars
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and re.search(message, err), (argv, err)
+        assert "Traceback" not in err and "Repo id" not in err
+    with pytest.raises(ValueError, match="line 3 is not valid JSON"):  # --debug: the exception itself, traceback and all
+        main(["repair", "--model_name_or_path", str(model), "--dataset_name", str(bad_json), "--output_dir",
+              str(tmp_path / "r"), *cpu, "--debug"])

@@ -13,6 +13,7 @@ from the classes of :mod:`seft_trl.apps.options`, TRL's ``ModelConfig`` and ``SE
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -22,6 +23,7 @@ from trl import TrlParser
 
 from ..patterns import SparsityPattern, detect_pattern
 from ..report import LayerSparsity, SparsityReport
+from ..saving import file_damage
 from ..targets import output_embedding_names
 from .options import CheckpointArguments, EvalArguments
 from .prune import PRUNE_ARGUMENTS, prune_checkpoint
@@ -32,9 +34,9 @@ def evaluate_checkpoint(checkpoint: CheckpointArguments, evaluation: EvalArgumen
     """Perplexity on ``eval_text`` and, when tasks are named, the zero-shot suite; printed and returned."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_path = checkpoint.require_model("eval")
     if evaluation.eval_text is None and not evaluation.eval_tasks:
         raise ValueError("eval needs --eval_text (perplexity) or --eval_tasks (zero-shot), or both.")
+    model_path = checkpoint.require_model("eval")
     device = checkpoint.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=checkpoint.torch_dtype()).to(device).eval()
@@ -59,6 +61,8 @@ def evaluate_checkpoint(checkpoint: CheckpointArguments, evaluation: EvalArgumen
 def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    if not folder.is_dir():
+        raise ValueError(f"{folder} does not exist: report reads a local checkpoint folder.")
     files = sorted(folder.glob("*.safetensors"))
     sharded = sorted(folder.glob("pytorch_model_fsdp_*"))  # accelerate's torch.distributed.checkpoint folders
     if not files and sharded:
@@ -70,6 +74,9 @@ def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{folder} holds no .safetensors weights: give a checkpoint folder (merged or checkpoint-N).")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
+        damage = file_damage(file)
+        if damage is not None:
+            raise ValueError(f"{file} is damaged: {damage}. Save or copy the checkpoint again.")
         tensors.update(load_file(file))
     return tensors
 
@@ -85,6 +92,8 @@ def checkpoint_report(folder: str | Path) -> SparsityReport:
 
     folder = Path(folder)
     tensors = _safetensors(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} has no config.json: report reads a folder that save_pretrained (or seft-trl) wrote.")
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     excluded = output_embedding_names(skeleton)
@@ -136,13 +145,29 @@ COMMANDS: dict[str, tuple[str, tuple[type, ...], Callable[..., object]]] = {
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {help_line}" for name, (help_line, _, _) in COMMANDS.items()]
-    return "usage: seft-trl {" + ",".join(COMMANDS) + "} [options] [--config FILE.yaml]\n\n" + "\n".join(lines) + (
-        "\n\nseft-trl SUBCOMMAND --help lists the subcommand's options."
+    return "usage: seft-trl {" + ",".join(COMMANDS) + "} [options] [--config FILE.yaml] [--debug]\n\n" + "\n".join(lines) + (
+        "\n\nseft-trl SUBCOMMAND --help lists the subcommand's options. An error prints one line; --debug (or "
+        f"{DEBUG_ENV}=1) prints its traceback."
     )
 
 
+# What a user's mistake raises (a bad value, a missing or damaged file): one line and exit status 2.
+USER_ERRORS = (ValueError, OSError)
+DEBUG_ENV = "SEFT_TRL_DEBUG"
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (library messages often run over several)."""
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    return text or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run a subcommand. An error prints one line (``--debug`` or SEFT_TRL_DEBUG=1: the traceback): exit status 2
+    for a user's mistake, 1 for anything else."""
     argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return
@@ -153,8 +178,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = TrlParser(classes, prog=f"seft-trl {name}", description=help_line[0].upper() + help_line[1:] + ".")
     try:
         command(*parser.parse_args_and_config(rest))
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
-        parser.error(str(error))  # exit status 2, with the usage line
+    except Exception as error:  # noqa: BLE001 - every failure ends in one line unless asked for the traceback
+        if debug:
+            raise
+        user = isinstance(error, USER_ERRORS)
+        hint = "" if user else f" ({type(error).__name__}; --debug or {DEBUG_ENV}=1 shows the traceback)"
+        print(f"seft-trl {name}: error: {one_line(error)}{hint}", file=sys.stderr)
+        sys.exit(2 if user else 1)
 
 
 if __name__ == "__main__":

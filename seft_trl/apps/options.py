@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..locations import check_model_location
 from ..pruning import METHODS, PruningOptions, prune, resolve_options
 from ..report import SparsityReport
 
@@ -43,6 +44,7 @@ class CheckpointArguments:
     def require_model(self, command: str) -> str:
         if not self.model_name_or_path:
             raise ValueError(f"{command} needs --model_name_or_path, the folder of the model to read.")
+        check_model_location(self.model_name_or_path)
         return self.model_name_or_path
 
     def torch_dtype(self) -> torch.dtype | str:

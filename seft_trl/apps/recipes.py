@@ -26,7 +26,8 @@ from trl import ModelConfig, TrlParser
 from ..evaluation import perplexity
 from ..pruning import dense_parent_of
 from ..report import sparsity_report
-from ..text import TextSource, token_ids
+from ..locations import check_model_location
+from ..text import TextSource, json_records, token_ids
 from ..trainer.sft_config import SEFTConfig
 from ..trainer.sft_trainer import SEFTSFTTrainer, sharding_engine
 from ..trainer.teacher import teacher_folder
@@ -52,8 +53,10 @@ def to_prompt_completion(example: dict, conversational: bool) -> dict:
 
 def load_alpaca(name: str, split: str) -> Dataset:
     """A local .json/.jsonl file, or a hub dataset (only for users who are online)."""
-    if Path(name).exists():
-        dataset = load_dataset("json", data_files=name, split="train")
+    if Path(name).is_file():  # read here, so that a syntax error names the file and the line
+        dataset = Dataset.from_list(json_records(Path(name)))
+    elif Path(name).exists():
+        raise ValueError(f"--dataset_name {name} is a folder: give a .json or .jsonl file of Alpaca records.")
     else:
         dataset = load_dataset(name, split=split)
     missing = {"instruction", "output"} - set(dataset.column_names)
@@ -154,7 +157,9 @@ def repair(data: DataArguments, pruning: PruningArguments, evaluation: EvalArgum
     model_name = model_args.model_name_or_path or default_model
     if model_name is None:
         raise ValueError("repair needs --model_name_or_path: a local folder or a hub name of the model to repair.")
+    check_model_location(model_name)
     started = time.perf_counter()
+    records = load_alpaca(data.dataset_name, data.dataset_split).shuffle(seed=args.seed)  # before the slow loads
 
     tokenizer = AutoTokenizer.from_pretrained(model_name, revision=model_args.model_revision)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
@@ -164,7 +169,6 @@ def repair(data: DataArguments, pruning: PruningArguments, evaluation: EvalArgum
     if sharding_engine(args) != "fsdp2":  # under FSDP2 the trainer moves each rank's shards to its device
         model.to(args.device)
 
-    records = load_alpaca(data.dataset_name, data.dataset_split).shuffle(seed=args.seed)
     if data.max_train_samples is not None:
         records = records.select(range(min(len(records), data.max_train_samples + 1)))
     n_heldout = max(1, int(len(records) * data.heldout_fraction))

@@ -9,7 +9,6 @@ needs it loaded, lazily from its safetensors files.
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from ..distillation import add_backbone_forward
+from ..locations import HUB_ID
 from ..parent import DenseParent, ModuleParent, SafetensorsParent
 
 
@@ -55,7 +55,7 @@ def teacher_folder(name_or_path: str | os.PathLike, revision: str | None = None)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    if not _HUB_ID.fullmatch(str(name_or_path)):
+    if not HUB_ID.fullmatch(str(name_or_path)):
         raise ValueError(
             f"teacher_model_name_or_path={str(name_or_path)!r} does not exist. Give the folder of the dense model this "
             "one was pruned from (seft-trl prune records it in config.json as pruning_config.parent)."
@@ -71,10 +71,6 @@ def teacher_folder(name_or_path: str | os.PathLike, revision: str | None = None)
             f"teacher_model_name_or_path={str(name_or_path)!r} is not a local folder and could not be fetched from the "
             f"hub ({reason}). Give the folder of the dense model this one was pruned from."
         ) from None
-
-
-# A hub repository id: "name" or "owner/name", as the hub spells them.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 def load_teacher(folder: Path, init_kwargs: dict[str, Any] | None, default_dtype: torch.dtype | str,
