@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from seft_trl.kernels import SamplingPattern
@@ -32,28 +33,34 @@ def run(command: list[str], env_extra: dict[str, str]) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def test_two_process_ddp_ranks_agree_and_match_a_single_process(tmp_path):
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    """The reference: the same script in one process with the same global batch (4), fp32; run once per module."""
+    folder = tmp_path_factory.mktemp("single")
+    run([sys.executable, str(SCRIPT), str(folder), "4"], {})
+    return folder
+
+
+def test_two_process_ddp_ranks_agree_and_match_a_single_process(tmp_path, single):
     run([*LAUNCHER, str(SCRIPT), str(tmp_path / "ddp"), "2"], {"OMP_NUM_THREADS": "1"})
-    run([sys.executable, str(SCRIPT), str(tmp_path / "single"), "4"], {})
-    assert_matches_single_process(load_ranks_agreeing(tmp_path / "ddp"), tmp_path / "single")
+    assert_matches_single_process(load_ranks_agreeing(tmp_path / "ddp"), single)
 
 
-def test_two_process_fsdp2_shards_deltas_and_matches_a_single_process(tmp_path):
+def test_two_process_fsdp2_shards_deltas_and_matches_a_single_process(tmp_path, single):
     run([*FSDP2_LAUNCHER, str(SCRIPT), str(tmp_path / "fsdp2"), "2"], {"OMP_NUM_THREADS": "1"})
-    run([sys.executable, str(SCRIPT), str(tmp_path / "single"), "4"], {})
     rank0 = load_ranks_agreeing(tmp_path / "fsdp2", sharded=True)
     assert all(rank0["sharded"])  # every step ran on DTensor chunks of the weights and deltas
-    assert_matches_single_process(rank0, tmp_path / "single")
+    assert_matches_single_process(rank0, single)
 
 
-def test_fsdp2_with_bf16_mixed_precision_and_gradient_checkpointing_keeps_ranks_identical_and_within_budget(tmp_path):
+def test_fsdp2_with_bf16_mixed_precision_and_gradient_checkpointing_keeps_ranks_identical_and_within_budget(tmp_path,
+                                                                                                             single):
     options = ["bf16=true", "gradient_checkpointing=true"]
     run([*FSDP2_LAUNCHER, str(SCRIPT), str(tmp_path / "bf16"), "2", *options], {"OMP_NUM_THREADS": "1"})
     rank0 = load_ranks_agreeing(tmp_path / "bf16", sharded=True)  # bitwise the same topology on both ranks
     assert all(rank0["sharded"])
-    run([sys.executable, str(SCRIPT), str(tmp_path / "single"), "4"], {})  # fp32, one process
-    single = torch.load(tmp_path / "single" / "rank0.pt")
-    losses, reference = torch.tensor(list(rank0["losses"].values())), torch.tensor(list(single["losses"].values()))
+    fp32 = torch.load(single / "rank0.pt")  # one process
+    losses, reference = torch.tensor(list(rank0["losses"].values())), torch.tensor(list(fp32["losses"].values()))
     assert not torch.equal(losses, reference)  # really in bf16
     torch.testing.assert_close(losses, reference, rtol=0, atol=2e-2)
 
