@@ -23,7 +23,8 @@ PRUNE_ARGUMENTS = (CheckpointArguments, PruningArguments)
 
 def prune_checkpoint(checkpoint: CheckpointArguments, pruning: PruningArguments) -> dict:
     """Load, prune and save; returns the saved sparsity report (with its ``pruning`` provenance)."""
-    model_path = checkpoint.require_model("prune")
+    if not checkpoint.model_name_or_path:
+        raise ValueError("prune needs --model_name_or_path, the folder of the model to read.")
     if not checkpoint.output_dir:
         raise ValueError("prune needs --output_dir, the folder to write the pruned checkpoint to.")
     options = pruning.options()
@@ -31,6 +32,7 @@ def prune_checkpoint(checkpoint: CheckpointArguments, pruning: PruningArguments)
     if options.method != "magnitude" and calibration is None:
         raise ValueError(f"--prune_method {options.method} needs --prune_calibration (a text file); only magnitude needs none.")
     output = check_target(checkpoint.output_dir, checkpoint.overwrite)
+    model_path = checkpoint.require_model("prune")  # options first: they need no file system
 
     from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import: only once the arguments are valid
 
