@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 
 
+@pytest.mark.xdist_group("gpu_check_dry_run")  # the session fixture runs once per worker
 def test_gpu_check_dry_run_runs_and_reports_every_step(gpu_check_dry_run):
     result = gpu_check_dry_run.result
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 METHODS = ("floor", "trainer_floor", "seft", "seft_mean_swap", "lora", "masked_full")
 
@@ -35,6 +37,7 @@ def run_quick(output: Path) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.xdist_group("gpu_check_dry_run")  # the session fixture runs once per worker
 def test_quick_speed_benchmark_reports_every_method(gpu_check_dry_run):
     assert gpu_check_dry_run.result.returncode == 0, gpu_check_dry_run.result.stdout[-3000:]
     output = gpu_check_dry_run.workdir / "speed.md"
