@@ -1,46 +1,41 @@
 """seft_trl: Sparsity Evolution Fine-Tuning (SEFT, arXiv 2505.24037) for Hugging Face TRL.
 
-The engine (plain PyTorch) imports eagerly; the TRL integration (``SEFTConfig``,
-``SEFTSFTTrainer``, ``SEFTCallback``) loads on first use, so the engine, the pruning
-CLI and the tests that need no trainer do not pay for importing TRL.
+Every public name loads on first use (PEP 562): ``import seft_trl`` imports neither torch nor
+TRL, so ``seft-trl --help`` answers at once and a script that needs only the engine does not pay
+for importing TRL. ``from seft_trl import SparsityEvolution`` works as before.
 """
 
 from importlib import import_module
 
-from .allocator import keep_freed_memory
-from .config import SparsityEvolutionConfig
-from .engine import NonFiniteError, SparsityEvolution, merge, merged_state_dict
-from .layer import SparseDeltaLinear, UpdateStats
-from .optim_state import reset_optimizer_slots
-from .patterns import SparsityPattern, detect_pattern
-from .report import SparsityReport, sparsity_report
-from .targets import find_target_linears
+# Public name -> the submodule that defines it.
+_HOME = {
+    "NonFiniteError": ".engine",
+    "SEFTCallback": ".trainer",
+    "SEFTConfig": ".trainer",
+    "SEFTSFTTrainer": ".trainer",
+    "SparseDeltaLinear": ".layer",
+    "SparsityEvolution": ".engine",
+    "SparsityEvolutionConfig": ".config",
+    "SparsityPattern": ".patterns",
+    "SparsityReport": ".report",
+    "UpdateStats": ".layer",
+    "detect_pattern": ".patterns",
+    "find_target_linears": ".targets",
+    "keep_freed_memory": ".allocator",
+    "merge": ".engine",
+    "merged_state_dict": ".engine",
+    "reset_optimizer_slots": ".optim_state",
+    "sparsity_report": ".report",
+}
 
-_LAZY = {"SEFTCallback": ".trainer", "SEFTConfig": ".trainer", "SEFTSFTTrainer": ".trainer"}
+__all__ = sorted(_HOME)
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name], __name__), name)
+    if name in _HOME:
+        return getattr(import_module(_HOME[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "NonFiniteError",
-    "SEFTCallback",
-    "SEFTConfig",
-    "SEFTSFTTrainer",
-    "SparseDeltaLinear",
-    "SparsityEvolution",
-    "SparsityEvolutionConfig",
-    "SparsityPattern",
-    "SparsityReport",
-    "UpdateStats",
-    "detect_pattern",
-    "find_target_linears",
-    "keep_freed_memory",
-    "merge",
-    "merged_state_dict",
-    "reset_optimizer_slots",
-    "sparsity_report",
-]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
