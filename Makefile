@@ -7,7 +7,7 @@ PIP_INSTALL := $(PY) -m pip install --quiet -c constraints.txt
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: test install demo bench-layer gpu-check
+.PHONY: test install demo docs bench-layer gpu-check
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(VENV)/.installed
 # would spin against each other. Tests that share a session fixture share a worker (xdist_group).
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
+
+# The documentation site, offline, into site/ (the test suite builds it too, in strict mode).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 bench-layer: install
 	$(PY) benchmarks/layer_speed.py
