@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import enum
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from seft_trl import SEFTConfig, SEFTSFTTrainer, sparsity_report
-from seft_trl.apps.cli import COMMANDS, checkpoint_report, main
+from seft_trl.apps.cli import COMMANDS, main
+from seft_trl.apps.noise import NOISE, silence_import_noise
+from seft_trl.apps.report import checkpoint_report
 from seft_trl.pruning import prune
 from seft_trl.testing import byte_tokenizer, tiny_model
 from trainer_helpers import seft_args, text_dataset
@@ -33,6 +38,84 @@ def tiny_checkpoint(folder: Path) -> Path:
 def test_the_console_script_runs_and_lists_the_subcommands():
     top = subprocess.run([str(SEFT_TRL), "--help"], env=ENV, capture_output=True, text=True, timeout=120)
     assert top.returncode == 0 and all(name in top.stdout for name in COMMANDS), top.stdout + top.stderr
+
+
+HEAVY = ("torch", "transformers", "trl", "numpy", "accelerate", "peft")
+# Runs the command line as the console script does, then lists the heavy modules it imported.
+MAIN_THEN_IMPORTS = f"""
+import sys
+from seft_trl.apps.cli import main
+try:
+    main()
+finally:
+    print("imported:", *sorted(m for m in {HEAVY!r} if m in sys.modules), flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    "argv, first_line",
+    [(["--help"], "usage: seft-trl {"), ([], "usage: seft-trl {"), (["squash"], "seft-trl: unknown subcommand 'squash'")],
+)
+def test_the_top_level_answers_without_importing_torch_or_trl(argv, first_line):
+    result = subprocess.run([sys.executable, "-c", MAIN_THEN_IMPORTS, *argv], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=120)
+    lines = result.stdout.splitlines()
+    assert "imported:" in lines, result.stdout  # with nothing after it
+    lines.remove("imported:")
+    assert lines[0].startswith(first_line), result.stdout
+
+
+def test_a_subcommand_help_starts_with_its_usage_line():
+    """No import notice of torch, torchao or bitsandbytes before it, on stdout and stderr as a terminal shows them."""
+    result = subprocess.run([str(SEFT_TRL), "report", "--help"], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.startswith("usage: seft-trl report"), result.stdout
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_the_noise_filters_drop_those_notices_only(monkeypatch):
+    so = "/env/site-packages/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so"
+    enum_notice = ("%s is an Enum subclass and is now natively supported by torch.compile as an opaque value type. "
+                   "Calling register_constant() on Enum subclasses is deprecated and will be an error in a future release.")
+    torchao_enum = enum.Enum("KernelPreference", "AUTO", module="torchao.quantization.quantize_.common.kernel_preference")
+    own_enum = enum.Enum("Scope", "ROW", module="seft_trl.patterns")
+    # logger -> (message, args, whether it is a notice to drop), as the packages log them
+    logged = {
+        "torchao": [(f"Failed to load {so}: Could not load this library: {so}", (), True),
+                    ("Skipping import of cpp extensions due to incompatible torch version.", (), False)],
+        "torch.utils._pytree": [(enum_notice, (torchao_enum,), True), (enum_notice, (own_enum,), False)],
+        "bitsandbytes.backends.cpu.ops": [
+            ("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already `pip "
+             "install kernels` and the kernels >= 0.11.1", (ImportError("kernels"),), True),
+            ("Failed to load the CPU library: %s", ("libbitsandbytes_cpu.so",), False),
+        ],
+    }
+    assert logged.keys() == NOISE.keys()
+    collect = Collect()
+    for name in logged:  # this test's filters and handler only, restored afterwards
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "filters", [])
+        monkeypatch.setattr(logger, "handlers", [collect])
+        monkeypatch.setattr(logger, "propagate", False)
+    warning_filters = list(warnings.filters)
+
+    silence_import_noise()
+    silence_import_noise()
+    assert all(len(logging.getLogger(name).filters) == 1 for name in logged)  # once, however often it is called
+    for name, records in logged.items():
+        for message, args, _ in records:
+            logging.getLogger(name).warning(message, *args)
+    kept = [message % args for records in logged.values() for message, args, dropped in records if not dropped]
+    assert collect.messages == kept
+    assert warnings.filters == warning_filters  # warnings.warn, ours and transformers', is never touched
 
 
 @pytest.mark.parametrize(

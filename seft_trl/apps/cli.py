@@ -12,139 +12,48 @@ from the classes of :mod:`seft_trl.apps.options`, TRL's ``ModelConfig`` and ``SE
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from pathlib import Path
+from dataclasses import dataclass
+from importlib import import_module
 from typing import Callable
 
-import torch
-from trl import TrlParser
-
-from ..patterns import SparsityPattern, detect_pattern
-from ..report import LayerSparsity, SparsityReport
-from ..saving import file_damage
-from ..targets import output_embedding_names
-from .options import CheckpointArguments, EvalArguments
-from .prune import PRUNE_ARGUMENTS, prune_checkpoint
-from .recipes import REPAIR_ARGUMENTS, measure_perplexity, repair
+from .noise import silence_import_noise
 
 
-def evaluate_checkpoint(checkpoint: CheckpointArguments, evaluation: EvalArguments) -> dict:
-    """Perplexity on ``eval_text`` and, when tasks are named, the zero-shot suite; printed and returned."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass(frozen=True)
+class Command:
+    """A subcommand's help line, and where its option classes and its function live.
 
-    if evaluation.eval_text is None and not evaluation.eval_tasks:
-        raise ValueError("eval needs --eval_text (perplexity) or --eval_tasks (zero-shot), or both.")
-    model_path = checkpoint.require_model("eval")
-    device = checkpoint.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=checkpoint.torch_dtype()).to(device).eval()
-    results: dict = {"model": model_path}
-    if evaluation.eval_text is not None:
-        measured = measure_perplexity(model, tokenizer, evaluation.eval_source(), evaluation.eval_seqlen)
-        results.update(perplexity=measured.value, eval_seqlen=measured.seqlen, eval_note=measured.note)
-        print(f"perplexity: {'-' if measured.value is None else f'{measured.value:.3f}'} "
-              f"({measured.seqlen}-token windows{'; ' + measured.note if measured.note else ''})")
-    if evaluation.eval_tasks:
-        from ..evaluation import zero_shot
-
-        scores = zero_shot(model, tokenizer, evaluation.eval_tasks, limit=evaluation.eval_limit)
-        results["zero_shot"] = scores.as_dict()
-    if checkpoint.output_dir:
-        folder = Path(checkpoint.output_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    return results
-
-
-def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not folder.is_dir():
-        raise ValueError(f"{folder} does not exist: report reads a local checkpoint folder.")
-    files = sorted(folder.glob("*.safetensors"))
-    sharded = sorted(folder.glob("pytorch_model_fsdp_*"))  # accelerate's torch.distributed.checkpoint folders
-    if not files and sharded:
-        raise ValueError(
-            f"{folder} is a sharded FSDP checkpoint ({sharded[0].name}), which only resumes training: report the "
-            "merged folder that save_model() writes at the end."
-        )
-    if not files:
-        raise ValueError(f"{folder} holds no .safetensors weights: give a checkpoint folder (merged or checkpoint-N).")
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        damage = file_damage(file)
-        if damage is not None:
-            raise ValueError(f"{file} is damaged: {damage}. Save or copy the checkpoint again.")
-        tensors.update(load_file(file))
-    return tensors
-
-
-@torch.no_grad()
-def checkpoint_report(folder: str | Path) -> SparsityReport:
-    """The sparsity report of a saved folder: a plain (merged, pruned) checkpoint or a SEFT periodic one.
-
-    The linear layers come from the config (the model is built on the meta device, so no weight is
-    loaded twice); a SEFT checkpoint's layers are also checked against the budgets it saved.
+    The module is imported only when the subcommand runs: it imports torch, transformers and TRL,
+    which take seconds, so ``seft-trl --help`` and a mistyped name answer without them.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    folder = Path(folder)
-    tensors = _safetensors(folder)
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} has no config.json: report reads a folder that save_pretrained (or seft-trl) wrote.")
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-    excluded = output_embedding_names(skeleton)
-    names = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and n not in excluded]
-    entries, weights = [], []
-    for name in names:
-        weight = tensors.get(f"{name}.weight")
-        if weight is None:
-            continue  # tied to a saved tensor
-        nonzeros = int(torch.count_nonzero(weight))
-        support, budget, within = nonzeros, None, True
-        index = tensors.get(f"{name}.delta_index")
-        if index is not None:  # SEFT layer: W' is saved; the support adds the delta positions
-            mask = weight.reshape(-1) != 0
-            mask[index.long()] = True
-            support, budget = int(mask.sum()), int(tensors[f"{name}.support_budget"])
-            row_budget = tensors.get(f"{name}.row_budget")
-            rows_within = row_budget is None or bool((mask.view(weight.shape).sum(1) <= row_budget).all())
-            within = support <= budget and rows_within
-        entries.append(LayerSparsity(name, tuple(weight.shape), weight.numel(), nonzeros, support, budget, within))
-        weights.append(weight)
-    pattern = detect_pattern(weights) if weights else SparsityPattern()
-    return SparsityReport(entries, str(pattern), all(e.within_budget for e in entries))
+    help: str
+    module: str  # relative to this package
+    arguments: str  # the module's tuple of option classes, parsed by TrlParser
+    function: str  # the module's function, called with the parsed options
+
+    def load(self) -> tuple[tuple[type, ...], Callable[..., object]]:
+        module = import_module(self.module, __package__)
+        return getattr(module, self.arguments), getattr(module, self.function)
 
 
-def report_command(checkpoint: CheckpointArguments) -> dict:
-    report = checkpoint_report(checkpoint.require_model("report"))
-    print(report.table())
-    if checkpoint.output_dir:
-        folder = Path(checkpoint.output_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "sparsity_report.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
-    return report.as_dict()
-
-
-# name: (help line, option classes, what to run on the parsed options)
-COMMANDS: dict[str, tuple[str, tuple[type, ...], Callable[..., object]]] = {
-    "prune": ("prune a causal LM one-shot (Wanda, SparseGPT, magnitude) into a plain checkpoint",
-              PRUNE_ARGUMENTS, prune_checkpoint),
-    "repair": ("prune optionally, repair with SEFT on instruction data, save merged, report",
-               REPAIR_ARGUMENTS, repair),
-    "eval": ("perplexity on a local text and the zero-shot suite of the pruning papers",
-             (CheckpointArguments, EvalArguments), evaluate_checkpoint),
-    "report": ("sparsity report of a checkpoint folder (merged, pruned or a SEFT checkpoint-N)",
-               (CheckpointArguments,), report_command),
+COMMANDS: dict[str, Command] = {
+    "prune": Command("prune a causal LM one-shot (Wanda, SparseGPT, magnitude) into a plain checkpoint",
+                     ".prune", "PRUNE_ARGUMENTS", "prune_checkpoint"),
+    "repair": Command("prune optionally, repair with SEFT on instruction data, save merged, report",
+                      ".recipes", "REPAIR_ARGUMENTS", "repair"),
+    "eval": Command("perplexity on a local text and the zero-shot suite of the pruning papers",
+                    ".evaluate", "EVAL_ARGUMENTS", "evaluate_checkpoint"),
+    "report": Command("sparsity report of a checkpoint folder (merged, pruned or a SEFT checkpoint-N)",
+                      ".report", "REPORT_ARGUMENTS", "report_command"),
 }
 
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = [f"  {name:<{width}}  {help_line}" for name, (help_line, _, _) in COMMANDS.items()]
+    lines = [f"  {name:<{width}}  {command.help}" for name, command in COMMANDS.items()]
     return "usage: seft-trl {" + ",".join(COMMANDS) + "} [options] [--config FILE.yaml] [--debug]\n\n" + "\n".join(lines) + (
         "\n\nseft-trl SUBCOMMAND --help lists the subcommand's options. An error prints one line; --debug (or "
         f"{DEBUG_ENV}=1) prints its traceback."
@@ -174,8 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         sys.exit(f"seft-trl: unknown subcommand {name!r}\n\n{usage()}")
-    help_line, classes, command = COMMANDS[name]
-    parser = TrlParser(classes, prog=f"seft-trl {name}", description=help_line[0].upper() + help_line[1:] + ".")
+    silence_import_noise()  # before the subcommand's module imports transformers
+    from trl import TrlParser
+
+    chosen = COMMANDS[name]
+    classes, command = chosen.load()
+    parser = TrlParser(classes, prog=f"seft-trl {name}", description=chosen.help[0].upper() + chosen.help[1:] + ".")
     try:
         command(*parser.parse_args_and_config(rest))
     except Exception as error:  # noqa: BLE001 - every failure ends in one line unless asked for the traceback
