@@ -7,7 +7,11 @@ Every option of seft_trl.apps.recipes (data, pruning, evaluation), SEFTConfig an
 works from the command line or the YAML file; see `--help`.
 """
 
-from seft_trl.apps.recipes import run
+from seft_trl.apps.noise import silence_import_noise
+
+silence_import_noise()  # torchao and bitsandbytes log them when seft_trl.apps.recipes imports transformers
+
+from seft_trl.apps.recipes import run  # noqa: E402
 
 if __name__ == "__main__":
     run(default_model="deepseek-ai/deepseek-llm-7b-base")

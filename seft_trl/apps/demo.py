@@ -17,17 +17,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from trl import TrlParser
+from .noise import silence_import_noise
 
-from ..allocator import keep_freed_memory
-from ..evaluation import perplexity
-from ..report import SparsityReport, sparsity_report
-from ..text import token_ids, training_chunks
-from ..trainer.sft_config import SEFTConfig
-from ..trainer.sft_trainer import SEFTSFTTrainer
-from .assets import english_texts, load_smollm2
-from .options import EvalArguments, PruningArguments, option
+# `python -m seft_trl.apps.demo` runs this module as the program, so the imports below are the ones
+# that import transformers (and torchao, bitsandbytes through it): silence their notices first.
+silence_import_noise()
+
+import torch  # noqa: E402
+from trl import TrlParser  # noqa: E402
+
+from ..allocator import keep_freed_memory  # noqa: E402
+from ..evaluation import perplexity  # noqa: E402
+from ..report import SparsityReport, sparsity_report  # noqa: E402
+from ..text import token_ids, training_chunks  # noqa: E402
+from ..trainer.sft_config import SEFTConfig  # noqa: E402
+from ..trainer.sft_trainer import SEFTSFTTrainer  # noqa: E402
+from .assets import english_texts, load_smollm2  # noqa: E402
+from .options import EvalArguments, PruningArguments, option  # noqa: E402
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 from trl import TrlParser
 
 from ..saving import check_target, save_checkpoint
+from .noise import silence_import_noise
 from .options import CheckpointArguments, PruningArguments
 
 PRUNE_ARGUMENTS = (CheckpointArguments, PruningArguments)
@@ -50,6 +51,7 @@ def prune_checkpoint(checkpoint: CheckpointArguments, pruning: PruningArguments)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m seft_trl.prune") -> None:
+    silence_import_noise()  # before prune_checkpoint imports transformers' model code
     parser = TrlParser(PRUNE_ARGUMENTS, prog=prog, description=__doc__.split("\n\n")[0])
     try:
         checkpoint, pruning = parser.parse_args_and_config(argv)
