@@ -132,6 +132,14 @@ def machine_description(device: torch.device) -> str:
     return "Machine: " + "; ".join(parts) + "."
 
 
+def documentation_paragraphs() -> list[str]:
+    """The paragraphs of the README and the documentation pages: English text every checkout has, for the
+    random-weight models of the smoke tests and the GPU check (nothing to download)."""
+    root = Path(__file__).resolve().parents[1]
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    return [paragraph.strip() for page in pages for paragraph in page.read_text().split("\n\n") if paragraph.strip()]
+
+
 def status_bytes(field: str) -> int:
     """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -39,6 +39,7 @@ from quality_workloads import Workload
 from seft_trl import SparsityEvolutionConfig, patterns, pruning
 from seft_trl.distillation import DistillationLoss, add_backbone_forward, distillation_loss
 from seft_trl.evaluation import perplexity
+from seft_trl.memory import SMOLLM2_135M
 from seft_trl.pruning import prune
 from seft_trl.report import SparsityReport, sparsity_report
 
@@ -72,6 +73,36 @@ def split_method(method: str) -> tuple[str, str | None]:
     """'seft+kd' -> ('seft', 'kd'); 'masked_lora' -> ('masked_lora', None)."""
     base, _, teaching = method.partition("+")
     return base, teaching or None
+
+
+def split_budget(base: str) -> tuple[str, float | None, int | None]:
+    """A method's kind and budget: 'seft@d0.05' -> ('seft', 0.05, None) (deltas: a fraction of each layer's
+    weights), 'spp@r32' -> ('spp', None, 32) (rank); without '@' the method has LoRA r's count."""
+    kind, _, budget = base.partition("@")
+    if not budget:
+        return kind, None, None
+    if budget[0] == "d" and kind in ("seft", "fixed_deltas"):
+        return kind, float(budget[1:]), None
+    if budget[0] == "r" and kind in ("masked_lora", "spp", "lora"):
+        return kind, None, int(budget[1:])
+    raise ValueError(f"{base}: a budget is @d<density> for seft and fixed_deltas, @r<rank> for the LoRA family")
+
+
+# How the best learning rate of sparse deltas falls as their density grows: lr ∝ density^-BUDGET_LR_EXPONENT.
+# Adam moves each delta by about the learning rate a step; a row's output moves with the square root of its
+# number of deltas where their steps' signs are independent (exponent 0.5) and with the number itself where
+# they agree (1). The benchmarks' two ends (LoRA's count, 2.3%, and every surviving weight, 50%) measure
+# between: 0.58 (SEFT, long regime: 3e-3 and masked full fine-tuning's 5e-4), 0.81 (fixed support, long:
+# 6e-3), 1.05 or more (both, short regime: 7.83e-3 at the grid's edge, and 3.13e-4).
+BUDGET_LR_EXPONENT = 0.75
+
+
+def budget_grid(lr: float, lora_density: float, density: float) -> tuple[float, ...]:
+    """Three learning rates for sparse deltas at ``density``, a factor 2 apart, around ``lr`` (the best at
+    LoRA's count, a density of ``lora_density``) scaled by (lora_density / density)^BUDGET_LR_EXPONENT; the
+    benchmark extends the grid while its best point sits at an edge."""
+    centre = lr * (lora_density / density) ** BUDGET_LR_EXPONENT
+    return tuple(float(f"{centre * factor:.3g}") for factor in (0.5, 1.0, 2.0))
 
 
 def trained_name(method: str) -> str:
@@ -133,7 +164,7 @@ class Regime:
 
     def seft_options(self, method: str) -> dict[str, object] | None:
         """The engine options of a SEFT-engine method (beyond the cadence); None for the other methods."""
-        base, _ = split_method(method)
+        base = split_budget(split_method(method)[0])[0]
         if base == "fixed_deltas":
             options = {"drop_fraction": 0.0}
         elif base == "seft":
@@ -163,10 +194,23 @@ SHORT_ABLATIONS = {
     "seft_magnitude": {"removal_criterion": "magnitude"},
     "seft_revert": {"drop_mode": "revert"},
 }
+# The budget axis (issue 41): sparse deltas from LoRA r=8's count (2.3% of SmolLM2's projection weights)
+# to 25% of each layer, the LoRA family at ranks 32 and 128; screened in the short regime first. Grids:
+# around each method's best at LoRA's count in the short regime (sparse deltas scaled by budget_grid).
+SMOLLM2_LORA_DENSITY = 2_442_240 / SMOLLM2_135M.projection_weights
+BUDGET_DENSITIES = (0.05, 0.1, 0.25)
+BUDGET_RANKS = (32, 128)
+SHORT_BUDGET_GRIDS = {
+    **{f"{kind}@d{density:g}": budget_grid(7.83e-3, SMOLLM2_LORA_DENSITY, density)
+       for kind in ("seft", "fixed_deltas") for density in BUDGET_DENSITIES},
+    **{f"{kind}@r{rank}": tuple(lr * f for f in (0.5, 1.0, 2.0))
+       for kind, lr in (("masked_lora", 6.25e-3), ("spp", 1.56e-2)) for rank in BUDGET_RANKS},
+}
 SHORT = Regime(
     name="short", steps=32, seqlen=128,
     grids={"lora": SHORT_LOW_RANK_GRID, "masked_lora": SHORT_LOW_RANK_GRID, "spp": SHORT_LOW_RANK_GRID,
-           "masked_full": (2e-5, 5e-5, 1.25e-4), "fixed_deltas": (2e-4, 5e-4, 1.25e-3), "seft": (2e-4, 5e-4, 1.25e-3)},
+           "masked_full": (2e-5, 5e-5, 1.25e-4), "fixed_deltas": (2e-4, 5e-4, 1.25e-3), "seft": (2e-4, 5e-4, 1.25e-3),
+           **SHORT_BUDGET_GRIDS},
     grid_factor=2.5, max_grid_extensions=2, ablations=SHORT_ABLATIONS, ablations_everywhere=tuple(SHORT_ABLATIONS),
     stem="quality",
 )
@@ -327,19 +371,21 @@ def make_adapter(method: str, model: nn.Module, work: Workload, seed: int, regim
     ``parent``: the dense model, given to SEFT-engine methods with a teaching (dense-value revival).
     """
     torch.manual_seed(seed)
-    count = lora_trainable_count(model, work.rank)
-    base, _ = split_method(method)
+    base, density, rank = split_budget(split_method(method)[0])
+    rank = rank or work.rank
+    count = lora_trainable_count(model, rank)
     if base == "lora":
-        return peft_lora_adapter(model, work.rank, 2 * work.rank), count
+        return peft_lora_adapter(model, rank, 2 * rank), count
     if base == "masked_lora":
-        return low_rank_adapter(model, work.rank, 2 * work.rank, "masked_add"), count
+        return low_rank_adapter(model, rank, 2 * rank, "masked_add"), count
     if base == "spp":
-        return low_rank_adapter(model, work.rank, 2 * work.rank, "scale"), count
+        return low_rank_adapter(model, rank, 2 * rank, "scale"), count
     if base == "masked_full":
         adapter = masked_full_adapter(model)
         return adapter, sum(int(torch.count_nonzero(p)) for p in adapter.parameters)
     config = seft_config(method, work, regime, seed, count)
-    return seft_adapter(model, config, parent), count
+    adapter = seft_adapter(model, config, parent)
+    return adapter, count if density is None else sum(p.numel() for p in adapter.parameters)
 
 
 def seft_config(method: str, work: Workload, regime: Regime, seed: int, count: int = 1) -> SparsityEvolutionConfig | None:
@@ -351,7 +397,9 @@ def seft_config(method: str, work: Workload, regime: Regime, seed: int, count: i
     options = regime.seft_options(method)
     if options is None:
         return None
-    return SparsityEvolutionConfig(num_deltas=count, target_modules=PROJECTIONS, seed=seed, **{**work.cadence, **options})
+    density = split_budget(split_method(method)[0])[1]
+    budget = {"num_deltas": count} if density is None else {"density": density}
+    return SparsityEvolutionConfig(**budget, target_modules=PROJECTIONS, seed=seed, **{**work.cadence, **options})
 
 
 def options_record(config: SparsityEvolutionConfig) -> str:

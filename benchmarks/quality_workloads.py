@@ -6,7 +6,7 @@
 * narrow (and its short screen): the repair a user runs on narrow data: trained on the Lee news corpus,
   pruned and validated on Wikipedia like the long regime, tested on Wikipedia (general text) and on
   held-out news (the repair's own domain);
-* quick: a tiny random LLaMA on the README's paragraphs, the same code path as the regime it stands in for.
+* quick: a tiny random LLaMA on the README's and the documentation's paragraphs, the same code path as the regime it stands in for.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from common import documentation_paragraphs
 from seft_trl.text import token_ids
 
 VAL_TOKENS, TEST_TOKENS = 24 * 512, 48 * 512  # long regime: whole 512-token evaluation windows
@@ -182,7 +183,7 @@ def opening_of(texts: list[str], split: str) -> str:
 
 
 def quick_workload(steps: int, long: bool, narrow: bool = False) -> Workload:
-    """A tiny random LLaMA and the README's paragraphs: exercises every method in seconds.
+    """A tiny random LLaMA and the README's and the docs' paragraphs: exercises every method in seconds.
 
     ``long`` takes the long regime's path (split by article order, capped held-out text, one epoch)
     with a cadence scaled to the few steps, so that topology updates happen; ``narrow`` adds the
@@ -191,8 +192,7 @@ def quick_workload(steps: int, long: bool, narrow: bool = False) -> Workload:
     from seft_trl.apps.assets import split_by_order
     from seft_trl.testing import byte_tokenizer, tiny_model
 
-    readme = Path(__file__).resolve().parent.parent / "README.md"
-    paragraphs = [p for p in readme.read_text().split("\n\n") if len(p) > 40]
+    paragraphs = [p for p in documentation_paragraphs() if len(p) > 40]
     tokenizer = byte_tokenizer()
     if long:
         train, val, test = split_by_order(paragraphs)
@@ -205,7 +205,7 @@ def quick_workload(steps: int, long: bool, narrow: bool = False) -> Workload:
         load_model=tiny_model, tokenizer=tokenizer, calibration_texts=train,
         train_ids=chunks(token_ids(tokenizer, train), 32), val_ids=val_ids, test_ids=test_ids,
         steps=steps, batch_size=2, eval_seqlen=64, calibration={"nsamples": 4, "seqlen": 64}, rank=2,
-        model_name="tiny random LLaMA (--quick)", corpus="the README's paragraphs", val_source="other paragraphs",
+        model_name="tiny random LLaMA (--quick)", corpus="the README's and the docs' paragraphs", val_source="other paragraphs",
         test_source="other paragraphs", cadence=scaled_cadence(steps), extra_evals=extra,
         extra_sources=dict.fromkeys(extra, "other paragraphs"),
     )

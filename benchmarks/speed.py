@@ -63,7 +63,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from transformers import TrainerCallback
 
 from baselines import PROJECTIONS, lora_trainable_count, masked_full_adapter
-from common import RESULTS_DIR, cpu_model, cpu_snapshot, machine_description, markdown_table, others_load, synchronizer
+from common import RESULTS_DIR, cpu_model, documentation_paragraphs, cpu_snapshot, machine_description, markdown_table, others_load, synchronizer
 from common import peak_memory, status_bytes, reset_peak_memory, write_report
 from seft_trl import allocator
 from seft_trl.apps.assets import english_texts, load_smollm2
@@ -126,17 +126,11 @@ TINY_NOTE = (
 )
 # A run at the defaults of this many steps sets the mean drop fraction the seft_mean_swap run swaps.
 NOMINAL_RUN_STEPS = 1000
-README = Path(__file__).resolve().parents[1] / "README.md"
 RESULT_TAG = "SPEED_RESULT "  # marks the worker's result line among the trainers' own prints
 MIB = 2**20
 
 
 # ------------------------------------------------------------------------------ preparation (parent)
-def readme_paragraphs() -> list[str]:
-    """The repository README's paragraphs: text for the random-weight models, always available offline."""
-    return [paragraph.strip() for paragraph in README.read_text().split("\n\n") if paragraph.strip()]
-
-
 def build_model(preset: str, device: torch.device) -> tuple[nn.Module, PreTrainedTokenizerBase, list[str]]:
     """(dense model, tokenizer, training texts) of a preset."""
     if preset == "smollm2":
@@ -148,7 +142,7 @@ def build_model(preset: str, device: torch.device) -> tuple[nn.Module, PreTraine
         torch.manual_seed(0)
         with device:  # initialise on the GPU: ~0.8B random weights take minutes on a CPU
             model = LlamaForCausalLM(LlamaConfig(**LARGE_LLAMA)).to(torch.bfloat16)
-    return model, byte_tokenizer(), readme_paragraphs()
+    return model, byte_tokenizer(), documentation_paragraphs()
 
 
 def prepare(preset: str, device: torch.device, seqlen: int, folder: Path) -> dict:

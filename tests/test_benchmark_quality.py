@@ -379,3 +379,32 @@ def test_swap_probe_freeze_holds_moved_slots_at_zero() -> None:
     assert seft["freeze_moved"] and len(seft["updates"]) == 2
     first = seft["updates"][0]  # its period runs to the second update: moved slots held, the others trained
     assert first["moved_step"] == 0.0 and first["kept_step"] > 0.0
+
+
+def test_a_budget_sets_the_deltas_density_or_the_low_rank_factors_rank():
+    from quality_plan import SHORT, make_adapter, split_budget
+
+    work = quick_workload(8, long=False)
+    model = tiny_model("llama")
+    prune_linears(model)
+    adapter, count = make_adapter("seft@d0.25", model, work, 0, SHORT)
+    projections = [m for n, m in model.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "gate_proj", "up_proj", "down_proj"))]
+    weights = sum(m.weight.numel() for m in projections)
+    assert count == sum(p.numel() for p in adapter.parameters) == pytest.approx(0.25 * weights, abs=len(projections))
+    model = tiny_model("llama")
+    prune_linears(model)
+    adapter, count = make_adapter("spp@r16", model, work, 0, SHORT)
+    assert count == sum(p.numel() for p in adapter.parameters) == 16 * sum(
+        m.in_features + m.out_features for n, m in model.named_modules() if n.endswith(".base"))
+    assert split_budget("masked_lora@r32") == ("masked_lora", None, 32)
+    with pytest.raises(ValueError, match="@d<density>"):
+        split_budget("masked_lora@d0.1")
+
+
+def test_budget_grids_scale_the_rate_down_as_the_density_grows():
+    from quality_plan import BUDGET_LR_EXPONENT, budget_grid
+
+    low, mid, high = budget_grid(8e-3, 0.02, 0.08)
+    assert low == pytest.approx(mid / 2, rel=1e-2) and high == pytest.approx(mid * 2, rel=1e-2)
+    assert mid == pytest.approx(8e-3 * 4 ** -BUDGET_LR_EXPONENT, rel=1e-2)

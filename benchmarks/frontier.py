@@ -1,0 +1,163 @@
+"""The quality-memory frontier: each method's repair against the training memory it would need at 7B.
+
+Users choose a repair by what fits their GPU. The quality benchmark's budget axis (``seft@d0.1``,
+``spp@r32``, ... in ``quality_plan``) trains each method at several budgets on SmolLM2-135M; this script
+places every run at the memory the same method at the same relative budget would need to train
+LLaMA-2-7B (``seft_trl.memory``: bf16 weights, batch 4 × 2048, gradient checkpointing, 8-bit AdamW),
+and marks the frontier: the runs no other sparsity-preserving run beats at the same or less memory.
+
+The same relative budget: sparse deltas keep their density; the LoRA family keeps its trainable share of
+the projection weights (rank 8 on SmolLM2, 2.3%, is rank 57 on LLaMA-2-7B); masked full fine-tuning
+trains every surviving weight on both.
+
+    python benchmarks/frontier.py [--regime short]   # reads benchmarks/results/<stem>_runs.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import RESULTS_DIR, markdown_table, write_report
+from headline import PATTERNS, chosen_rates
+from quality_plan import REGIMES, split_budget, split_method
+from quality_runs import read_runs
+from seft_trl.memory import LLAMA2_7B, SMOLLM2_135M, Method, ModelShape, Workload, training_memory
+
+GB = 1e9
+GPUS = (24, 40, 80)
+FAMILIES = ("seft", "fixed_deltas", "masked_lora", "spp", "masked_full")  # sparsity-preserving, in the chart's order
+OPTIMIZER = "adamw_8bit"
+SPARSITY = {"50%": 0.5, "2:4": 0.5, "70%": 0.7}
+
+
+@dataclass(frozen=True)
+class Point:
+    method: str
+    family: str
+    trainable: int
+    memory_gb: float  # projected LLaMA-2-7B training step, 8-bit AdamW
+    test_ppls: tuple[float, ...]
+
+    @property
+    def ppl(self) -> float:
+        return statistics.fmean(self.test_ppls)
+
+    @property
+    def half_range(self) -> float:
+        return (max(self.test_ppls) - min(self.test_ppls)) / 2
+
+
+def low_rank_width(shape: ModelShape) -> int:
+    """Σ (in + out) over every projection: the LoRA family's trainable count per unit of rank."""
+    return shape.layers * sum(o + i for o, i in shape.projections())
+
+
+def projected(method: str, trainable: int, sparsity: float, shape: ModelShape = LLAMA2_7B) -> Method:
+    """The memory model's method at ``shape`` with the same relative budget as ``method``'s run on SmolLM2."""
+    family, density, _ = split_budget(split_method(method)[0])
+    share = trainable / SMOLLM2_135M.projection_weights
+    if family == "masked_full":
+        return Method("masked_full", sparsity=sparsity)
+    if family in ("seft", "fixed_deltas"):
+        return Method(family, density=density or share)
+    return Method(family, rank=max(1, round(share * shape.projection_weights / low_rank_width(shape))))
+
+
+def points(runs: dict, pattern: str, rates: dict[str, float]) -> list[Point]:
+    """Every sparsity-preserving method's run at ``pattern`` at its chosen rate, seeds pooled."""
+    found = []
+    for method, lr in sorted(rates.items()):
+        base, teaching = split_method(method)
+        family = split_budget(base)[0]
+        if teaching is not None or family not in FAMILIES:
+            continue
+        chosen = [r for r in runs.values() if (r.pattern, r.method, r.lr) == (pattern, method, lr)]
+        if not chosen:
+            continue
+        trainable = chosen[0].trainable
+        estimate = training_memory(LLAMA2_7B, projected(method, trainable, SPARSITY[pattern]), Workload(), OPTIMIZER)
+        found.append(Point(method, family, trainable, estimate.total / GB, tuple(r.test_ppl for r in chosen)))
+    return found
+
+
+def on_frontier(point: Point, others: list[Point]) -> bool:
+    """No other run reaches a lower perplexity at the same or less memory."""
+    return not any(o is not point and o.memory_gb <= point.memory_gb and o.ppl < point.ppl for o in others)
+
+
+def rows(found: list[Point]) -> list[list[str]]:
+    ordered = sorted(found, key=lambda p: (FAMILIES.index(p.family), p.memory_gb))
+    return [[p.method, f"{p.trainable:,}", f"{p.memory_gb:.1f}",
+             f"{p.ppl:.2f}" + (f" ± {p.half_range:.2f} (n={len(p.test_ppls)})" if len(p.test_ppls) > 1 else ""),
+             "**yes**" if on_frontier(p, found) else ""] for p in ordered]
+
+
+def plot(by_pattern: dict[str, list[Point]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = {pattern: found for pattern, found in by_pattern.items() if found}
+    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(6 * max(1, len(shown)), 4.5), squeeze=False)
+    for ax, (pattern, found) in zip(axes[0], shown.items()):
+        for family in FAMILIES:
+            line = sorted((p for p in found if p.family == family), key=lambda p: p.memory_gb)
+            if line:
+                ax.errorbar([p.memory_gb for p in line], [p.ppl for p in line], yerr=[p.half_range for p in line],
+                            marker="D" if family == "masked_full" else "o", capsize=3, label=family)
+        for gb in GPUS:
+            ax.axvline(gb, color="grey", linestyle=":", linewidth=1)
+            ax.text(gb, ax.get_ylim()[1], f" {gb} GB", va="top", fontsize=8, color="grey")
+        ax.set_title(f"Wanda {pattern}")
+        ax.set_xlabel("projected LLaMA-2-7B training memory, GB")
+        ax.set_ylabel("test perplexity (SmolLM2-135M)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Repair quality against the memory it needs (lower and further left is better); memory: the same "
+                 f"method and relative budget on LLaMA-2-7B, {OPTIMIZER}, batch 4 × 2048, gradient checkpointing",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(regime: str, folder: Path) -> str:
+    stem = REGIMES[regime].stem
+    runs = read_runs(folder / f"{stem}_runs.csv")
+    rates = chosen_rates(runs)
+    by_pattern = {pattern: points(runs, pattern, rates) for pattern in PATTERNS}
+    plot(by_pattern, folder / f"{stem}_frontier.png")
+    lines = [
+        f"# The quality-memory frontier, {regime} regime",
+        "",
+        f"Generated by `python benchmarks/frontier.py --regime {regime}` from `{stem}_runs.csv`: every "
+        "sparsity-preserving method at each budget the run log holds, at its learning rate chosen on validation "
+        "at 50%, test perplexity on SmolLM2-135M; memory: the projected peak of training the same method at the "
+        "same relative budget on LLaMA-2-7B (`seft_trl.memory`; bf16 weights, batch 4 × 2048, gradient "
+        f"checkpointing, {OPTIMIZER}). Frontier: no other run reaches a lower perplexity with the same or less "
+        "memory.",
+        "",
+        f"![quality against memory]({stem}_frontier.png)",
+        "",
+    ]
+    for pattern, found in by_pattern.items():
+        lines += [f"## Wanda {pattern}", ""]
+        lines += [markdown_table(["method", "trainable (135M)", "7B memory GB", "test ppl", "frontier"], rows(found))
+                  if found else "No run logged yet.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--regime", choices=sorted(REGIMES), default="short")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args()
+    write_report(report(args.regime, args.output_dir), args.output_dir / f"{REGIMES[args.regime].stem}_frontier.md")
+
+
+if __name__ == "__main__":
+    main()
