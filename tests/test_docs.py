@@ -49,7 +49,7 @@ def test_the_readme_is_a_short_front_door():
 
 def test_the_readme_headline_tables_are_the_run_logs():
     text = (ROOT / "README.md").read_text()
-    assert len(headline.MARKERS.findall(text)) == 2
+    assert len(headline.MARKERS.findall(text)) == 3
     assert headline.updated_readme(text) == text, "run `python benchmarks/headline.py --write`"
 
 
@@ -60,13 +60,19 @@ def test_the_headline_picks_each_methods_rate_on_validation(tmp_path):
         "50%,pruned,0,0,40,50,0.5,True,0,0,nan,0",
         "50%,seft,0.001,0,31,33,0.5,True,1,0,1,1",
         "50%,seft,0.003,0,30,34,0.5,True,1,0,1,1",  # best validation: its test perplexity is reported
+        "50%,seft,0.009,0,32,32,0.5,True,1,0,1,1",
         "50%,seft,0.003,1,30,35,0.5,True,1,0,1,1",
         "70%,seft,0.003,0,60,70,0.7,True,1,0,1,1",
+        "50%,seft+kd,0.003,0,29,31,0.5,True,1,0,1,1",  # a variant takes its method's rate
+        "50%,spp,0.001,0,31,33,0.5,True,1,0,1,1",  # a grid whose best is at its edge has chosen nothing yet
+        "50%,spp,0.003,0,30,32,0.5,True,1,0,1,1",
     ]
     (tmp_path / "quality_long_runs.csv").write_text(header + "\n".join(rows) + "\n")
     table = headline.headline_table("long", tmp_path)
     seft = next(line for line in table.splitlines() if line.startswith("| **SEFT** |"))
     assert seft == "| **SEFT** | 34.50 ± 0.50 | pending | 70.00 |"
+    assert "| **SEFT + dense parent** (seft_trl's default when the parent is known) | 31.00 | pending | pending |" in table
+    assert "| SPP-style low-rank scaling | pending | pending | pending |" in table
     assert "| dense model, before pruning | 20.00 | 20.00 | 20.00 |" in table
 
 
