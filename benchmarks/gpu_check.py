@@ -39,8 +39,9 @@ from common import RESULTS_DIR, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
-# The dry run's FSDP2 step: the quickest 2-process FSDP2 test, over gloo.
-FSDP2_OPTIM_TEST = "tests/test_ddp.py::test_moved_slot_state_of_sharded_deltas_is_written_chunk_by_chunk"
+# The FSDP2 step's selection: on a machine with 2 GPUs it runs them; a dry run collects the same selection
+# (the test suite runs every one of them over gloo, so running them again would only double its time).
+FSDP2_TESTS = ["tests/test_ddp.py", "-k", "fsdp2"]
 CUDA_TESTS = ["tests/test_sampled_kernels.py", "tests/test_layer.py", "tests/test_optim_state.py",
               "tests/test_trainer.py::test_resume_reproduces_the_uninterrupted_run_bitwise", "tests/test_distillation.py"]
 
@@ -72,7 +73,8 @@ def plan(dry_run: bool, workdir: Path, gpus: int = 0) -> list[Step]:
         kernels = {dtype: ["--device", "cpu", "--dtype", dtype, "--shapes", "64x96", "--tokens", "64",
                            "--densities", "0.01", "--repeats", "2"] for dtype in ("bf16", "fp32")}
         model = ["--quick", "--device", "cpu"]
-        fsdp2 = Step("FSDP2, 2 processes", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", FSDP2_OPTIM_TEST], 600)
+        fsdp2 = Step("FSDP2 tests, collected", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+                                                 *FSDP2_TESTS], 600)
     else:
         tests = CUDA_TESTS
         layer = ["--device", "cuda", "--layers", "4096x11008", "--tokens", "4096", "--repeats", "5", "--large-repeats", "5"]
@@ -82,7 +84,7 @@ def plan(dry_run: bool, workdir: Path, gpus: int = 0) -> list[Step]:
                            "--gather-max-work", "0"]
                    for dtype, shapes in (("bf16", "2048x5632,5632x2048,2048x2048,4096x11008"), ("fp32", "4096x11008"))}
         model = ["--device", "cuda", "--model", "llama-large", "--steps", "12", "--rounds", "2"]
-        fsdp2 = Step("FSDP2, 2 GPUs", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ddp.py", "-k", "fsdp2"],
+        fsdp2 = Step("FSDP2, 2 GPUs", [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *FSDP2_TESTS],
                      150, env={"SEFT_TEST_FSDP2_CONFIG": str(ROOT / "recipes" / "accelerate" / "fsdp2.yaml")},
                      skipped=None if gpus >= 2 else f"needs 2 GPUs, this machine has {gpus}")
     # The limits (460 s in all, 610 s with the FSDP2 step of a multi-GPU machine) fit the GPU session's 8

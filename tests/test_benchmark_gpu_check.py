@@ -14,7 +14,7 @@ def test_gpu_check_dry_run_runs_and_reports_every_step(gpu_check_dry_run):
     result = gpu_check_dry_run.result
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = gpu_check_dry_run.report.read_text()
-    for step in ("CUDA tests", "layer speed", "model speed and memory", "FSDP2, 2 processes"):
+    for step in ("CUDA tests", "layer speed", "model speed and memory", "FSDP2 tests, collected"):
         assert f"| {step} | passed |" in report
     assert "## layer speed" in report and "## model speed and memory" in report
     assert "optim `adamw_8bit`" in report and "gradient checkpointing on" in report
