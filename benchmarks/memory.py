@@ -113,8 +113,9 @@ def worker(label: str) -> dict:
         optimizer.zero_grad(set_to_none=False)  # the gradients stay allocated, as between steps of a run
     held = held_bytes(model, adapter.parameters, optimizer)
     trainable = sum(p.numel() for p in adapter.parameters)
-    if MEASURED[label].kind == "masked_full":  # its masks live in the adapter's closures, one bool per weight
-        held["buffers"] = trainable
+    if MEASURED[label].kind == "masked_full":
+        held["values"] = 0  # its trainable values are the model's own weights, which every method holds
+        held["buffers"] = trainable  # its masks live in the adapter's closures, one bool per weight
         trainable = sum(int(torch.count_nonzero(p)) for p in adapter.parameters)
     return {"label": label, "trainable": trainable, "held": held,
             "peak_increase": peak_memory(torch.device("cpu")) - loaded}
@@ -198,9 +199,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", choices=list(MEASURED), help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from <output-dir>/memory.json")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker)))
+        return
+    if args.report_only:
+        write_report(report(json.loads((args.output_dir / "memory.json").read_text())["measured"]),
+                     args.output_dir / "memory.md")
         return
     results = []
     for label in MEASURED:
