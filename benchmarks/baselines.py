@@ -72,7 +72,8 @@ class LowRankLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, device=linear.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, device=linear.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.register_buffer("mask", linear.weight.detach() != 0, persistent=False)
+        # The scaling keeps zeros zero by itself; only the additive update needs the mask.
+        self.register_buffer("mask", linear.weight.detach() != 0 if mode == "masked_add" else None, persistent=False)
 
     def merged_weight(self) -> torch.Tensor:
         low_rank = self.lora_B @ self.lora_A  # [out, in]

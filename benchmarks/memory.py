@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from common import RESULTS_DIR, machine_description, markdown_table, peak_memory, reset_peak_memory, status_bytes, write_report
-from seft_trl.memory import LLAMA2_7B, LLAMA2_70B, SMOLLM2_135M, Method, ModelShape, Workload, training_memory
+from seft_trl.memory import LLAMA2_7B, LLAMA2_70B, SMOLLM2_135M, Method, ModelShape, Workload, per_device_bytes, training_memory
 
 GB = 1e9
 MIB = 2**20
@@ -143,7 +143,7 @@ def projected_rows(shape: ModelShape, optimizer: str, gpus: int) -> list[list[st
     rows = []
     for method in PROJECTED:
         e = training_memory(shape, method, work, optimizer)
-        sharded = (e.weights + e.trainable_state + e.method_state) / gpus + e.activations + e.logits + e.transient
+        sharded = per_device_bytes(e, gpus)
         fits = " ".join(f"{g}" for g in GPUS if sharded <= g * GB) or "none"
         rows.append([method.label, f"{e.trainable / 1e6:,.1f}", f"{e.trainable_state / GB:.1f}", f"{e.method_state / GB:.1f}",
                      f"{e.transient / GB:.2f}", f"{e.method_bytes / GB:.1f}", f"{e.total / GB:.1f}",
@@ -200,6 +200,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=list(MEASURED), help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from <output-dir>/memory.json")
+    parser.add_argument("--methods", type=lambda text: text.split(","), default=None,
+                        help="measure only these (comma-separated labels); the others are read from memory.json")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker)))
@@ -208,12 +210,17 @@ def main() -> None:
         write_report(report(json.loads((args.output_dir / "memory.json").read_text())["measured"]),
                      args.output_dir / "memory.md")
         return
+    log = args.output_dir / "memory.json"
+    kept = {r["label"]: r for r in json.loads(log.read_text())["measured"]} if args.methods and log.exists() else {}
     results = []
     for label in MEASURED:
+        if label in kept and label not in args.methods:
+            results.append(kept[label])
+            continue
         done = subprocess.run([sys.executable, __file__, "--worker", label], capture_output=True, text=True, check=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(label, results[-1]["held"], flush=True)
-    (args.output_dir / "memory.json").write_text(json.dumps(
+    log.write_text(json.dumps(
         {"measured": results, "projected_methods": [asdict(m) for m in PROJECTED]}, indent=2) + "\n")
     write_report(report(results), args.output_dir / "memory.md")
 

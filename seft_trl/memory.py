@@ -10,10 +10,12 @@ What each method keeps beyond the frozen weights (``w`` = bytes of a weight, 2 i
   position, the base weight it sits on (``w``) and the optimizer's state; SEFT adds, once per
   accumulation window, one layer's dense fp32 gradient and its candidates' statistics (transient).
 * **LoRA-style adapters** (LoRA, masked LoRA / SQFT, SPP): fp32 factors, their gradients and the
-  optimizer's state, ``rank · (in + out)`` per projection. The masked and scaled variants keep a bool
-  mask of every projection weight, and form each projection's dense effective weight and low-rank
-  product in the forward and its dense fp32 gradient in the backward: with gradient checkpointing one
-  decoder layer's worth at a time (``2w + 4`` bytes a weight).
+  optimizer's state, ``rank · (in + out)`` per projection. Masked LoRA keeps a bool mask of every
+  projection weight (an implementation that rebuilt it from the weights' zeros at every forward would
+  trade it for time); SPP's scaling W ⊙ (1 + B·A) keeps zeros zero without one. Both form each
+  projection's dense effective weight and low-rank product in the forward and its dense fp32 gradient
+  in the backward: with gradient checkpointing one decoder layer's worth at a time (``2w + 4`` bytes a
+  weight).
 * **masked full fine-tuning**: every projection weight trains: a dense gradient (``w``), the
   optimizer's state for every element (AdamW does not know the mask) and a stored bool mask.
 
@@ -184,8 +186,9 @@ def training_memory(shape: ModelShape, method: Method, work: Workload = Workload
     elif method.kind in ("lora", "masked_lora", "spp"):
         trainable = shape.layers * sum(method.rank * (o + i) for o, i in projections)
         trainable_state = trainable * (4 + 4 + opt)
-        if method.kind != "lora":
+        if method.kind == "masked_lora":
             method_state = shape.projection_weights * 1  # the bool mask
+        if method.kind != "lora":
             transient = layer_weights * (2 * w + 4)
     else:  # masked full fine-tuning
         trainable = round((1 - method.sparsity) * shape.projection_weights)
@@ -201,3 +204,27 @@ def training_memory(shape: ModelShape, method: Method, work: Workload = Workload
         logits=logit_bytes(shape, work),
         transient=transient,
     )
+
+
+def per_device_bytes(estimate: MemoryEstimate, devices: int = 1) -> float:
+    """One device's share of a step under FSDP2 over ``devices``: weights and every state sharded, the
+    activations, logits and transient buffers of its own batch whole."""
+    sharded = estimate.weights + estimate.trainable_state + estimate.method_state
+    return sharded / devices + estimate.activations + estimate.logits + estimate.transient
+
+
+def largest_density(shape: ModelShape, device_bytes: float, work: Workload = Workload(), optimizer: str = "adamw_8bit",
+                    devices: int = 1, kind: str = "seft") -> float | None:
+    """The largest sparse-delta density (to 0.1%) whose training step fits ``device_bytes`` per device; None
+    when not even a thousandth of the weights fits (the weights, activations and logits alone are too large)."""
+
+    def fits(density: float) -> bool:
+        return per_device_bytes(training_memory(shape, Method(kind, density=density), work, optimizer), devices) <= device_bytes
+
+    if not fits(1e-3):
+        return None
+    low, high = 1, 1000  # in thousandths
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle / 1000) else (low, middle - 1)
+    return low / 1000

@@ -120,7 +120,8 @@ def test_the_noise_filters_drop_those_notices_only(monkeypatch):
 
 @pytest.mark.parametrize(
     "name, option",
-    [("prune", "--prune_method"), ("repair", "--seft_density"), ("eval", "--eval_tasks"), ("report", "--model_name_or_path")],
+    [("prune", "--prune_method"), ("repair", "--seft_density"), ("eval", "--eval_tasks"), ("report", "--model_name_or_path"),
+     ("memory", "--gpu_memory_gb")],
 )
 def test_every_subcommand_has_help(name, option, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -160,6 +161,8 @@ def test_prune_then_report_then_eval(tmp_path, capsys):
         (["prune", "--model_name_or_path", "m", "--prune_pattern", "4:2"], "0 < N < M"),
         (["eval", "--model_name_or_path", "m"], "needs --eval_text"),
         (["eval", "--model_name_or_path", "m", "--eval_text", "/no/such.txt"], "does not exist"),
+        (["memory", "--model_name_or_path", "m", "--optim", "lion"], "seft-trl memory knows"),
+        (["memory", "--model_name_or_path", "m", "--sparsity", "1.5"], "give the pruned fraction"),
     ],
 )
 def test_bad_options_stop_with_a_message_before_loading(argv, message, capsys):
@@ -256,3 +259,21 @@ def test_user_mistakes_end_in_one_line_and_exit_status_2_and_debug_shows_the_tra
     with pytest.raises(ValueError, match="line 3 is not valid JSON"):  # --debug: the exception itself, traceback and all
         main(["repair", "--model_name_or_path", str(model), "--dataset_name", str(bad_json), "--output_dir",
               str(tmp_path / "r"), *cpu, "--debug"])
+
+
+def test_memory_projects_every_method_from_the_config_alone_and_finds_the_density_that_fits(tmp_path, capsys):
+    from seft_trl.memory import ModelShape, Workload, largest_density, per_device_bytes, training_memory, Method
+
+    model = tiny_model("llama")
+    model.config.save_pretrained(tmp_path)  # no weights: memory reads config.json only
+    shape = ModelShape.from_config(model.config)
+    work = Workload(batch=2, seqlen=64)
+    fits = largest_density(shape, 1.2e6, work, "adamw_8bit")
+    assert fits is not None and 0 < fits < 1
+    step = lambda d: per_device_bytes(training_memory(shape, Method("seft", density=d), work, "adamw_8bit"))  # noqa: E731
+    assert step(fits) <= 1.2e6 < step(fits + 0.001)
+    main(["memory", "--model_name_or_path", str(tmp_path), "--gpu_memory_gb", "0.0012", "--per_device_train_batch_size",
+          "2", "--max_length", "64", "--sparsity", "0.5"])
+    out = capsys.readouterr().out
+    assert f"largest seft_density that fits: {min(fits, 0.5):g}" in out
+    assert "masked_full" in out and "spp r=64" in out

@@ -4,6 +4,7 @@
     seft-trl repair --model_name_or_path PRUNED --dataset_name alpaca.jsonl --output_dir REPAIRED [--config r.yaml]
     seft-trl eval   --model_name_or_path REPAIRED --eval_text wikitext2_test.txt [--eval_tasks boolq rte]
     seft-trl report --model_name_or_path REPAIRED/checkpoint-200
+    seft-trl memory --model_name_or_path meta-llama/Llama-2-7b-hf --gpu_memory_gb 24
 
 Each subcommand parses its options with ``TrlParser`` (command line and ``--config`` YAML alike)
 from the classes of :mod:`seft_trl.apps.options`, TRL's ``ModelConfig`` and ``SEFTConfig``:
@@ -48,6 +49,8 @@ COMMANDS: dict[str, Command] = {
                     ".evaluate", "EVAL_ARGUMENTS", "evaluate_checkpoint"),
     "report": Command("sparsity report of a checkpoint folder (merged, pruned or a SEFT checkpoint-N)",
                       ".report", "REPORT_ARGUMENTS", "report_command"),
+    "memory": Command("training memory of each repair method for a model and a GPU, and the SEFT density that fits",
+                      ".budget", "MEMORY_ARGUMENTS", "memory_command"),
 }
 
 
