@@ -68,6 +68,9 @@ def results_table(file: str, heading: str, index: int = 1) -> str:
 
 def options_table(path: str) -> str:
     """The fields that the dataclass at ``path`` (module.Class) declares in its own body, as a markdown table."""
+    from seft_trl.apps.noise import silence_import_noise
+
+    silence_import_noise()  # the option classes import transformers: no third-party import notices in the build log
     module, _, name = path.rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     own = cls.__dict__.get("__annotations__", {})
