@@ -120,6 +120,9 @@ def main() -> None:
              "no run starts that its method's median logged wall time would not finish")
     add("--rates-dir", default=None, help="the folder of the run log whose chosen learning rates the narrow regime "
                                           "reuses (the long regime's; default --output-dir)")
+    add("--start-any", action="store_true",
+        help="with --stop-after, start a run even when it cannot finish in time: it pauses at a checkpoint in "
+             "<output-dir>/partial/, which the next invocation on this machine resumes")
     add("--checkpoint-every", type=int, default=16, metavar="STEPS",
         help="save the run in progress this often, so even a killed benchmark loses little")
     args = parser.parse_args()
@@ -134,7 +137,7 @@ def main() -> None:
     work = build_workload(args, regime)
     deadline = None if args.stop_after is None else time.monotonic() + args.stop_after
     bench = Benchmark(regime, work, folder / f"{regime.stem}_runs.csv", args.seeds, args.quick, runnable,
-                      deadline=deadline, checkpoint_every=args.checkpoint_every)
+                      deadline=deadline, checkpoint_every=args.checkpoint_every, start_any=args.start_any)
     if regime.rates_from is not None:
         bench.rates = borrowed_rates(args, regime, work)
     if runnable:

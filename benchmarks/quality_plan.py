@@ -476,10 +476,12 @@ class Benchmark:
     """The runs of one regime: read from its log, run when missing and allowed, and the plan that orders them."""
 
     def __init__(self, regime: Regime, work: Workload, runs_path: Path, seeds: int, quick: bool,
-                 runnable: frozenset[str], deadline: float | None = None, checkpoint_every: int = 16) -> None:
+                 runnable: frozenset[str], deadline: float | None = None, checkpoint_every: int = 16,
+                 start_any: bool = False) -> None:
         self.regime, self.work, self.runs_path, self.seeds, self.quick = regime, work, runs_path, seeds, quick
         self.runnable = runnable  # methods that may run now; any other missing run is Pending
         self.deadline = deadline  # time.monotonic() after which no run starts and the current one pauses
+        self.start_any = start_any  # start runs the deadline will pause: their checkpoints stay on this machine
         self.checkpoint_every = checkpoint_every
         self.runs = self.current_runs(read_runs(runs_path))
         self.pruned: dict[str, tuple[nn.Module, SparsityReport]] = {}
@@ -575,9 +577,10 @@ class Benchmark:
 
         ``partial/`` is not committed, so a run paused at the end of a session is lost with its
         checkout. The expectation is the median logged wall time of the method in this regime (of
-        any trained method when it has none yet; no expectation before the first run).
+        any trained method when it has none yet; no expectation before the first run). With
+        ``start_any`` (a workspace that keeps ``partial/`` between sessions) every run may start.
         """
-        if self.deadline is None:
+        if self.deadline is None or self.start_any:
             return True
         timed = [run for run in self.runs.values() if run.train_s > 0 and math.isfinite(run.wall_s)]
         walls = [run.wall_s for run in timed if run.method == method] or [run.wall_s for run in timed]

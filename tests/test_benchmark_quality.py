@@ -220,11 +220,12 @@ def test_no_run_starts_that_its_methods_logged_wall_time_would_not_finish_before
         append_run(tmp_path / "runs.csv", run)
     work = quick_workload(8, long=True)
 
-    def bench(seconds_left: float) -> Benchmark:
+    def bench(seconds_left: float, start_any: bool = False) -> Benchmark:
         return Benchmark(LONG, work, tmp_path / "runs.csv", seeds=1, quick=True, runnable=frozenset({"seft", "spp"}),
-                         deadline=time.monotonic() + seconds_left)
+                         deadline=time.monotonic() + seconds_left, start_any=start_any)
 
     assert bench(3600.0).fits_before_deadline("seft") and not bench(3400.0).fits_before_deadline("seft")  # median 3500
+    assert bench(60.0, start_any=True).fits_before_deadline("seft")  # a workspace that keeps partial/ starts it anyway
     assert bench(3600.0).fits_before_deadline("spp") and not bench(2900.0).fits_before_deadline("spp")  # all: 3000
     with pytest.raises(OutOfTime, match="not started"):
         bench(3400.0).result("50%", "seft", 4e-3)
