@@ -67,5 +67,5 @@ def gpu_check_dry_run(tmp_path_factory: pytest.TempPathFactory) -> DryRun:
     report, workdir = folder / "gpu.md", folder / "steps"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--output", str(report),
-                             "--workdir", str(workdir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+                             "--workdir", str(workdir)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     return DryRun(result, report, workdir)
