@@ -23,6 +23,7 @@ from pathlib import Path
 from common import RESULTS_DIR, markdown_table, write_report
 from headline import PATTERNS, chosen_rates
 from quality_plan import REGIMES, split_budget, split_method
+from quality_report import half_range
 from quality_runs import read_runs
 from seft_trl.memory import LLAMA2_7B, SMOLLM2_135M, Method, ModelShape, Workload, training_memory
 
@@ -47,7 +48,7 @@ class Point:
 
     @property
     def half_range(self) -> float:
-        return (max(self.test_ppls) - min(self.test_ppls)) / 2
+        return half_range(list(self.test_ppls))
 
 
 def low_rank_width(shape: ModelShape) -> int:

@@ -53,8 +53,9 @@ def memory_table(shape: ModelShape, args: MemoryArguments) -> tuple[list[list[st
     rows = []
     for method in TABLE:
         method = Method("masked_full", sparsity=args.sparsity) if method.kind == "masked_full" else method
-        step = per_device_bytes(training_memory(shape, method, work, optimizer), args.num_gpus)
-        rows.append([method.label, f"{training_memory(shape, method, work, optimizer).trainable / 1e6:,.1f} M",
+        estimate = training_memory(shape, method, work, optimizer)
+        step = per_device_bytes(estimate, args.num_gpus)
+        rows.append([method.label, f"{estimate.trainable / 1e6:,.1f} M",
                      f"{step / GB:.1f}", "yes" if step <= args.gpu_memory_gb * GB else "no"])
     density = largest_density(shape, args.gpu_memory_gb * GB, work, optimizer, args.num_gpus)
     return rows, None if density is None else min(density, 1 - args.sparsity)
