@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from collections.abc import Sequence
 
 import torch
 
@@ -61,27 +62,35 @@ class SamplingPattern:
     move); the sampled kernels work over the sorted positions and scatter results back.
     """
 
-    def __init__(self, flat_index: torch.Tensor, out_features: int, in_features: int, kernel: str | None = None) -> None:
-        """``kernel``: one of :data:`KERNELS`; None takes the device's sampled kernel, or "dense"
-        (the dense product, then a gather) where the cost rule says that is cheaper. Benchmarks and
-        tests force one to compare them."""
+    def __init__(
+        self, flat_index: torch.Tensor | Sequence[torch.Tensor], out_features: int, in_features: int,
+        kernel: str | None = None,
+    ) -> None:
+        """``flat_index``: the positions [k], or several parts of them (an accumulation window's delta
+        slots and candidates) that sample as their concatenation. ``kernel``: one of :data:`KERNELS`;
+        None takes the device's sampled kernel, or "dense" (the dense product, then a gather) where the
+        cost rule says that is cheaper. Benchmarks and tests force one to compare them."""
         if kernel is not None and kernel not in KERNELS:
             raise ValueError(f"kernel={kernel!r}: choose one of {', '.join(KERNELS)}, or None for the default.")
-        self.numel = flat_index.numel()
+        parts = (flat_index,) if torch.is_tensor(flat_index) else tuple(flat_index)
+        self.numel = sum(part.numel() for part in parts)
         self.out_features, self.in_features = out_features, in_features
+        device = parts[0].device
         if kernel is None:
-            kernel = default_sampled_kernel(flat_index.device)
-            if flat_index.numel() * SAMPLED_ENTRY_COST[kernel] >= out_features * in_features:
+            kernel = default_sampled_kernel(device)
+            if self.numel * SAMPLED_ENTRY_COST[kernel] >= out_features * in_features:
                 kernel = "dense"
-        if kernel == "numba" and flat_index.device.type != "cpu":
-            raise ValueError(f"kernel='numba' runs on the CPU, not on {flat_index.device}: leave kernel=None.")
+        if kernel == "numba" and device.type != "cpu":
+            raise ValueError(f"kernel='numba' runs on the CPU, not on {device}: leave kernel=None.")
         self.kernel = kernel
-        # The sampled kernels need only the sorted layout below; the positions themselves are kept
-        # for the dense product's gather only (an accumulation window's pattern would otherwise
-        # keep one more copy of its millions of positions).
-        self.flat_index = flat_index if kernel == "dense" else None
-        if kernel == "dense" or flat_index.numel() == 0:
+        # The dense product gathers at the given parts, which their owners hold anyway: a window's
+        # pattern of one concatenated copy would hold 4 more bytes per delta and candidate, in every
+        # layer at once (a third of the window's memory). The sampled kernels keep only the sorted
+        # layout below.
+        self.parts = parts if kernel == "dense" else None
+        if kernel == "dense" or self.numel == 0:
             return
+        flat_index = parts[0] if len(parts) == 1 else torch.cat(parts)
         if kernel == "numba":
             from . import numba_kernels  # imports Numba: only where its kernel is used
 
@@ -166,7 +175,8 @@ def sampled_weight_gradient(
     if k == 0:
         return torch.zeros(0, dtype=torch.float32, device=x.device)
     if pattern.kernel == "dense":
-        return dense_weight_gradient(grad_output, x).view(-1)[pattern.flat_index]
+        dense = dense_weight_gradient(grad_output, x).view(-1)
+        return torch.cat([dense[part] for part in pattern.parts])
     if pattern.kernel == "triton":
         from .triton_kernels import sampled_gtx  # imports Triton: only where the fused kernel is used
 

@@ -101,12 +101,13 @@ class WindowStatistics:
     [cr])``. Within an optimizer step the micro-batches add into ``step_sum``, ``step_row_sq`` and
     ``step_col_sq``; closing the step sums them over ranks and adds them, and the step's square,
     into the window's totals, so the totals count whole steps: a skipped step leaves no trace.
+    ``step_sum`` exists only from the step's first backward to its close: every layer holds a
+    window at once, and a kept zeroed buffer would add a third to the window's memory.
     ``optimizer_dot`` and ``raw_sq`` relate this layer's gradient scale to the optimizer's (loss
     scaling, clipping, averaging over ranks): Σ_s ⟨δ.grad, raw δ gradient⟩ and Σ_s ‖raw‖².
     """
 
     candidates: Candidates
-    step_sum: torch.Tensor  # fp32 [k + cg + cr]
     step_row_sq: torch.Tensor  # fp32 [out]: Σ_t g[t, r]² of this step
     step_col_sq: torch.Tensor  # fp32 [in]: Σ_t x[t, c]² of this step
     grad_sum: torch.Tensor  # fp32 [k + cg + cr]: Σ over closed steps of the step's gradient
@@ -114,12 +115,13 @@ class WindowStatistics:
     row_sq: torch.Tensor  # fp32 [out]
     col_sq: torch.Tensor  # fp32 [in]
     counters: torch.Tensor  # fp64 [3]: closed steps, optimizer_dot, raw_sq
+    step_sum: torch.Tensor | None = None  # fp32 [k + cg + cr] of the open step; None between steps
     # Over cat(delta_index, grow_index, remove_index): one sampled product serves the δ gradient
     # and the statistics (delta positions do not change inside a window). Built on first use.
     pattern: SamplingPattern | None = None
     settled: bool = False  # copied out of the backward that opened the window (SparseDeltaLinear.close_step)
 
-    TENSORS = ("step_sum", "step_row_sq", "step_col_sq", "grad_sum", "grad_sq_sum", "row_sq", "col_sq", "counters")
+    TENSORS = ("step_row_sq", "step_col_sq", "grad_sum", "grad_sq_sum", "row_sq", "col_sq", "counters")
 
     @property
     def steps(self) -> int:
@@ -236,15 +238,21 @@ class SparseDeltaLinear(nn.Module):
         if window.pattern is None:  # the first step's later micro-batches, or a window just loaded
             window.pattern = self._window_pattern(window.candidates)
         values, row_sq, col_sq = sampled_gradient_and_square_sums(g, x, window.pattern)  # loss-scaled like g
+        # Its own storage: a view returned as δ's gradient would keep all k + cg + cr entries alive
+        # as δ.grad (autograd adopts a lone gradient) until the gradients are cleared.
+        grad_delta = values[: self.delta_index.numel()].clone()
         unscale = 1.0 / self.loss_scale
-        window.step_sum.add_(values, alpha=unscale)  # [k + cg + cr]
+        if window.step_sum is None:  # the step's first micro-batch
+            window.step_sum = values.mul_(unscale) if unscale != 1.0 else values  # [k + cg + cr]
+        else:
+            window.step_sum.add_(values, alpha=unscale)
         window.step_row_sq.add_(row_sq, alpha=unscale * unscale)
         window.step_col_sq += col_sq
-        return values[: self.delta_index.numel()]
+        return grad_delta
 
     def _window_pattern(self, candidates: Candidates) -> SamplingPattern:
-        positions = torch.cat([self.delta_index, candidates.grow_index, candidates.remove_index])
-        return SamplingPattern(positions, self.out_features, self.in_features)
+        parts = (self.delta_index, candidates.grow_index, candidates.remove_index)
+        return SamplingPattern(parts, self.out_features, self.in_features)
 
     def _open_window(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The window's first backward: one dense gradient to choose the candidates from."""
@@ -269,7 +277,6 @@ class SparseDeltaLinear(nn.Module):
         step_sum = torch.cat([grad_delta / self.loss_scale, grad.view(-1)[tracked] * share])
         self._window = WindowStatistics(
             candidates,
-            step_sum=step_sum,
             step_row_sq=row_sq * share,
             step_col_sq=col_sq * share,
             grad_sum=torch.zeros_like(step_sum),
@@ -277,6 +284,7 @@ class SparseDeltaLinear(nn.Module):
             row_sq=torch.zeros_like(row_sq),
             col_sq=torch.zeros_like(col_sq),
             counters=torch.zeros(3, dtype=torch.float64, device=step_sum.device),
+            step_sum=step_sum,
         )
         self._candidate_count = 0
         return grad_delta
@@ -389,6 +397,7 @@ class SparseDeltaLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
         saved = {key: state_dict.pop(prefix + key) for key in self.WINDOW_KEYS if prefix + key in state_dict}
+        state_dict.pop(prefix + "window_step_sum", None)  # zeros between steps, saved by earlier versions
         if not is_sharded(self.weight):
             self.load_window_state(saved, where=prefix.rstrip("."))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
@@ -422,20 +431,24 @@ class SparseDeltaLinear(nn.Module):
         if window is None:
             return
         if not skipped:
+            step_sum = window.step_sum
+            if step_sum is None:  # no backward reached this layer in the step: it added nothing
+                step_sum = torch.zeros_like(window.grad_sum)
             if self.stats_all_reduce is not None:
-                self.stats_all_reduce(window.step_sum)
+                self.stats_all_reduce(step_sum)
             if self.delta.grad is not None:
                 # fp64 copies: a reduction over a slice can depend on its memory alignment, which
                 # would make a resumed run differ from an uninterrupted one in the last bits.
-                raw, used = window.step_sum[: self.delta_index.numel()].double(), whole(self.delta.grad).double()
+                raw, used = step_sum[: self.delta_index.numel()].double(), whole(self.delta.grad).double()
                 window.counters[1] += (used * raw).sum()  # stays on the device: no sync per step
                 window.counters[2] += (raw * raw).sum()
-            window.grad_sum += window.step_sum
-            window.grad_sq_sum.addcmul_(window.step_sum, window.step_sum)
+            window.grad_sum += step_sum
+            window.grad_sq_sum.addcmul_(step_sum, step_sum)
             window.row_sq += window.step_row_sq
             window.col_sq += window.step_col_sq
             window.counters[0] += 1
-        for tensor in (window.step_sum, window.step_row_sq, window.step_col_sq):
+        window.step_sum = None
+        for tensor in (window.step_row_sq, window.step_col_sq):
             tensor.zero_()
         if not window.settled:
             self._settle(window)

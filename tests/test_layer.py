@@ -117,7 +117,7 @@ def test_window_start_backward_gives_same_delta_gradient_and_tracks_candidates()
     torch.testing.assert_close(window.step_row_sq, 2 * (g * g).sum(0), rtol=1e-5, atol=1e-4)
     # Closing the step moves it into the window's totals, with its square.
     layer.close_step()
-    assert window.steps == 1 and window.step_sum.abs().sum() == 0
+    assert window.steps == 1 and window.step_sum is None  # no per-step buffer held between steps
     torch.testing.assert_close(window.grad_sum, 2 * dense[tracked], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(window.grad_sq_sum, (2 * dense[tracked]) ** 2, rtol=1e-4, atol=1e-3)
     # A skipped step (fp16 overflow) leaves no trace.
@@ -125,6 +125,33 @@ def test_window_start_backward_gives_same_delta_gradient_and_tracks_candidates()
     layer.close_step(skipped=True)
     assert window.steps == 1
     torch.testing.assert_close(window.grad_sum, 2 * dense[tracked], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["dense", "numba"])
+def test_a_window_holds_only_its_statistics_and_candidates(kernel, monkeypatch):
+    """Between steps a window keeps two fp32 sums per entry and the candidates' positions: no per-step
+    buffer, no concatenated copy of the positions for the dense product, and δ's gradient never keeps
+    the window's k + cg + cr entries alive (autograd adopts a lone gradient as ``δ.grad``)."""
+    if kernel == "numba":
+        pytest.importorskip("numba")
+    import seft_trl.kernels as kernels
+
+    monkeypatch.setitem(kernels.SAMPLED_ENTRY_COST, "numba", 10**9 if kernel == "dense" else 1)
+    layer = make_layer(density=0.05)
+    x, g = torch.randn(64, 80), torch.randn(64, 48)
+    layer.begin_window(10, 4.0)
+    for _ in range(2):  # the window's opening step, then one through its pattern
+        layer.delta.grad = None
+        layer(x).backward(g)
+        layer.close_step()
+        assert layer.delta.grad.untyped_storage().nbytes() == layer.delta.grad.nbytes
+    window = layer._window
+    assert window.pattern.kernel == kernel and window.step_sum is None
+    entries = layer.delta.numel() + window.candidates.grow_index.numel() + window.candidates.remove_index.numel()
+    assert window.grad_sum.numel() == window.grad_sq_sum.numel() == entries
+    if kernel == "dense":  # the parts are the layer's own positions and candidates, not a copy
+        assert [p.data_ptr() for p in window.pattern.parts] == [
+            t.data_ptr() for t in (layer.delta_index, window.candidates.grow_index, window.candidates.remove_index)]
 
 
 def test_autocast_bf16_over_fp32_weights():
