@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 from common import RESULTS_DIR, machine_description, markdown_table, peak_memory, reset_peak_memory, status_bytes, write_report
-from seft_trl.memory import LLAMA2_7B, LLAMA2_70B, SMOLLM2_135M, Method, ModelShape, Workload, per_device_bytes, training_memory
+from seft_trl.memory import (
+    LLAMA2_7B, LLAMA2_70B, SMOLLM2_135M, Method, ModelShape, Workload, per_device_bytes, training_memory, window_bytes,
+)
 
 GB = 1e9
 MIB = 2**20
@@ -96,28 +98,52 @@ def held_bytes(model: torch.nn.Module, parameters: list, optimizer: torch.optim.
     return {"values": values, "gradients": gradients, "optimizer": state, "buffers": buffers}
 
 
+def window_held(model: torch.nn.Module) -> dict[str, int]:
+    """What SEFT's open accumulation windows hold between steps, read from the live tensors: the
+    statistics and candidate positions, what ``window_bytes`` counts from their sizes, the sampled
+    kernels' sorted layouts (none under the dense product), and the entries."""
+    from seft_trl.layer import SparseDeltaLinear, WindowStatistics
+
+    held = counted = layouts = entries = 0
+    for layer in (m for m in model.modules() if isinstance(m, SparseDeltaLinear)):
+        window = layer._window
+        grow, remove = window.candidates.grow_index, window.candidates.remove_index
+        held += sum(getattr(window, name).nbytes for name in WindowStatistics.TENSORS) + grow.nbytes + remove.nbytes
+        candidates = grow.numel() + remove.numel()
+        counted += window_bytes(layer.delta.numel() + candidates, candidates, layer.out_features, layer.in_features,
+                                in_step=False)
+        pattern = window.pattern
+        layouts += sum(getattr(pattern, name).nbytes for name in ("order", "col_indices", "crow_indices", "row_indices")
+                       if getattr(pattern, name, None) is not None)
+        entries += layer.delta.numel() + candidates
+    return {"held": held, "counted": counted, "sampled_layouts": layouts, "entries": entries}
+
+
 def worker(label: str) -> dict:
     torch.set_num_threads(1)
     model = smollm2_shaped_model().train()
     adapter = adapter_for(label, model)
     optimizer = torch.optim.AdamW(adapter.parameters, lr=1e-4)
-    adapter.attach(optimizer, STEPS, 0)
+    adapter.attach(optimizer, 100, 0)  # a long run: the update at step 3 falls before SEFT's freeze
     generator = torch.Generator().manual_seed(0)
     loaded = status_bytes("VmRSS")
     reset_peak_memory(torch.device("cpu"))
-    for _ in range(STEPS):
+    window = None
+    for step in range(1, STEPS + 1):
         ids = torch.randint(0, SMOLLM2_135M.vocab, (BATCH, SEQLEN), generator=generator)
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         adapter.after_step()
         optimizer.zero_grad(set_to_none=False)  # the gradients stay allocated, as between steps of a run
+        if step == STEPS - 1 and MEASURED[label].kind == "seft":  # the window opened at this step
+            window = window_held(model)
     held = held_bytes(model, adapter.parameters, optimizer)
     trainable = sum(p.numel() for p in adapter.parameters)
     if MEASURED[label].kind == "masked_full":
         held["values"] = 0  # its trainable values are the model's own weights, which every method holds
         held["buffers"] = trainable  # its masks live in the adapter's closures, one bool per weight
         trainable = sum(int(torch.count_nonzero(p)) for p in adapter.parameters)
-    return {"label": label, "trainable": trainable, "held": held,
+    return {"label": label, "trainable": trainable, "held": held, "window": window,
             "peak_increase": peak_memory(torch.device("cpu")) - loaded}
 
 
@@ -138,6 +164,23 @@ def measured_rows(results: list[dict]) -> list[list[str]]:
     return rows
 
 
+def window_rows(results: list[dict]) -> list[list[str]]:
+    work = Workload(batch=BATCH, seqlen=SEQLEN, weight_bytes=4, gradient_checkpointing=False)
+    rows = []
+    for result in results:
+        window = result.get("window")
+        if not window:
+            continue
+        trainable = result["trainable"]
+        bound = training_memory(SMOLLM2_135M, MEASURED[result["label"]], work, "adamw").window
+        rows.append([
+            result["label"], f"{trainable:,}", f"{window['entries']:,}", f"{window['entries'] / trainable:.2f}",
+            f"{window['held'] / MIB:.1f}", f"{window['counted'] / MIB:.1f}", f"{window['held'] / window['counted']:.3f}",
+            f"{window['held'] / trainable:.1f}", f"{bound / MIB:.1f}", f"{window['sampled_layouts'] / MIB:.1f}",
+        ])
+    return rows
+
+
 def projected_rows(shape: ModelShape, optimizer: str, gpus: int) -> list[list[str]]:
     work = Workload()
     rows = []
@@ -146,7 +189,7 @@ def projected_rows(shape: ModelShape, optimizer: str, gpus: int) -> list[list[st
         sharded = per_device_bytes(e, gpus)
         fits = " ".join(f"{g}" for g in GPUS if sharded <= g * GB) or "none"
         rows.append([method.label, f"{e.trainable / 1e6:,.1f}", f"{e.trainable_state / GB:.1f}", f"{e.method_state / GB:.1f}",
-                     f"{e.transient / GB:.2f}", f"{e.method_bytes / GB:.1f}", f"{e.total / GB:.1f}",
+                     f"{e.transient / GB:.2f}", f"{e.window / GB:.1f}", f"{e.method_bytes / GB:.1f}", f"{e.total / GB:.1f}",
                      f"{sharded / GB:.1f}", fits])
     return rows
 
@@ -171,6 +214,21 @@ def report(results: list[dict]) -> str:
                         "projected MiB", "held / projected", "bytes per trainable", "peak increase MiB"],
                        measured_rows(results)),
         "",
+        "## Measured: SEFT's accumulation windows",
+        "",
+        "For a few steps before each topology update every layer holds a window: for each delta and each growth "
+        "or removal candidate, fp32 sums of the gradient and of its square (and the step's own sum from its "
+        "backward to its close), and the candidates' positions (`seft_trl.layer.WindowStatistics`). Read from the "
+        f"live windows between steps {STEPS - 1} and {STEPS} (the window opened at step {STEPS - 1}); counted: "
+        "`seft_trl.memory.window_bytes` for the same sizes; projected bound: the projection's count at the "
+        "first update (every growth candidate a revival with its removal, the step's sum included). Sampled "
+        "layouts: the CPU kernel's sorted copy of the positions, held besides where it samples (none under "
+        "the dense product, which the cost rule takes on CUDA above 0.25% density).",
+        "",
+        markdown_table(["method", "deltas", "window entries", "entries per delta", "held MiB", "counted MiB",
+                        "held / counted", "bytes per delta", "projected bound MiB", "sampled layouts MiB"],
+                       window_rows(results)),
+        "",
     ]
     for shape, name, gpus in ((LLAMA2_7B, "LLaMA-2-7B", 1), (LLAMA2_70B, "LLaMA-2-70B", 8)):
         for optimizer in ("adamw", "adamw_8bit"):
@@ -184,11 +242,14 @@ def report(results: list[dict]) -> str:
                 "densities are fractions of each layer's weights (0.125 = 25% of the surviving weights at 50%; "
                 "0.0031 = LoRA r=8's count). Trainable state: values, gradients, optimizer state; method state: "
                 "positions and base values of deltas, masks; transient: the largest short-lived buffer "
-                "(SEFT: one layer's dense gradient once a window; masked LoRA, SPP: one decoder layer's dense "
-                "effective weights and gradient). Arithmetic, not a measurement: no GPU was lent.",
+                "(SEFT: the dense gradient that opens one layer's window; masked LoRA, SPP: one decoder layer's "
+                "dense effective weights and gradient); window: SEFT's accumulation windows of every layer at "
+                "their first update's peak. Under FSDP2 the parameters, their gradients and optimizer state are "
+                "sharded; buffers (positions, base values, masks) and SEFT's windows are whole on every rank. "
+                "Arithmetic, not a measurement: no GPU was lent.",
                 "",
                 markdown_table(["method", "trainable (M)", "trainable state GB", "method state GB", "transient GB",
-                                "method total GB", "step total GB", f"per GPU ({gpus}) GB", "fits a GPU of (GB)"],
+                                "window GB", "method total GB", "step total GB", f"per GPU ({gpus}) GB", "fits a GPU of (GB)"],
                                projected_rows(shape, optimizer, gpus)),
                 "",
             ]

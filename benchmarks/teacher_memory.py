@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from common import RESULTS_DIR, machine_description, markdown_table, peak_memory, reset_peak_memory, status_bytes
+from seft_trl.memory import LLAMA2_7B, Method, ModelShape, Workload, training_memory
 
 OPTIONS = {
     "none": None,
@@ -98,33 +99,58 @@ def worker(option: str) -> dict:
 # ------------------------------------------------------------------------------------------ projection
 # bytes per weight of the teacher's projections, and what each option keeps in bf16 (embeddings, LM head, norms)
 BYTES_PER_PROJECTION_WEIGHT = {"bf16": 2.0, "int8": 1.0, "nf4": 0.5 + 4 / 64}  # nf4: one fp32 absmax per 64
-SHAPES = {  # hidden, MLP, layers, vocabulary, key-value width, tied embeddings
-    "LLaMA-2-7B": (4096, 11008, 32, 32000, 4096, False),
-    "LLaMA-3-8B": (4096, 14336, 32, 128256, 1024, False),
+SHAPES = {
+    "LLaMA-2-7B": LLAMA2_7B,
+    "LLaMA-3-8B": ModelShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256),
 }
-# Per delta at seft_density 0.01: δ (fp32) 4 + its gradient 4 + position (int32) 4 + base (bf16) 2 + 8-bit Adam 2.
-BYTES_PER_DELTA = 16
+GPUS = 8
 
 
 def projection_rows() -> list[list[str]]:
     rows = []
-    for name, (hidden, mlp, layers, vocab, kv, tied) in SHAPES.items():
-        projections = layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp)
-        rest = vocab * hidden * (1 if tied else 2) + layers * 2 * hidden + hidden
-        student = 2 * (projections + rest) + BYTES_PER_DELTA * 0.01 * projections
+    for name, shape in SHAPES.items():
+        e = training_memory(shape, Method("seft", density=0.01), Workload(), "adamw_8bit")
+        student_whole = e.method_state + e.window + e.transient  # buffers and windows: whole on every rank
+        student = e.weights + e.trainable_state + student_whole
+        projections = shape.projection_weights
+        rest = shape.parameters - projections
+        rows_out = shape.layers * sum(out for out, _ in shape.projections())  # int8's fp32 scale per output row
         for option, per_weight in BYTES_PER_PROJECTION_WEIGHT.items():
-            rows_out = layers * (3 * hidden + 2 * kv + 2 * mlp)  # output rows of the projections: int8's fp32 scales
             teacher = per_weight * projections + 2 * rest + (4 * rows_out if option == "int8" else 0)
+            per_gpu = (e.weights + e.trainable_state + teacher) / GPUS + student_whole
             rows.append([name, option, f"{student / 1e9:.1f}", f"{teacher / 1e9:.1f}", f"{(student + teacher) / 1e9:.1f}",
-                         f"{(student + teacher) / 8 / 1e9:.1f}"])
+                         f"{per_gpu / 1e9:.1f}"])
     return rows
+
+
+def projection_section() -> str:
+    return "\n".join([
+        "## Projected: a 7B/8B student at seft_density 0.01 with its teacher (GB, weights and SEFT state; "
+        "activations come on top)", "",
+        "Student: `seft_trl.memory.training_memory` with 8-bit AdamW: bf16 weights, 16 bytes per delta (δ and its "
+        "gradient in fp32, int32 position, bf16 base, 8-bit Adam), the accumulation windows of every layer at "
+        "their peak and the dense gradient that opens one (`memory.md`). Teacher: its projections at the option's "
+        "bytes per weight (int8: plus an fp32 scale per output row; nf4: plus an fp32 absmax per 64 weights), "
+        f"embeddings, LM head and norms in bf16. FSDP2 over {GPUS} GPUs shards both models' parameters, the "
+        "deltas' gradients and optimizer state; SEFT's buffers and windows stay whole on every rank: the last "
+        "column is per GPU. Arithmetic, not a measurement: no GPU was lent.", "",
+        markdown_table(["model", "teacher", "student GB", "teacher GB", "together GB", f"per GPU, FSDP2 × {GPUS}"],
+                       projection_rows()), "",
+    ])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", choices=sorted(OPTIONS), help=argparse.SUPPRESS)
     parser.add_argument("--output", default=str(RESULTS_DIR / "teacher_memory.md"))
+    parser.add_argument("--projection-only", action="store_true",
+                        help="rewrite only the projection section of an existing report (no measurement)")
     args = parser.parse_args()
+    if args.projection_only:
+        text = Path(args.output).read_text()
+        heading = text.index("## Projected: ")
+        Path(args.output).write_text(text[:heading] + projection_section() + "\n")
+        return
     if args.worker:
         print(json.dumps(worker(args.worker)))
         return
@@ -149,14 +175,7 @@ def main() -> None:
         "(what the option costs the teacher itself).", "",
         markdown_table(["teacher", "teacher MiB", "resident vs none", "peak RSS MiB", "peak vs none",
                         "step s (median)", "teacher ppl"], rows), "",
-        "## Projected: a 7B/8B student at seft_density 0.01 with its teacher (GB, weights and SEFT state; "
-        "activations come on top)", "",
-        "Student: bf16 weights plus 16 bytes per delta (δ and its gradient in fp32, int32 position, bf16 base, "
-        "8-bit Adam). Teacher: its projections at the option's bytes per weight (int8: plus an fp32 scale per "
-        "output row; nf4: plus an fp32 absmax per 64 weights), embeddings, LM head and norms in bf16. FSDP2 over "
-        "8 GPUs shards both models: the last column is per GPU. Arithmetic, not a measurement: no GPU was lent.", "",
-        markdown_table(["model", "teacher", "student GB", "teacher GB", "together GB", "per GPU, FSDP2 × 8"],
-                       projection_rows()), "",
+        projection_section(),
     ])
     Path(args.output).write_text(text + "\n")
     print(text)

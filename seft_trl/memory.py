@@ -7,8 +7,14 @@ reader can check each term; ``benchmarks/memory.py`` compares them with what a r
 What each method keeps beyond the frozen weights (``w`` = bytes of a weight, 2 in bf16):
 
 * **sparse deltas** (SEFT, fixed support): per delta an fp32 value and its fp32 gradient, an int32
-  position, the base weight it sits on (``w``) and the optimizer's state; SEFT adds, once per
-  accumulation window, one layer's dense fp32 gradient and its candidates' statistics (transient).
+  position, the base weight it sits on (``w``) and the optimizer's state. SEFT adds its accumulation
+  windows, open in every layer at once for a few steps before each update: per delta and per growth
+  or removal candidate two fp32 gradient sums (three while a step's own sum exists, from its backward
+  to its close), and an int32 position per candidate (:func:`window_bytes`). Candidates are
+  ``candidate_factor`` times the swaps of an update, ``drop_fraction`` of the deltas, for growth and
+  as many for removal at most: 2.6 entries per delta at the defaults' first update, so at the window's
+  peak SEFT holds more than its deltas' own state. Transient besides: the one layer's dense fp32
+  gradient that opens its window.
 * **LoRA-style adapters** (LoRA, masked LoRA / SQFT, SPP): fp32 factors, their gradients and the
   optimizer's state, ``rank · (in + out)`` per projection. Masked LoRA keeps a bool mask of every
   projection weight (an implementation that rebuilt it from the weights' zeros at every forward would
@@ -106,6 +112,9 @@ class Method:
     density: float = 0.0
     rank: int = 0
     sparsity: float = 0.5
+    # SEFT's windows: SparsityEvolutionConfig's defaults (a test keeps them equal).
+    drop_fraction: float = 0.2
+    candidate_factor: float = 4.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -138,15 +147,17 @@ class MemoryEstimate:
     activations: float
     logits: float
     transient: float  # the method's largest short-lived buffer (one layer's dense tensors)
+    window: float = 0.0  # SEFT: every layer's accumulation window at once, at its peak
 
     @property
     def total(self) -> float:
-        return self.weights + self.trainable_state + self.method_state + self.activations + self.logits + self.transient
+        return (self.weights + self.trainable_state + self.method_state + self.activations + self.logits
+                + self.transient + self.window)
 
     @property
     def method_bytes(self) -> float:
         """What the method adds to the frozen model's step: the number to compare methods by."""
-        return self.trainable_state + self.method_state + self.transient
+        return self.trainable_state + self.method_state + self.transient + self.window
 
 
 def activation_bytes(shape: ModelShape, work: Workload) -> float:
@@ -164,6 +175,16 @@ def logit_bytes(shape: ModelShape, work: Workload) -> float:
     return work.batch * work.seqlen * shape.vocab * (work.weight_bytes + 4 + 4)
 
 
+def window_bytes(entries: int, candidates: int, out_features: int, in_features: int, in_step: bool = True) -> int:
+    """One layer's accumulation window (``seft_trl.layer.WindowStatistics``): ``entries`` = deltas +
+    candidates, each with fp32 sums of the gradient and its square, plus the step's own sum while it
+    exists (``in_step``); an int32 position per candidate; fp32 curvature factors and their step's
+    sums over the rows and columns; three fp64 counters. Under the dense product the window's
+    sampling pattern gathers at these positions and holds no copy (the sampled kernels, chosen at
+    low densities, keep a sorted copy besides: 8 bytes an entry on the CPU)."""
+    return entries * (12 if in_step else 8) + candidates * 4 + 8 * (out_features + in_features) + 24
+
+
 def training_memory(shape: ModelShape, method: Method, work: Workload = Workload(), optimizer: str = "adamw") -> MemoryEstimate:
     """The itemised peak memory of training ``method`` on a model of ``shape``."""
     if optimizer not in OPTIMIZER_STATE_BYTES:
@@ -173,16 +194,18 @@ def training_memory(shape: ModelShape, method: Method, work: Workload = Workload
     projections = shape.projections()
     largest = max(o * i for o, i in projections)
     layer_weights = sum(o * i for o, i in projections)
-    method_state = transient = 0.0
+    method_state = transient = window = 0.0
     if method.kind in ("seft", "fixed_deltas"):
-        trainable = shape.layers * sum(round(method.density * o * i) for o, i in projections)  # as the engine counts
+        counts = [round(method.density * o * i) for o, i in projections]  # as the engine counts
+        trainable = shape.layers * sum(counts)
         trainable_state = trainable * (4 + 4 + opt)
         method_state = trainable * (4 + w)  # int32 position, base value in the weight's dtype
-        if method.kind == "seft":
-            # Once a window: one layer's dense fp32 gradient, plus its candidates (4x the swaps of 0.2 of
-            # its deltas) with an int32 position and two fp32 statistics each.
-            swaps = 0.2 * method.density * largest
-            transient = largest * 4 + 4 * swaps * (4 + 8)
+        if method.kind == "seft" and method.drop_fraction > 0:
+            transient = largest * 4  # the dense fp32 gradient that opens one layer's window
+            # At the first update (the drop fraction decays after it): growth candidates and at most as
+            # many removal candidates (one per revival) per layer, all layers at once.
+            candidates = [2 * max(1, round(method.candidate_factor * round(method.drop_fraction * k))) for k in counts]
+            window = shape.layers * sum(window_bytes(k + c, c, o, i) for k, c, (o, i) in zip(counts, candidates, projections))
     elif method.kind in ("lora", "masked_lora", "spp"):
         trainable = shape.layers * sum(method.rank * (o + i) for o, i in projections)
         trainable_state = trainable * (4 + 4 + opt)
@@ -203,14 +226,18 @@ def training_memory(shape: ModelShape, method: Method, work: Workload = Workload
         activations=activation_bytes(shape, work),
         logits=logit_bytes(shape, work),
         transient=transient,
+        window=window,
     )
 
 
 def per_device_bytes(estimate: MemoryEstimate, devices: int = 1) -> float:
-    """One device's share of a step under FSDP2 over ``devices``: weights and every state sharded, the
+    """One device's share of a step under FSDP2 over ``devices``: the parameters (weights, trainable
+    values) with their gradients and optimizer state sharded; buffers, which FSDP2 does not shard
+    (positions, base values, masks), SEFT's windows (every rank decides on whole layers), and the
     activations, logits and transient buffers of its own batch whole."""
-    sharded = estimate.weights + estimate.trainable_state + estimate.method_state
-    return sharded / devices + estimate.activations + estimate.logits + estimate.transient
+    sharded = estimate.weights + estimate.trainable_state
+    return (sharded / devices + estimate.method_state + estimate.window + estimate.activations + estimate.logits
+            + estimate.transient)
 
 
 def largest_density(shape: ModelShape, device_bytes: float, work: Workload = Workload(), optimizer: str = "adamw_8bit",

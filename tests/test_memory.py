@@ -7,7 +7,10 @@ import torch
 
 from seft_trl import SparsityEvolution, SparsityEvolutionConfig
 from seft_trl.pruning import prune
-from seft_trl.memory import LLAMA2_7B, Method, ModelShape, Workload, training_memory
+from seft_trl.memory import (
+    LLAMA2_7B, LLAMA2_70B, Method, ModelShape, Workload, per_device_bytes, training_memory, window_bytes,
+)
+from seft_trl.layer import WindowStatistics
 from seft_trl.testing import tiny_model
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -59,14 +62,74 @@ def test_masked_full_fine_tuning_pays_for_every_weight_and_eight_bit_state_is_a_
     assert full.method_state == weights  # the bool mask
 
 
-def test_sparse_deltas_grow_with_density_and_seft_adds_only_a_window_transient():
+def test_sparse_deltas_grow_with_density_and_seft_adds_its_windows():
     work = Workload()
     small, large = (training_memory(LLAMA2_7B, Method("seft", density=d), work, "adamw_8bit") for d in (0.01, 0.1))
     fixed = training_memory(LLAMA2_7B, Method("fixed_deltas", density=0.01), work, "adamw_8bit")
     state = lambda e: e.trainable_state + e.method_state  # noqa: E731
     assert state(large) == pytest.approx(10 * state(small), rel=1e-3)
-    assert small.total - fixed.total == pytest.approx(small.transient) and small.transient > 0
+    assert small.total - fixed.total == pytest.approx(small.transient + small.window) and small.transient > 0
     assert small.weights == fixed.weights and small.activations == fixed.activations
+    # 2.6 entries a delta at the first update, 12 bytes each, and two candidate positions: more than
+    # the deltas' own 16 bytes with 8-bit AdamW.
+    assert small.window == pytest.approx(small.trainable * (2.6 * 12 + 1.6 * 4), rel=0.01)  # + row and column factors
+    assert training_memory(LLAMA2_7B, Method("seft", density=0.01, drop_fraction=0.0), work).window == 0
+
+
+def test_seft_window_defaults_are_the_engines():
+    config, method = SparsityEvolutionConfig(), Method("seft", density=0.01)
+    assert (method.drop_fraction, method.candidate_factor) == (config.drop_fraction, config.candidate_factor)
+
+
+@pytest.mark.parametrize("grad_accumulation", [1, 2])
+def test_window_bytes_are_what_every_open_window_holds(grad_accumulation):
+    """Between steps and inside a step's backward, the live windows of a real engine are what
+    ``window_bytes`` counts from their sizes, and never more than the projection's first-update bound."""
+    model = tiny_model("llama")
+    prune(model, method="magnitude", sparsity=0.5)
+    config = SparsityEvolutionConfig(density=0.1, target_modules=list(PROJECTIONS), update_interval=4, accumulation_steps=3)
+    seft = SparsityEvolution(model, config)
+    optimizer = torch.optim.AdamW(seft.parameters(), lr=1e-3)
+    seft.attach(optimizer, total_steps=100)
+    layers = list(seft.layers.values())
+
+    def live(in_step: bool) -> tuple[int, int]:
+        held = counted = 0
+        for layer in layers:
+            window = layer._window
+            tensors = [getattr(window, name) for name in WindowStatistics.TENSORS]
+            tensors += [window.candidates.grow_index, window.candidates.remove_index]
+            tensors += [window.step_sum] if in_step else []
+            held += sum(t.nbytes for t in tensors)
+            candidates = window.candidates.grow_index.numel() + window.candidates.remove_index.numel()
+            counted += window_bytes(layer.delta.numel() + candidates, candidates, layer.out_features,
+                                    layer.in_features, in_step)
+        return held, counted
+
+    torch.manual_seed(0)
+    peak = 0
+    for step in range(3):  # the window opens at the second step and stays open through the third
+        for _ in range(grad_accumulation):
+            ids = torch.randint(0, model.config.vocab_size, (2, 16))
+            model(input_ids=ids, labels=ids).loss.backward()
+        if step >= 1:
+            held, counted = live(in_step=True)
+            assert held == counted
+            peak = max(peak, held)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    held, counted = live(in_step=False)
+    assert held == counted and all(layer._window.step_sum is None for layer in layers)
+    shape = ModelShape.from_config(model.config)
+    projected = training_memory(shape, Method("seft", density=0.1), Workload(weight_bytes=4), "sgd")
+    assert counted < peak <= projected.window
+
+
+def test_under_fsdp2_buffers_and_windows_stay_whole_on_every_rank():
+    one = training_memory(LLAMA2_70B, Method("seft", density=0.01), Workload(), "adamw_8bit")
+    eight = per_device_bytes(one, 8)
+    whole = one.method_state + one.window + one.activations + one.logits + one.transient
+    assert eight == pytest.approx((one.weights + one.trainable_state) / 8 + whole)
 
 
 def test_checkpointing_keeps_one_layer_of_activations():
