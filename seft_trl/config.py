@@ -147,6 +147,16 @@ class SparsityEvolutionConfig:
         default="freeze",
         metadata={"help": "A dropped delta keeps its learned value in the weight (freeze) or reverts to the base."},
     )
+    window_groups: int = field(
+        default=1,
+        metadata={
+            "help": "Layers take turns at topology updates in this many groups, their accumulation windows and "
+            "updates spread evenly over update_interval, so that only 1/window_groups of the layers hold a window "
+            "at once: at large densities the windows' gradient statistics outweigh the deltas' own state "
+            "(benchmarks/results/memory.md). 1: every layer updates at the same step, as in the paper. Needs "
+            "accumulation_steps x window_groups <= update_interval."
+        },
+    )
     candidate_factor: float = field(
         default=4.0,
         metadata={"help": "Candidates tracked per layer for growth and removal, as a multiple of the swaps."},
@@ -186,6 +196,15 @@ class SparsityEvolutionConfig:
             raise ValueError(
                 f"accumulation_steps must lie in [1, update_interval={self.update_interval}], "
                 f"got {self.accumulation_steps}."
+            )
+        if self.window_groups < 1:
+            raise ValueError(f"window_groups must be >= 1, got {self.window_groups}; 1 updates every layer at once.")
+        if self.accumulation_steps * self.window_groups > self.update_interval:
+            raise ValueError(
+                f"window_groups={self.window_groups} needs accumulation_steps x window_groups <= update_interval "
+                f"({self.accumulation_steps} x {self.window_groups} > {self.update_interval}), so "
+                "that the groups' windows do not overlap: raise update_interval or lower accumulation_steps or "
+                "window_groups."
             )
         if not 0.0 <= self.drop_fraction <= 1.0:
             raise ValueError(f"drop_fraction must lie in [0, 1], got {self.drop_fraction}.")

@@ -33,7 +33,7 @@ from .parent import DenseParent, check_parent_layers, dense_parent
 from .patterns import Scope, SparsityPattern, detect_pattern, satisfies
 from .sharding import is_sharded, local, whole
 from .targets import find_target_linears
-from .topology import drop_fraction_at, is_update_step
+from .topology import drop_fraction_at, is_update_step, next_update_step, window_group_offsets
 
 
 def _resolve_pattern(weights: dict[str, torch.Tensor], spec: str) -> SparsityPattern:
@@ -196,6 +196,11 @@ class SparsityEvolution:
             model.set_submodule(name, layer)
             self.layers[name] = layer
         _keep_out_of_ddp_broadcast(model, self.layers)
+        # Layers take turns at updates (config.window_groups): interleaved in model order, so that every
+        # group spans all depths and projection kinds.
+        names = list(self.layers)
+        self.window_groups = [names[g :: config.window_groups] for g in range(config.window_groups)]
+        self.group_offsets = window_group_offsets(config.update_interval, config.window_groups)
         self.model, self.config = model, config
         self.step_count = 0
         self.total_steps: int | None = None
@@ -273,9 +278,10 @@ class SparsityEvolution:
             self._check_finite_deltas()  # before W' is written: the weights keep the last finite step
             for layer in self.layers.values():
                 layer.materialize()
-            due = is_update_step(self.step_count, self.config.update_interval, self.end_step)
-            if due and self.scheduled_drop_fraction(self.step_count) > 0:
-                self.update_topology()
+            if self.scheduled_drop_fraction(self.step_count) > 0:
+                for group, offset in zip(self.window_groups, self.group_offsets):
+                    if is_update_step(self.step_count, self.config.update_interval, self.end_step, offset):
+                        self.update_topology(group)
         self._arm_window()
 
     def _check_finite_deltas(self) -> None:
@@ -302,31 +308,34 @@ class SparsityEvolution:
         """If the next optimizer step opens an accumulation window, arm the layers to pick candidates."""
         next_step = self.step_count + 1
         interval = self.config.update_interval
-        update_step = -(-next_step // interval) * interval
-        if not is_update_step(update_step, interval, self.end_step):
-            return
-        if next_step != update_step - self.config.accumulation_steps + 1:
-            return
-        fraction = self.scheduled_drop_fraction(update_step)
-        for layer in self.layers.values():
-            arm_window(layer, fraction, self.config.candidate_factor)
+        for group, offset in zip(self.window_groups, self.group_offsets):
+            update_step = next_update_step(next_step, interval, offset)
+            if not is_update_step(update_step, interval, self.end_step, offset):
+                continue
+            if next_step != update_step - self.config.accumulation_steps + 1:
+                continue
+            fraction = self.scheduled_drop_fraction(update_step)
+            for name in group:
+                arm_window(self.layers[name], fraction, self.config.candidate_factor)
 
-    def update_topology(self) -> dict[str, UpdateStats]:
-        """Drop, grow and adapt in every layer now; seeds (or resets) the optimizer state of moved slots.
+    def update_topology(self, names: list[str] | None = None) -> dict[str, UpdateStats]:
+        """Drop, grow and adapt in the layers ``names`` (default: every layer) now; seeds (or resets) the
+        optimizer state of moved slots.
 
-        Skipped as a whole (with a warning) when any layer's window statistics are not finite,
+        Skipped as a whole (with a warning) when any of these layers' window statistics are not finite,
         as after an fp16 overflow: a decision on NaN scores would be arbitrary.
         """
-        finite = [layer.finalize_window() for layer in self.layers.values()]  # every layer reduces, in order
+        layers = {name: self.layers[name] for name in (self.layers if names is None else names)}
+        finite = [layer.finalize_window() for layer in layers.values()]  # every layer reduces, in order
         if not all(finite):
             warnings.warn(f"Topology update at step {self.step_count} skipped: non-finite gradient statistics.")
-            for layer in self.layers.values():
+            for layer in layers.values():
                 layer.discard_window()
             return {}
         fraction = self.scheduled_drop_fraction(self.step_count)
         rates_left = self.rates_left()
         stats = {}
-        for name, layer in self.layers.items():
+        for name, layer in layers.items():
             dense = None if self.parent is None else functools.partial(self.parent.values, name)
             stats[name], moved_slots, mean_sq = layer.update_topology(layer.swap_count(fraction), rates_left[name], dense)
             if self.optimizer is None:

@@ -13,7 +13,8 @@ What each method keeps beyond the frozen weights (``w`` = bytes of a weight, 2 i
   to its close), and an int32 position per candidate (:func:`window_bytes`). Candidates are
   ``candidate_factor`` times the swaps of an update, ``drop_fraction`` of the deltas, for growth and
   as many for removal at most: 2.6 entries per delta at the defaults' first update, so at the window's
-  peak SEFT holds more than its deltas' own state. Transient besides: the one layer's dense fp32
+  peak SEFT holds more than its deltas' own state, unless layers take turns (``window_groups``: an
+  equal share of them holds a window at a time). Transient besides: the one layer's dense fp32
   gradient that opens its window.
 * **LoRA-style adapters** (LoRA, masked LoRA / SQFT, SPP): fp32 factors, their gradients and the
   optimizer's state, ``rank · (in + out)`` per projection. Masked LoRA keeps a bool mask of every
@@ -115,6 +116,7 @@ class Method:
     # SEFT's windows: SparsityEvolutionConfig's defaults (a test keeps them equal).
     drop_fraction: float = 0.2
     candidate_factor: float = 4.0
+    window_groups: int = 1  # layers taking turns at updates: 1/window_groups of them hold a window at once
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -127,7 +129,8 @@ class Method:
     @property
     def label(self) -> str:
         if self.kind in ("seft", "fixed_deltas"):
-            return f"{self.kind} {self.density:.3g}"
+            turns = f", windows in {self.window_groups} turns" if self.window_groups > 1 else ""
+            return f"{self.kind} {self.density:.3g}{turns}"
         if self.kind == "masked_full":
             return self.kind
         return f"{self.kind} r={self.rank}"
@@ -206,6 +209,7 @@ def training_memory(shape: ModelShape, method: Method, work: Workload = Workload
             # many removal candidates (one per revival) per layer, all layers at once.
             candidates = [2 * max(1, round(method.candidate_factor * round(method.drop_fraction * k))) for k in counts]
             window = shape.layers * sum(window_bytes(k + c, c, o, i) for k, c, (o, i) in zip(counts, candidates, projections))
+            window /= method.window_groups  # an equal share of the layers at a time (interleaved groups)
     elif method.kind in ("lora", "masked_lora", "spp"):
         trainable = shape.layers * sum(method.rank * (o + i) for o, i in projections)
         trainable_state = trainable * (4 + 4 + opt)

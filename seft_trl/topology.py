@@ -44,8 +44,22 @@ def drop_fraction_at(step: int, end_step: int, drop_fraction: float, schedule: s
     return drop_fraction * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def is_update_step(step: int, update_interval: int, end_step: int) -> bool:
-    return 0 < step <= end_step and step % update_interval == 0
+def is_update_step(step: int, update_interval: int, end_step: int, offset: int = 0) -> bool:
+    """Whether a group of layers whose updates sit ``offset`` steps into each interval updates at ``step``:
+    once an interval, from the first interval's end to ``end_step``."""
+    return update_interval <= step <= end_step and (step - offset) % update_interval == 0
+
+
+def window_group_offsets(update_interval: int, groups: int) -> list[int]:
+    """Each group's offset into the update interval: spread evenly, the first at 0 (one group: every
+    layer updates at each multiple of the interval, as in the paper)."""
+    return [round(g * update_interval / groups) for g in range(groups)]
+
+
+def next_update_step(step: int, update_interval: int, offset: int) -> int:
+    """The first step at or after ``step`` at which a group at ``offset`` updates (the run's end aside)."""
+    update = step + (offset - step) % update_interval
+    return update if update >= update_interval else update + update_interval
 
 
 def top_indices(score: torch.Tensor, count: int, largest: bool = True) -> torch.Tensor:

@@ -103,6 +103,29 @@ def test_budget_holds_after_every_step_over_50_steps(arch, scope, pruning, densi
         assert sum(s.revived for _, stats in updates for s in stats.values()) > 0
 
 
+def test_window_groups_take_turns_and_keep_the_budget(pruned_llama):
+    """Three groups: each layer updates once an interval at its group's offset, and only one group at a
+    time holds accumulation windows."""
+    config = SparsityEvolutionConfig(**{**FAST, "update_interval": 6}, window_groups=3, drop_schedule="constant")
+    seft = SparsityEvolution(pruned_llama, config)
+    budgets = {name: layer.support_size() for name, layer in seft.layers.items()}
+    open_windows, updated = [], {}
+
+    def after_step(step):
+        open_windows.append({name for name, layer in seft.layers.items() if layer._window is not None})
+        for name in seft.last_update:
+            updated.setdefault(name, []).append(seft.step_count)
+        assert all(layer.support_size() <= budgets[name] for name, layer in seft.layers.items())
+
+    train(pruned_llama, seft, 18, after_step=after_step)
+    groups = seft.window_groups
+    assert len(groups) == 3 and sorted(sum(groups, [])) == sorted(seft.layers)
+    assert all(any(names) for names in open_windows[4::2])  # a window is open after every other step from step 5
+    assert all(not names or any(names <= set(group) for group in groups) for names in open_windows)
+    for group, first in zip(groups, (6, 8, 10)):
+        assert all(updated[name] == list(range(first, 19, 6)) for name in group)
+
+
 def test_revival_happens_and_is_paid_for(pruned_llama):
     model = pruned_llama
     start = snapshot_weights(model)
@@ -464,7 +487,7 @@ def test_bad_input_raises_before_changing_the_model(pruned_llama, config, messag
 
 @pytest.mark.parametrize(
     "config", [dict(density=0.0), dict(density=1.5), dict(accumulation_steps=30), dict(sparsity_pattern="5:4"),
-               dict(column_cap=0.5)]
+               dict(column_cap=0.5), dict(window_groups=0), dict(window_groups=5)]
 )
 def test_bad_config_values_are_rejected(config):
     with pytest.raises(ValueError):

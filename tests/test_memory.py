@@ -78,7 +78,10 @@ def test_sparse_deltas_grow_with_density_and_seft_adds_its_windows():
 
 def test_seft_window_defaults_are_the_engines():
     config, method = SparsityEvolutionConfig(), Method("seft", density=0.01)
-    assert (method.drop_fraction, method.candidate_factor) == (config.drop_fraction, config.candidate_factor)
+    assert (method.drop_fraction, method.candidate_factor, method.window_groups) == (
+        config.drop_fraction, config.candidate_factor, config.window_groups)
+    turns = training_memory(LLAMA2_7B, Method("seft", density=0.01, window_groups=4))
+    assert turns.window == pytest.approx(training_memory(LLAMA2_7B, method).window / 4)
 
 
 @pytest.mark.parametrize("grad_accumulation", [1, 2])

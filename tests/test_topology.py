@@ -9,7 +9,9 @@ import torch
 
 from seft_trl.criteria import GAIN_ESTIMATES, GROWTH_CRITERIA, REMOVAL_CRITERIA, SWAP_TESTS
 from seft_trl.patterns import Scope, SparsityPattern, detect_pattern, satisfies
-from seft_trl.topology import drop_fraction_at, is_update_step, plan_swap, select_candidates
+from seft_trl.topology import (
+    drop_fraction_at, is_update_step, next_update_step, plan_swap, select_candidates, window_group_offsets,
+)
 
 L = torch.tensor
 
@@ -21,6 +23,12 @@ def test_schedules():
     assert drop_fraction_at(25, 100, 0.2, "linear") == pytest.approx(0.15)
     assert drop_fraction_at(90, 100, 0.2, "constant") == 0.2
     assert [s for s in range(1, 60) if is_update_step(s, 10, 45)] == [10, 20, 30, 40]
+
+def test_window_groups_spread_their_updates_over_the_interval():
+    assert window_group_offsets(20, 1) == [0] and window_group_offsets(20, 4) == [0, 5, 10, 15]
+    assert [s for s in range(1, 60) if is_update_step(s, 20, 50, offset=5)] == [25, 45]  # none before the first interval
+    assert next_update_step(1, 20, 5) == 25 and next_update_step(21, 20, 5) == 25 and next_update_step(26, 20, 0) == 40
+
 
 
 def plan(**overrides):

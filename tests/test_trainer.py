@@ -114,12 +114,14 @@ def test_merged_checkpoint_reloads_without_seft_and_keeps_exact_zeros(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".final.tmp")]  # staging folder cleaned up
 
 
-def resume_run(output_dir, max_steps, density, resume=None, teacher=False):
+UPDATES = dict(seft_update_interval=4, seft_accumulation_steps=3)
+# Two groups taking turns: updates at 5 and 10, and at 7 and 12; the second group's window opens at step 6.
+UPDATES_IN_TURNS = dict(seft_update_interval=5, seft_accumulation_steps=2, seft_window_groups=2)
+
+
+def resume_run(output_dir, max_steps, density, resume=None, teacher=False, updates=UPDATES):
     args = SEFTConfig(
-        **seft_args(
-            output_dir, max_steps=12, save_strategy="steps", save_steps=6,
-            seft_update_interval=4, seft_accumulation_steps=3, seft_density=density,
-        )
+        **seft_args(output_dir, max_steps=12, save_strategy="steps", save_steps=6, seft_density=density, **updates)
     )
     trainer = SEFTSFTTrainer(model=pruned_model(), args=args, train_dataset=text_dataset(), processing_class=byte_tokenizer(),
                              teacher_model=tiny_model() if teacher else None)  # the dense parent of pruned_model()
@@ -140,18 +142,21 @@ class StopAt(SEFTCallback.__mro__[1]):  # a TrainerCallback
             control.should_training_stop = True
 
 
-# The dense-then-gather and the sampled δ-gradient paths, and distillation from the dense parent.
-@pytest.mark.parametrize("density, teacher", [(0.1, False), (0.01, False), (0.1, True)],
-                         ids=["dense-gather", "sampled", "teacher"])
-def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, density, teacher):
-    straight_losses, straight = resume_run(tmp_path / "straight", 12, density, teacher=teacher)
-    resume_run(tmp_path / "interrupted", 6, density, teacher=teacher)
+# The dense-then-gather and the sampled δ-gradient paths, distillation from the dense parent, and layers
+# taking turns at updates.
+@pytest.mark.parametrize("density, teacher, updates", [(0.1, False, UPDATES), (0.01, False, UPDATES),
+                                                       (0.1, True, UPDATES), (0.01, False, UPDATES_IN_TURNS)],
+                         ids=["dense-gather", "sampled", "teacher", "window-groups"])
+def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, density, teacher, updates):
+    straight_losses, straight = resume_run(tmp_path / "straight", 12, density, teacher=teacher, updates=updates)
+    resume_run(tmp_path / "interrupted", 6, density, teacher=teacher, updates=updates)
     checkpoint = tmp_path / "interrupted" / "checkpoint-6"
     from safetensors import safe_open
 
-    with safe_open(checkpoint / "model.safetensors", "pt") as f:  # step 6 is inside the window of update 8
+    with safe_open(checkpoint / "model.safetensors", "pt") as f:  # step 6 is inside a window (of update 8, or 7)
         assert any(key.endswith("window_grad_sum") for key in f.keys())
-    resumed_losses, resumed = resume_run(tmp_path / "interrupted", 12, density, resume=str(checkpoint), teacher=teacher)
+    resumed_losses, resumed = resume_run(tmp_path / "interrupted", 12, density, resume=str(checkpoint), teacher=teacher,
+                                         updates=updates)
     assert all(resumed_losses[step] == straight_losses[step] for step in range(7, 13))
     for name, (index, delta, weight) in straight.items():
         assert torch.equal(resumed[name][0], index)

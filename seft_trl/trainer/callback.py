@@ -66,7 +66,7 @@ class SEFTCallback(TrainerCallback):
         """What the latest update did, summed over layers, and the measured sparsity of the targets."""
         stats = self.engine.last_update.values()
         nonzeros = sum(s.nonzeros for s in stats)  # counted by each layer's update, after its changes
-        numel = sum(layer.weight.numel() for layer in self.engine.layers.values())
+        numel = sum(self.engine.layers[name].weight.numel() for name in self.engine.last_update)  # the updated layers
         return {
             "seft/drop_fraction": self.engine.scheduled_drop_fraction(self.engine.step_count),
             "seft/grown": float(sum(s.grown for s in stats)),

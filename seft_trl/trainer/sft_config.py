@@ -64,6 +64,7 @@ class SEFTConfig(SFTConfig):
     seft_sparsity_scope: Literal["layer", "row"] = _engine_option("sparsity_scope")
     seft_sparsity_pattern: str = _engine_option("sparsity_pattern")
     seft_drop_mode: Literal["freeze", "revert"] = _engine_option("drop_mode")
+    seft_window_groups: int = _engine_option("window_groups")
     seft_candidate_factor: float = _engine_option("candidate_factor")
     seft_column_cap: float | None = _engine_option("column_cap")
     seft_dense_revival: bool | None = _engine_option("dense_revival")
