@@ -277,3 +277,10 @@ def test_memory_projects_every_method_from_the_config_alone_and_finds_the_densit
     out = capsys.readouterr().out
     assert f"largest seft_density that fits: {min(fits, 0.5):g}" in out
     assert "masked_full" in out and "spp r=64" in out
+    # Layers taking turns at updates hold fewer windows at once: a larger density fits the same GPU.
+    in_turns = largest_density(shape, 1.2e6, work, "adamw_8bit", window_groups=4)
+    assert in_turns > fits
+    main(["memory", "--model_name_or_path", str(tmp_path), "--gpu_memory_gb", "0.0012", "--per_device_train_batch_size",
+          "2", "--max_length", "64", "--sparsity", "0.5", "--seft_window_groups", "4"])
+    out = capsys.readouterr().out
+    assert f"largest seft_density that fits: {min(in_turns, 0.5):g}" in out and "windows in 4 turns" in out

@@ -29,12 +29,16 @@ class MemoryArguments:
     max_length: int = option(2048, "Tokens per sequence.")
     gradient_checkpointing: bool = option(True, "Recompute each decoder layer's activations in the backward.")
     sparsity: float = option(0.5, "The pruned model's sparsity: the most deltas a layer can hold is its nonzeros.")
+    seft_window_groups: int = option(1, "SEFT's seft_window_groups: groups of layers taking turns at updates, so "
+                                        "that 1/groups of them hold an accumulation window at a time.")
 
     def __post_init__(self) -> None:
         if self.optim not in OPTIMIZERS:
             raise ValueError(f"optim={self.optim!r}: seft-trl memory knows {', '.join(OPTIMIZERS)}.")
         if self.gpu_memory_gb <= 0 or self.num_gpus < 1 or self.per_device_train_batch_size < 1 or self.max_length < 1:
             raise ValueError("gpu_memory_gb, num_gpus, per_device_train_batch_size and max_length must be positive.")
+        if self.seft_window_groups < 1:
+            raise ValueError(f"seft_window_groups={self.seft_window_groups}: give at least 1 (every layer at once).")
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity={self.sparsity}: give the pruned fraction, in [0, 1).")
 
@@ -52,12 +56,16 @@ def memory_table(shape: ModelShape, args: MemoryArguments) -> tuple[list[list[st
     optimizer = OPTIMIZERS[args.optim]
     rows = []
     for method in TABLE:
-        method = Method("masked_full", sparsity=args.sparsity) if method.kind == "masked_full" else method
+        if method.kind == "masked_full":
+            method = Method("masked_full", sparsity=args.sparsity)
+        elif method.kind == "seft":
+            method = Method("seft", density=method.density, window_groups=args.seft_window_groups)
         estimate = training_memory(shape, method, work, optimizer)
         step = per_device_bytes(estimate, args.num_gpus)
         rows.append([method.label, f"{estimate.trainable / 1e6:,.1f} M",
                      f"{step / GB:.1f}", "yes" if step <= args.gpu_memory_gb * GB else "no"])
-    density = largest_density(shape, args.gpu_memory_gb * GB, work, optimizer, args.num_gpus)
+    density = largest_density(shape, args.gpu_memory_gb * GB, work, optimizer, args.num_gpus,
+                              window_groups=args.seft_window_groups)
     return rows, None if density is None else min(density, 1 - args.sparsity)
 
 
