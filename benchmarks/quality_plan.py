@@ -240,6 +240,8 @@ LONG = Regime(
         "seft_drop0.4": {"drop_fraction": 0.4},
         "seft_reachable_gain": {"gain_estimate": "reachable"},
         "seft_column_cap2": {"column_cap": 2.0},
+        # Layers taking turns at updates, a quarter of them holding a window at a time (issue 41's memory).
+        "seft_window_groups4": {"window_groups": 4},
     },
     # A long run takes 30-60 min on the 2-core machine: at 2:4 and 70% only revival is ablated, the
     # option whose default depends on the pattern; the short regime ablates everything everywhere.

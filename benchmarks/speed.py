@@ -316,10 +316,10 @@ def seft_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chunks: list[
     run = Run(sum(layer.delta.numel() for layer in layers), trainer.train, state_bytes=state)
     engine, update = trainer.seft, trainer.seft.update_topology
 
-    def timed_update():  # the engine calls self.update_topology(), so the instance attribute wins
+    def timed_update(names=None):  # the engine calls self.update_topology(group), so the instance attribute wins
         timer.sync()
         start = time.perf_counter()
-        stats = update()
+        stats = update(names)
         timer.sync()
         run.update_seconds.append(time.perf_counter() - start)
         return stats

@@ -57,10 +57,10 @@ def probe(pruned: nn.Module, work: Workload, options: dict, lr: float, steps: in
     # Per layer, the slots [k] (bool) whose position the latest update changed.
     moved = {name: torch.zeros_like(layer.delta, dtype=torch.bool) for name, layer in seft.layers.items()}
 
-    def measured_update():  # the engine calls this inside the optimizer step that ends a window
+    def measured_update(names=None):  # the engine calls this inside the optimizer step that ends a window
         before = held_loss(model, held)
         positions = {name: layer.delta_index.clone() for name, layer in seft.layers.items()}
-        stats = update()
+        stats = update(names)
         shares = []
         for name, layer in seft.layers.items():
             moved[name] = layer.delta_index != positions[name]
