@@ -110,13 +110,12 @@ def window_held(model: torch.nn.Module) -> dict[str, int]:
         window = layer._window
         grow, remove = window.candidates.grow_index, window.candidates.remove_index
         held += sum(getattr(window, name).nbytes for name in WindowStatistics.TENSORS) + grow.nbytes + remove.nbytes
-        candidates = grow.numel() + remove.numel()
-        counted += window_bytes(layer.delta.numel() + candidates, candidates, layer.out_features, layer.in_features,
+        counted += window_bytes(layer.delta.numel(), grow.numel(), remove.numel(), layer.out_features, layer.in_features,
                                 in_step=False)
         pattern = window.pattern
         layouts += sum(getattr(pattern, name).nbytes for name in ("order", "col_indices", "crow_indices", "row_indices")
                        if getattr(pattern, name, None) is not None)
-        entries += layer.delta.numel() + candidates
+        entries += layer.delta.numel() + grow.numel() + remove.numel()
     return {"held": held, "counted": counted, "sampled_layouts": layouts, "entries": entries}
 
 
@@ -218,8 +217,9 @@ def report(results: list[dict]) -> str:
         "## Measured: SEFT's accumulation windows",
         "",
         "For a few steps before each topology update every layer holds a window: for each delta and each growth "
-        "or removal candidate, fp32 sums of the gradient and of its square (and the step's own sum from its "
-        "backward to its close), and the candidates' positions (`seft_trl.layer.WindowStatistics`). Read from the "
+        "or removal candidate an fp32 sum of the gradient (and the step's own sum from its backward to its "
+        "close), for the deltas and growth candidates a sum of its square, and the candidates' positions "
+        "(`seft_trl.layer.WindowStatistics`). Read from the "
         f"live windows between steps {STEPS - 1} and {STEPS} (the window opened at step {STEPS - 1}); counted: "
         "`seft_trl.memory.window_bytes` for the same sizes; projected bound: the projection's count at the "
         "first update (every growth candidate a revival with its removal, the step's sum included). Sampled "

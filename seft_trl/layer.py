@@ -111,7 +111,7 @@ class WindowStatistics:
     step_row_sq: torch.Tensor  # fp32 [out]: Σ_t g[t, r]² of this step
     step_col_sq: torch.Tensor  # fp32 [in]: Σ_t x[t, c]² of this step
     grad_sum: torch.Tensor  # fp32 [k + cg + cr]: Σ over closed steps of the step's gradient
-    grad_sq_sum: torch.Tensor  # fp32 [k + cg + cr]: Σ over closed steps of its square
+    grad_sq_sum: torch.Tensor  # fp32 [k + cg]: Σ over closed steps of its square (removal prices use the mean only)
     row_sq: torch.Tensor  # fp32 [out]
     col_sq: torch.Tensor  # fp32 [in]
     counters: torch.Tensor  # fp64 [3]: closed steps, optimizer_dot, raw_sq
@@ -280,7 +280,7 @@ class SparseDeltaLinear(nn.Module):
             step_row_sq=row_sq * share,
             step_col_sq=col_sq * share,
             grad_sum=torch.zeros_like(step_sum),
-            grad_sq_sum=torch.zeros_like(step_sum),
+            grad_sq_sum=step_sum.new_zeros(self.delta_index.numel() + candidates.grow_index.numel()),
             row_sq=torch.zeros_like(row_sq),
             col_sq=torch.zeros_like(col_sq),
             counters=torch.zeros(3, dtype=torch.float64, device=step_sum.device),
@@ -386,6 +386,8 @@ class SparseDeltaLinear(nn.Module):
             name: state["window_" + name].to(device, torch.float64 if name == "counters" else torch.float32)
             for name in WindowStatistics.TENSORS
         }
+        # Earlier versions summed squares over the removal candidates too, which no decision reads.
+        tensors["grad_sq_sum"] = tensors["grad_sq_sum"][: self.delta_index.numel() + candidates.grow_index.numel()].clone()
         # Loaded outside any backward, so already settled; its pattern is built at the next backward,
         # once the state dict has also loaded delta_index (it loads the buffers after this).
         self._window = WindowStatistics(candidates, **tensors, settled=True)
@@ -443,7 +445,8 @@ class SparseDeltaLinear(nn.Module):
                 window.counters[1] += (used * raw).sum()  # stays on the device: no sync per step
                 window.counters[2] += (raw * raw).sum()
             window.grad_sum += step_sum
-            window.grad_sq_sum.addcmul_(step_sum, step_sum)
+            squared = step_sum[: window.grad_sq_sum.numel()]
+            window.grad_sq_sum.addcmul_(squared, squared)
             window.row_sq += window.step_row_sq
             window.col_sq += window.step_col_sq
             window.counters[0] += 1
@@ -520,10 +523,10 @@ class SparseDeltaLinear(nn.Module):
         k, cg = self.delta_index.numel(), grow_index.numel()
         positions = torch.cat([self.delta_index, grow_index, remove_index])
         steps = window.steps
-        mean, mean_sq = window.grad_sum / steps, window.grad_sq_sum / steps
+        mean, mean_sq = window.grad_sum / steps, window.grad_sq_sum / steps  # [k + cg + cr], [k + cg]
         # Per-step curvature in the units of the summed per-rank losses (criteria module docstring).
         curvature = curvature_at(positions, window.row_sq, window.col_sq, 1.0 / (self.world_size * steps * steps))
-        gain = criteria.gain(mean, mean_sq, steps, curvature, rate_sum)
+        gain = criteria.gain(mean[: k + cg], mean_sq, steps, curvature[: k + cg], rate_sum)  # deltas and growth
 
         delta = whole(self.delta.detach())  # [k]
         forgone = gain[:k]  # a dropped delta stops training: it gives up its own predicted gain

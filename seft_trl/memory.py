@@ -9,8 +9,8 @@ What each method keeps beyond the frozen weights (``w`` = bytes of a weight, 2 i
 * **sparse deltas** (SEFT, fixed support): per delta an fp32 value and its fp32 gradient, an int32
   position, the base weight it sits on (``w``) and the optimizer's state. SEFT adds its accumulation
   windows, open in every layer at once for a few steps before each update: per delta and per growth
-  or removal candidate two fp32 gradient sums (three while a step's own sum exists, from its backward
-  to its close), and an int32 position per candidate (:func:`window_bytes`). Candidates are
+  candidate two fp32 gradient sums, per removal candidate one (one more each while a step's own sum
+  exists, from its backward to its close), and an int32 position per candidate (:func:`window_bytes`). Candidates are
   ``candidate_factor`` times the swaps of an update, ``drop_fraction`` of the deltas, for growth and
   as many for removal at most: 2.6 entries per delta at the defaults' first update, so at the window's
   peak SEFT holds more than its deltas' own state, unless layers take turns (``window_groups``: an
@@ -178,14 +178,17 @@ def logit_bytes(shape: ModelShape, work: Workload) -> float:
     return work.batch * work.seqlen * shape.vocab * (work.weight_bytes + 4 + 4)
 
 
-def window_bytes(entries: int, candidates: int, out_features: int, in_features: int, in_step: bool = True) -> int:
-    """One layer's accumulation window (``seft_trl.layer.WindowStatistics``): ``entries`` = deltas +
-    candidates, each with fp32 sums of the gradient and its square, plus the step's own sum while it
-    exists (``in_step``); an int32 position per candidate; fp32 curvature factors and their step's
-    sums over the rows and columns; three fp64 counters. Under the dense product the window's
-    sampling pattern gathers at these positions and holds no copy (the sampled kernels, chosen at
-    low densities, keep a sorted copy besides: 8 bytes an entry on the CPU)."""
-    return entries * (12 if in_step else 8) + candidates * 4 + 8 * (out_features + in_features) + 24
+def window_bytes(deltas: int, grow: int, remove: int, out_features: int, in_features: int, in_step: bool = True) -> int:
+    """One layer's accumulation window (``seft_trl.layer.WindowStatistics``) over its ``deltas`` and its
+    ``grow`` and ``remove`` candidates: for each an fp32 sum of the gradient, plus the step's own sum
+    while it exists (``in_step``); for the deltas and growth candidates an fp32 sum of its square (a
+    removal is priced on the mean alone); an int32 position per candidate; fp32 curvature factors and
+    their step's sums over the rows and columns; three fp64 counters. Under the dense product the
+    window's sampling pattern gathers at these positions and holds no copy (the sampled kernels, chosen
+    at low densities, keep a sorted copy besides: 8 bytes an entry on the CPU)."""
+    entries = deltas + grow + remove
+    return (entries * (8 if in_step else 4) + (deltas + grow) * 4 + (grow + remove) * 4
+            + 8 * (out_features + in_features) + 24)
 
 
 def training_memory(shape: ModelShape, method: Method, work: Workload = Workload(), optimizer: str = "adamw") -> MemoryEstimate:
@@ -207,8 +210,8 @@ def training_memory(shape: ModelShape, method: Method, work: Workload = Workload
             transient = largest * 4  # the dense fp32 gradient that opens one layer's window
             # At the first update (the drop fraction decays after it): growth candidates and at most as
             # many removal candidates (one per revival) per layer, all layers at once.
-            candidates = [2 * max(1, round(method.candidate_factor * round(method.drop_fraction * k))) for k in counts]
-            window = shape.layers * sum(window_bytes(k + c, c, o, i) for k, c, (o, i) in zip(counts, candidates, projections))
+            grow = [max(1, round(method.candidate_factor * round(method.drop_fraction * k))) for k in counts]
+            window = shape.layers * sum(window_bytes(k, c, c, o, i) for k, c, (o, i) in zip(counts, grow, projections))
             window /= method.window_groups  # an equal share of the layers at a time (interleaved groups)
     elif method.kind in ("lora", "masked_lora", "spp"):
         trainable = shape.layers * sum(method.rank * (o + i) for o, i in projections)

@@ -119,7 +119,8 @@ def test_window_start_backward_gives_same_delta_gradient_and_tracks_candidates()
     layer.close_step()
     assert window.steps == 1 and window.step_sum is None  # no per-step buffer held between steps
     torch.testing.assert_close(window.grad_sum, 2 * dense[tracked], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(window.grad_sq_sum, (2 * dense[tracked]) ** 2, rtol=1e-4, atol=1e-3)
+    squared = tracked[: layer.delta.numel() + window.candidates.grow_index.numel()]  # deltas and growth candidates
+    torch.testing.assert_close(window.grad_sq_sum, (2 * dense[squared]) ** 2, rtol=1e-4, atol=1e-3)
     # A skipped step (fp16 overflow) leaves no trace.
     layer(x).backward(g)
     layer.close_step(skipped=True)
@@ -148,10 +149,30 @@ def test_a_window_holds_only_its_statistics_and_candidates(kernel, monkeypatch):
     window = layer._window
     assert window.pattern.kernel == kernel and window.step_sum is None
     entries = layer.delta.numel() + window.candidates.grow_index.numel() + window.candidates.remove_index.numel()
-    assert window.grad_sum.numel() == window.grad_sq_sum.numel() == entries
+    assert window.grad_sum.numel() == entries
+    assert window.grad_sq_sum.numel() == layer.delta.numel() + window.candidates.grow_index.numel()
     if kernel == "dense":  # the parts are the layer's own positions and candidates, not a copy
         assert [p.data_ptr() for p in window.pattern.parts] == [
             t.data_ptr() for t in (layer.delta_index, window.candidates.grow_index, window.candidates.remove_index)]
+
+
+def test_a_window_saved_by_an_earlier_version_loads():
+    """Checkpoints written before the windows were trimmed carry a zeroed step sum and squares over the
+    removal candidates too: they load, and the window goes on as if saved now."""
+    layer = make_layer(density=0.05)
+    x, g = torch.randn(64, 80), torch.randn(64, 48)
+    layer.begin_window(10, 4.0)
+    layer(x).backward(g)
+    layer.close_step()
+    state = layer.state_dict()
+    legacy = dict(state)
+    entries = state["window_grad_sum"].numel()
+    legacy["window_step_sum"] = torch.zeros(entries)
+    legacy["window_grad_sq_sum"] = torch.cat([state["window_grad_sq_sum"], torch.rand(entries - state["window_grad_sq_sum"].numel())])
+    fresh = make_layer(density=0.05)
+    fresh.load_state_dict(legacy, strict=True)
+    for key, value in state.items():
+        assert torch.equal(fresh.state_dict()[key], value), key
 
 
 def test_autocast_bf16_over_fp32_weights():

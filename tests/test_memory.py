@@ -70,9 +70,9 @@ def test_sparse_deltas_grow_with_density_and_seft_adds_its_windows():
     assert state(large) == pytest.approx(10 * state(small), rel=1e-3)
     assert small.total - fixed.total == pytest.approx(small.transient + small.window) and small.transient > 0
     assert small.weights == fixed.weights and small.activations == fixed.activations
-    # 2.6 entries a delta at the first update, 12 bytes each, and two candidate positions: more than
-    # the deltas' own 16 bytes with 8-bit AdamW.
-    assert small.window == pytest.approx(small.trainable * (2.6 * 12 + 1.6 * 4), rel=0.01)  # + row and column factors
+    # 2.6 entries a delta at the first update with a sum and a step's sum each, 1.8 with a sum of squares,
+    # 1.6 candidate positions: more than the deltas' own 16 bytes with 8-bit AdamW.
+    assert small.window == pytest.approx(small.trainable * (2.6 * 8 + 1.8 * 4 + 1.6 * 4), rel=0.01)  # + row, column factors
     assert training_memory(LLAMA2_7B, Method("seft", density=0.01, drop_fraction=0.0), work).window == 0
 
 
@@ -104,9 +104,8 @@ def test_window_bytes_are_what_every_open_window_holds(grad_accumulation):
             tensors += [window.candidates.grow_index, window.candidates.remove_index]
             tensors += [window.step_sum] if in_step else []
             held += sum(t.nbytes for t in tensors)
-            candidates = window.candidates.grow_index.numel() + window.candidates.remove_index.numel()
-            counted += window_bytes(layer.delta.numel() + candidates, candidates, layer.out_features,
-                                    layer.in_features, in_step)
+            counted += window_bytes(layer.delta.numel(), window.candidates.grow_index.numel(),
+                                    window.candidates.remove_index.numel(), layer.out_features, layer.in_features, in_step)
         return held, counted
 
     torch.manual_seed(0)
