@@ -387,6 +387,14 @@ def cadence_line(bench: Benchmark) -> str:
 
 def grid_line(bench: Benchmark) -> str:
     regime = bench.regime
+    if regime.rates_from is not None:
+        checks = "; ".join(f"{method} at {', '.join(f'{factor:g}' for factor in factors)} × it"
+                           for method, factors in regime.rate_checks.items())
+        return (f"- Learning rates: each method's choice in the {regime.rates_from} regime (distilled methods: that "
+                f"of the CE method they vary)" + (f"; rate checks here, the best on this regime's validation "
+                f"chosen at {FIRST_PATTERN} and reused at the other patterns, extended by a factor "
+                f"{regime.grid_factor:g} (at most {regime.max_grid_extensions} times) while it is at an edge: "
+                f"{checks}" if checks else "") + ".")
     grids = "; ".join(f"{method} {', '.join(f'{lr:g}' for lr in grid)}" for method, grid in regime.grids.items())
     return (f"- Learning rates: a grid per method at {FIRST_PATTERN} ({grids}), extended by a factor "
             f"{regime.grid_factor:g} (at most {regime.max_grid_extensions} times) while the best validation "

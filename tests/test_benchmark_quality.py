@@ -23,7 +23,7 @@ SCRIPT = Path(__file__).parents[1] / "benchmarks" / "quality.py"
 sys.path.insert(0, str(SCRIPT.parent))  # the benchmark modules import each other by bare name
 
 from baselines import NonzeroBudgetError, masked_full_adapter, peft_lora_adapter, seft_adapter  # noqa: E402
-from quality_plan import LONG, Benchmark, count_note, options_record, pruning_fingerprint, seft_config, train  # noqa: E402
+from quality_plan import LONG, NARROW, Benchmark, count_note, options_record, pruning_fingerprint, seft_config, train  # noqa: E402
 from quality_runs import OutOfTime, Pending, RunCheckpoint, RunResult, append_run, read_runs  # noqa: E402
 from quality_workloads import quick_workload  # noqa: E402
 
@@ -300,6 +300,30 @@ def test_an_engine_run_logged_with_other_options_than_the_plan_now_gives_is_set_
     with pytest.raises(Pending):  # the stale run is missing again, and seft may not run here
         bench.result("50%", "seft", 2e-3)
     assert json.loads(current)["column_cap"] is None and "seed" not in json.loads(current)
+
+
+def test_narrow_regime_borrows_rates_but_checks_the_ce_leaders_at_lower_ones_on_its_own_validation(tmp_path: Path) -> None:
+    def logged(method: str, lr: float, val_ppl: float) -> RunResult:
+        return RunResult(pattern="50%", method=method, lr=lr, seed=0, val_ppl=val_ppl, test_ppl=val_ppl, sparsity=0.5,
+                         sparsity_kept=True, trainable=1, revived=0, final_loss=1.0, train_s=1.0, wall_s=2.0)
+
+    def bench() -> Benchmark:
+        narrow = Benchmark(NARROW, quick_workload(8, long=True, narrow=True), tmp_path / "runs.csv", seeds=1,
+                           quick=False, runnable=frozenset())
+        narrow.rates = {"masked_lora": 4e-3, "spp": 1e-2, "seft": 3e-3}.__getitem__  # the long regime's choices
+        return narrow
+
+    for run in (logged("masked_lora", 4e-3, 60.0), logged("masked_lora", 2e-3, 40.0), logged("masked_lora", 1e-3, 50.0)):
+        append_run(tmp_path / "runs.csv", run)
+    assert bench().first_grid("masked_lora") == [1e-3, 2e-3, 4e-3]
+    assert bench().lr_of("masked_lora") == 2e-3  # the best of the check on this regime's validation
+    assert bench().lr_of("masked_lora+kd") == 4e-3 and bench().lr_of("spp") == 1e-2  # the rest keep the borrowed rate
+    assert bench().lr_of("seft+kd") == 3e-3
+
+    append_run(tmp_path / "runs.csv", logged("masked_lora", 1e-3, 30.0))  # now best at the low edge: one more point
+    with pytest.raises(Pending) as missing:
+        bench().lr_of("masked_lora")
+    assert missing.value.key == ("50%", "masked_lora", 5e-4, 0)
 
 
 RESUMABLE_ADAPTERS = {
