@@ -103,7 +103,8 @@ def window_held(model: torch.nn.Module) -> dict[str, int]:
     """What SEFT's open accumulation windows hold between steps, read from the live tensors: the
     statistics and candidate positions, what ``window_bytes`` counts from their sizes, the sampled
     kernels' sorted layouts (none under the dense product), and the entries."""
-    from seft_trl.layer import SparseDeltaLinear, WindowStatistics
+    from seft_trl.layer import SparseDeltaLinear
+    from seft_trl.window import WindowStatistics
 
     held = counted = layouts = entries = 0
     for layer in (m for m in model.modules() if isinstance(m, SparseDeltaLinear)):
@@ -219,7 +220,7 @@ def report(results: list[dict]) -> str:
         "For a few steps before each topology update every layer holds a window: for each delta and each growth "
         "or removal candidate an fp32 sum of the gradient (and the step's own sum from its backward to its "
         "close), for the deltas and growth candidates a sum of its square, and the candidates' positions "
-        "(`seft_trl.layer.WindowStatistics`). Read from the "
+        "(`seft_trl.window.WindowStatistics`). Read from the "
         f"live windows between steps {STEPS - 1} and {STEPS} (the window opened at step {STEPS - 1}); counted: "
         "`seft_trl.memory.window_bytes` for the same sizes; projected bound: the projection's count at the "
         "first update (every growth candidate a revival with its removal, the step's sum included). Sampled "

@@ -51,6 +51,7 @@ from .kernels import (
 from .patterns import Scope, SparsityPattern
 from .sharding import is_sharded, local, own, row_range, whole
 from .topology import Candidates, SwapPlan, plan_swap, select_candidates
+from .window import WINDOW_KEYS, WindowStatistics, clear_step, fold_step, window_entries, window_from_entries
 
 
 @dataclass
@@ -91,47 +92,6 @@ class TopologyCriteria:
             drop_mode=config.drop_mode,
             column_cap=config.column_cap,
         )
-
-
-@dataclass
-class WindowStatistics:
-    """Candidates of one accumulation window and the gradient statistics gathered over it.
-
-    Gradient entries run over ``cat(delta slots [k], grow candidates [cg], remove candidates
-    [cr])``. Within an optimizer step the micro-batches add into ``step_sum``, ``step_row_sq`` and
-    ``step_col_sq``; closing the step sums them over ranks and adds them, and the step's square,
-    into the window's totals, so the totals count whole steps: a skipped step leaves no trace.
-    ``step_sum`` exists only from the step's first backward to its close: every layer holds a
-    window at once, and a kept zeroed buffer would add a third to the window's memory.
-    ``optimizer_dot`` and ``raw_sq`` relate this layer's gradient scale to the optimizer's (loss
-    scaling, clipping, averaging over ranks): Σ_s ⟨δ.grad, raw δ gradient⟩ and Σ_s ‖raw‖².
-    """
-
-    candidates: Candidates
-    step_row_sq: torch.Tensor  # fp32 [out]: Σ_t g[t, r]² of this step
-    step_col_sq: torch.Tensor  # fp32 [in]: Σ_t x[t, c]² of this step
-    grad_sum: torch.Tensor  # fp32 [k + cg + cr]: Σ over closed steps of the step's gradient
-    grad_sq_sum: torch.Tensor  # fp32 [k + cg]: Σ over closed steps of its square (removal prices use the mean only)
-    row_sq: torch.Tensor  # fp32 [out]
-    col_sq: torch.Tensor  # fp32 [in]
-    counters: torch.Tensor  # fp64 [3]: closed steps, optimizer_dot, raw_sq
-    step_sum: torch.Tensor | None = None  # fp32 [k + cg + cr] of the open step; None between steps
-    # Over cat(delta_index, grow_index, remove_index): one sampled product serves the δ gradient
-    # and the statistics (delta positions do not change inside a window). Built on first use.
-    pattern: SamplingPattern | None = None
-    settled: bool = False  # copied out of the backward that opened the window (SparseDeltaLinear.close_step)
-
-    TENSORS = ("step_row_sq", "step_col_sq", "grad_sum", "grad_sq_sum", "row_sq", "col_sq", "counters")
-
-    @property
-    def steps(self) -> int:
-        return int(self.counters[0])
-
-    @property
-    def optimizer_scale(self) -> float:
-        """Least-squares factor from this layer's raw gradient to the optimizer's (1 when unknown)."""
-        dot, raw_sq = float(self.counters[1]), float(self.counters[2])
-        return dot / raw_sq if raw_sq > 0 else 1.0
 
 
 def _support_per_row(weight: torch.Tensor, delta_index: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -352,45 +312,21 @@ class SparseDeltaLinear(nn.Module):
 
     # ------------------------------------------------------------------- checkpoint / resume
     # An open accumulation window is part of the training state: a checkpoint taken inside a
-    # window must resume with the same candidates and statistics. Its tensors change size from
-    # window to window, so they are not buffers: the state dict carries them as extra entries.
-    # Under FSDP2 it does not: torch.distributed.checkpoint resolves every entry to a module
-    # attribute and loads only the entries a fresh model has, so there the window travels beside
-    # the model (SparsityEvolution.window_state; the trainer writes it into each checkpoint).
-    WINDOW_KEYS = ("window_grow_index", "window_remove_index", *("window_" + name for name in WindowStatistics.TENSORS))
-
+    # An open accumulation window is part of the training state (seft_trl.window). The state dict
+    # carries it as extra entries. Under FSDP2 it does not: torch.distributed.checkpoint resolves
+    # every entry to a module attribute and loads only the entries a fresh model has, so there the
+    # window travels beside the model (SparsityEvolution.window_state; the trainer writes it into
+    # each checkpoint).
     def window_state(self) -> dict[str, torch.Tensor]:
         """The open window's candidates and statistics by key (empty when no window is open)."""
-        window = self._window
-        if window is None:
-            return {}
-        state = {"window_grow_index": window.candidates.grow_index, "window_remove_index": window.candidates.remove_index}
-        state.update({"window_" + name: getattr(window, name) for name in WindowStatistics.TENSORS})
-        return {key: value.clone() for key, value in state.items()}
+        return {} if self._window is None else window_entries(self._window)
 
     def load_window_state(self, state: dict[str, torch.Tensor], where: str = "") -> None:
         """Restore the window saved by :meth:`window_state` (no window when ``state`` is empty)."""
         self._window = None
-        if not state:
-            return
-        missing = [key for key in self.WINDOW_KEYS if key not in state]
-        if missing:
-            raise ValueError(
-                f"{where}: the checkpoint's open topology window lacks {', '.join(missing)} (written by an older "
-                "seft_trl). Resume from a checkpoint taken outside an accumulation window, or with that version."
-            )
-        device, index_dtype = self.delta_index.device, self.delta_index.dtype
-        candidates = Candidates(*(state[key].to(device, index_dtype) for key in ("window_grow_index", "window_remove_index")))
-        # A loader may cast floating-point entries to the model's dtype: restore the window's own.
-        tensors = {
-            name: state["window_" + name].to(device, torch.float64 if name == "counters" else torch.float32)
-            for name in WindowStatistics.TENSORS
-        }
-        # Earlier versions summed squares over the removal candidates too, which no decision reads.
-        tensors["grad_sq_sum"] = tensors["grad_sq_sum"][: self.delta_index.numel() + candidates.grow_index.numel()].clone()
-        # Loaded outside any backward, so already settled; its pattern is built at the next backward,
-        # once the state dict has also loaded delta_index (it loads the buffers after this).
-        self._window = WindowStatistics(candidates, **tensors, settled=True)
+        if state:  # its pattern waits for the next backward, once the state dict has also loaded delta_index
+            self._window = window_from_entries(state, self.delta_index.numel(), self.delta_index.device,
+                                               self.delta_index.dtype, where)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -398,7 +334,7 @@ class SparseDeltaLinear(nn.Module):
             destination.update({prefix + key: value for key, value in self.window_state().items()})
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
-        saved = {key: state_dict.pop(prefix + key) for key in self.WINDOW_KEYS if prefix + key in state_dict}
+        saved = {key: state_dict.pop(prefix + key) for key in WINDOW_KEYS if prefix + key in state_dict}
         state_dict.pop(prefix + "window_step_sum", None)  # zeros between steps, saved by earlier versions
         if not is_sharded(self.weight):
             self.load_window_state(saved, where=prefix.rstrip("."))
@@ -438,21 +374,8 @@ class SparseDeltaLinear(nn.Module):
                 step_sum = torch.zeros_like(window.grad_sum)
             if self.stats_all_reduce is not None:
                 self.stats_all_reduce(step_sum)
-            if self.delta.grad is not None:
-                # fp64 copies: a reduction over a slice can depend on its memory alignment, which
-                # would make a resumed run differ from an uninterrupted one in the last bits.
-                raw, used = step_sum[: self.delta_index.numel()].double(), whole(self.delta.grad).double()
-                window.counters[1] += (used * raw).sum()  # stays on the device: no sync per step
-                window.counters[2] += (raw * raw).sum()
-            window.grad_sum += step_sum
-            squared = step_sum[: window.grad_sq_sum.numel()]
-            window.grad_sq_sum.addcmul_(squared, squared)
-            window.row_sq += window.step_row_sq
-            window.col_sq += window.step_col_sq
-            window.counters[0] += 1
-        window.step_sum = None
-        for tensor in (window.step_row_sq, window.step_col_sq):
-            tensor.zero_()
+            fold_step(window, step_sum, None if self.delta.grad is None else whole(self.delta.grad))
+        clear_step(window)
         if not window.settled:
             self._settle(window)
 

@@ -179,7 +179,7 @@ def logit_bytes(shape: ModelShape, work: Workload) -> float:
 
 
 def window_bytes(deltas: int, grow: int, remove: int, out_features: int, in_features: int, in_step: bool = True) -> int:
-    """One layer's accumulation window (``seft_trl.layer.WindowStatistics``) over its ``deltas`` and its
+    """One layer's accumulation window (``seft_trl.window.WindowStatistics``) over its ``deltas`` and its
     ``grow`` and ``remove`` candidates: for each an fp32 sum of the gradient, plus the step's own sum
     while it exists (``in_step``); for the deltas and growth candidates an fp32 sum of its square (a
     removal is priced on the mean alone); an int32 position per candidate; fp32 curvature factors and

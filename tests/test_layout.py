@@ -17,7 +17,7 @@ PACKAGE = Path(seft_trl.__file__).parent
 LAYERS = {
     "patterns": 0, "criteria": 0, "config": 0, "targets": 0, "kernels": 0, "numba_kernels": 0, "numba_topology": 0,
     "triton_kernels": 0, "saving": 0, "text": 0, "sharding": 0, "allocator": 0, "parent": 0, "locations": 0, "memory": 0,
-    "topology": 1, "layer": 1, "optim_state": 1, "engine": 1, "report": 1, "distillation": 1,
+    "topology": 1, "window": 1, "layer": 1, "optim_state": 1, "engine": 1, "report": 1, "distillation": 1,
     "pruning": 2, "evaluation": 2,
     "trainer": 3,
     "apps": 4, "prune": 4, "testing": 4,

@@ -10,7 +10,7 @@ from seft_trl.pruning import prune
 from seft_trl.memory import (
     LLAMA2_7B, LLAMA2_70B, Method, ModelShape, Workload, per_device_bytes, training_memory, window_bytes,
 )
-from seft_trl.layer import WindowStatistics
+from seft_trl.window import WindowStatistics
 from seft_trl.testing import tiny_model
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
