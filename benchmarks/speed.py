@@ -250,7 +250,9 @@ def seft_run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chunks: list[
     config = SEFTConfig(
         # One step past the update: the first step on the new topology rebuilds every layer's pattern.
         **{**trainer_arguments(args, method), "max_steps": args.steps + 1},
-        seft_num_deltas=lora_trainable_count(model, LORA_RANK),
+        # LoRA's count, or a density of every projection (num_deltas overrides density when set).
+        seft_num_deltas=lora_trainable_count(model, LORA_RANK) if args.seft_density is None else None,
+        seft_density=args.seft_density,
         seft_target_modules=PROJECTIONS,
         # One window and one update inside the short timed run: the window covers the last
         # accumulation_steps steps and the update comes at the last step, swapping the full
@@ -417,6 +419,8 @@ def run_options(args: argparse.Namespace) -> dict:
     """The options that decide what a round measures, and the machine: a resumed run must share them."""
     options = {name: str(getattr(args, name)) for name in ("model", "device", "steps", "seqlen", "batch", "threads",
                                                             "optim", "gradient_checkpointing")}
+    if args.seft_density is not None:  # absent at LoRA's count, as in the records written before the option
+        options["seft_density"] = str(args.seft_density)
     return {**options, "methods": list(METHODS), "allocator": ALLOCATOR_ENV, "machine": cpu_model()}
 
 
@@ -447,7 +451,8 @@ def run_worker(method: str, args: argparse.Namespace, workdir: str) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--workdir", workdir,
                "--device", args.device, "--steps", str(args.steps), "--seqlen", str(args.seqlen),
                "--batch", str(args.batch), "--threads", str(args.threads), "--optim", args.optim,
-               *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
+               *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
+               *([] if args.seft_density is None else ["--seft-density", str(args.seft_density)])]
     completed = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **ALLOCATOR_ENV})
     if completed.returncode != 0:
         raise SystemExit(f"The {method} worker failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-5000:]}")
@@ -478,6 +483,8 @@ def parse_args() -> argparse.Namespace:
     add("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core; 1 with --quick)")
     add("--optim", default="adamw_torch", help="the Trainer's optim for every method (e.g. adamw_8bit)")
     add("--gradient-checkpointing", action="store_true", help="activation checkpointing for every method")
+    add("--seft-density", type=float, default=None,
+        help="SEFT's deltas as this fraction of every projection (default: as many as LoRA r=8 trains)")
     add("--quick", action="store_true", help="the tiny random model: a check that everything runs, in seconds")
     add("--output", type=Path, default=None, help="default: results/speed.md (results/speed_quick.md with --quick)")
     add("--worker", choices=METHODS, help=argparse.SUPPRESS)
@@ -492,6 +499,8 @@ def parse_args() -> argparse.Namespace:
     args.threads = args.threads or (1 if args.quick else torch.get_num_threads())
     args.seqlen = args.seqlen or SEQLEN[args.model]
     args.output = args.output or RESULTS_DIR / ("speed_quick.md" if args.quick else "speed.md")
+    if args.seft_density is not None and not 0.0 < args.seft_density <= 1.0:
+        parser.error(f"--seft-density must lie in (0, 1], got {args.seft_density}; 0.1 means 10% of each projection.")
     minimum = WARMUP_STEPS + DEFAULTS.accumulation_steps + 1
     if args.steps < minimum:
         parser.error(f"--steps must be at least {minimum}: warm-up, one ordinary step and one accumulation window.")

@@ -266,8 +266,9 @@ def breakdown_text(seft: SeftBreakdown, mean_swap: SeftBreakdown, run: RunEstima
 
 
 def goals_text(results: dict[str, dict], seft: SeftBreakdown, run: RunEstimate, unit: str, steps: int) -> str:
-    """The goals of issue 11, each with the measured value and whether it was met."""
+    """The goals of issues 11 and 41, each with the measured value and whether it was met."""
     lora_step = median_step("lora", results["lora"], steps)
+    to_masked_full = run.amortized_step / median_step("masked_full", results["masked_full"], steps)
     trainer_floor = median_step("trainer_floor", results["trainer_floor"], steps)
     seft_result, lora = results["seft"], results["lora"]
     peak = seft_result["memory_peak"] / lora["memory_peak"]
@@ -299,6 +300,9 @@ def goals_text(results: dict[str, dict], seft: SeftBreakdown, run: RunEstimate, 
         f"{verdict(peak, 1.0)}; the rounds' median peaks: {median_peak:.2f}× — {verdict(median_peak, 1.0)}; "
         f"the increment during training (median): {increment:.2f}× — {verdict(increment, 1.0)}.{before_window}",
         f"* SEFT's own state ≤ 12 B per delta (optimizer state excluded): {own_bytes:.1f} B — {verdict(own_bytes, 12.0)}.",
+        f"* Issue 41, at {seft_result['trainable']:,} deltas: SEFT's step over a whole run at the defaults ≤ 1.1× "
+        f"masked full fine-tuning's: {to_masked_full:.3f}× — {verdict(to_masked_full, 1.1)}; ≤ 1.3× LoRA r={LORA_RANK}'s: "
+        f"{run_amortized:.3f}× — {verdict(run_amortized, 1.3)}.",
         "",
     ])
 
@@ -333,6 +337,16 @@ def contention_text(results: dict[str, dict]) -> str:
     return " ".join(lines)
 
 
+def seft_budget(args: argparse.Namespace, results: dict[str, dict]) -> str:
+    """How many deltas SEFT trains, in words."""
+    if args.seft_density is None:
+        return ("SEFT gets as many deltas (`seft_num_deltas`, split over the same projections in proportion to their "
+                "size)")
+    deltas, lora = results["seft"]["trainable"], results["lora"]["trainable"]
+    return (f"SEFT trains a density of {args.seft_density:g} of every projection (`seft_density`): {deltas:,} deltas, "
+            f"{deltas / lora:.1f}× LoRA's count")
+
+
 def report(args: argparse.Namespace, prepared: dict, results: dict[str, dict], wall: float) -> str:
     device = torch.device(args.device)
     seft = seft_breakdown(results["seft"], args.steps)
@@ -350,9 +364,8 @@ def report(args: argparse.Namespace, prepared: dict, results: dict[str, dict], w
         f"{LEARNING_RATE:g} constant, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, each "
         f"method in its own process, {args.rounds} round(s) that run every method once in turn (the round medians "
         "column shows the spread between rounds).",
-        f"Matched trainable parameters: LoRA r={LORA_RANK} (alpha {LORA_ALPHA}, no dropout) on "
-        f"{', '.join(PROJECTIONS)} has {lora_count}; SEFT gets as many deltas (`seft_num_deltas`, split over the "
-        "same projections in proportion to their size). masked_full trains the nonzero entries of the same "
+        f"Trainable parameters: LoRA r={LORA_RANK} (alpha {LORA_ALPHA}, no dropout) on "
+        f"{', '.join(PROJECTIONS)} has {lora_count}; {seft_budget(args, results)}. masked_full trains the nonzero entries of the same "
         "projections (its optimizer keeps dense state). SEFT runs with update_interval = steps, "
         f"accumulation_steps {DEFAULTS.accumulation_steps}, update_end 1.0 and a constant drop fraction "
         f"{DEFAULTS.drop_fraction}, so its last {DEFAULTS.accumulation_steps} steps form one window ending in one "
@@ -375,5 +388,6 @@ def report(args: argparse.Namespace, prepared: dict, results: dict[str, dict], w
         f"Command: `python benchmarks/speed.py --model {args.model} --device {args.device} --steps {args.steps} "
         f"--seqlen {args.seqlen} --batch {args.batch} --threads {args.threads} --optim {args.optim} "
         f"--rounds {args.rounds}"
-        f"{' --gradient-checkpointing' if args.gradient_checkpointing else ''}`",
+        f"{' --gradient-checkpointing' if args.gradient_checkpointing else ''}"
+        f"{'' if args.seft_density is None else f' --seft-density {args.seft_density:g}'}`",
     ])
