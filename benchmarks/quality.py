@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS_DIR, contention_note, cpu_snapshot
-from quality_plan import EVALUATION_ONLY, LONG, NARROW, REGIMES, SCREEN, SHORT, Benchmark, Regime, trained_name
+from quality_plan import EVALUATION_ONLY, LONG, NARROW, PATTERNS, REGIMES, SCREEN, SHORT, Benchmark, Regime, trained_name
 from quality_runs import OutOfTime
 from quality_report import write_results
 from quality_workloads import Workload, lee_workload, narrow_workload, quick_workload, scaled_cadence, wikipedia_workload
@@ -96,6 +96,15 @@ def runnable_methods(args: argparse.Namespace, regime: Regime, parser: argparse.
     return frozenset(chosen | set(EVALUATION_ONLY))
 
 
+def runnable_patterns(args: argparse.Namespace, parser: argparse.ArgumentParser) -> frozenset[str] | None:
+    """Where runs may start: --patterns, or everywhere (None)."""
+    chosen = {name.strip() for name in args.patterns.split(",") if name.strip()}
+    unknown = chosen - set(PATTERNS)
+    if unknown:
+        parser.error(f"unknown --patterns {sorted(unknown)}; choose from {', '.join(PATTERNS)}")
+    return frozenset(chosen) or None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
@@ -109,6 +118,8 @@ def main() -> None:
     add("--val-articles", type=int, default=24, help="short regime: training-side articles kept for validation")
     add("--methods", default="", help="comma-separated methods that may run (default all); others are read "
                                       "from the run log or left pending")
+    add("--patterns", default="", help=f"comma-separated patterns where runs may start (default all: "
+                                       f"{', '.join(PATTERNS)}); the plan's runs elsewhere wait, as outside --methods")
     add("--quick", action="store_true", help="tiny random model, one learning rate (short: one seed): a smoke test")
     add("--report-only", action="store_true", help="rebuild the report and the chart from the run log")
     add("--output-dir", default=str(RESULTS_DIR))
@@ -130,6 +141,7 @@ def main() -> None:
     if args.quick and regime is SHORT:
         args.seeds = 1
     runnable = runnable_methods(args, regime, parser)
+    patterns = runnable_patterns(args, parser)
     folder = Path(args.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     started, snapshot = time.perf_counter(), cpu_snapshot()
@@ -137,7 +149,8 @@ def main() -> None:
     work = build_workload(args, regime)
     deadline = None if args.stop_after is None else time.monotonic() + args.stop_after
     bench = Benchmark(regime, work, folder / f"{regime.stem}_runs.csv", args.seeds, args.quick, runnable,
-                      deadline=deadline, checkpoint_every=args.checkpoint_every, start_any=args.start_any)
+                      deadline=deadline, checkpoint_every=args.checkpoint_every, start_any=args.start_any,
+                      patterns=patterns)
     if regime.rates_from is not None:
         bench.rates = borrowed_rates(args, regime, work)
     if runnable:

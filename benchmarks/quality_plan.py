@@ -486,9 +486,10 @@ class Benchmark:
 
     def __init__(self, regime: Regime, work: Workload, runs_path: Path, seeds: int, quick: bool,
                  runnable: frozenset[str], deadline: float | None = None, checkpoint_every: int = 16,
-                 start_any: bool = False) -> None:
+                 start_any: bool = False, patterns: frozenset[str] | None = None) -> None:
         self.regime, self.work, self.runs_path, self.seeds, self.quick = regime, work, runs_path, seeds, quick
         self.runnable = runnable  # methods that may run now; any other missing run is Pending
+        self.patterns = patterns  # where trained runs may run now (None: everywhere); elsewhere they are Pending
         self.deadline = deadline  # time.monotonic() after which no run starts and the current one pauses
         self.start_any = start_any  # start runs the deadline will pause: their checkpoints stay on this machine
         self.checkpoint_every = checkpoint_every
@@ -570,7 +571,8 @@ class Benchmark:
         key = (pattern, method, lr, seed)
         if key not in self.runs:
             trained = trained_name(method)  # a LoRA run yields both lora and lora*
-            if trained not in self.runnable:
+            elsewhere = self.patterns is not None and pattern not in self.patterns and method not in EVALUATION_ONLY
+            if trained not in self.runnable or elsewhere:
                 raise Pending(key)
             checkpoint = self.checkpoint((pattern, trained, lr, seed))
             if checkpoint.out_of_time() or not (checkpoint.path.exists() or self.fits_before_deadline(trained)):
@@ -776,4 +778,4 @@ class Benchmark:
         try:
             step()
         except Pending as missing:
-            print(f"skipped {what}: it needs {missing}, which is outside --methods", flush=True)
+            print(f"skipped {what}: it needs {missing}, which is outside --methods or --patterns", flush=True)

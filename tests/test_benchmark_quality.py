@@ -302,6 +302,16 @@ def test_an_engine_run_logged_with_other_options_than_the_plan_now_gives_is_set_
     assert json.loads(current)["column_cap"] is None and "seed" not in json.loads(current)
 
 
+def test_runs_start_only_at_the_chosen_patterns_and_the_rest_of_the_plan_waits(tmp_path: Path) -> None:
+    work = quick_workload(8, long=True)
+    bench = Benchmark(LONG, work, tmp_path / "runs.csv", seeds=1, quick=True, runnable=frozenset({"seft"}),
+                      patterns=frozenset({"2:4"}))
+    bench.execute = lambda *key: pytest.fail(f"{key} ran outside --patterns")
+    with pytest.raises(Pending):
+        bench.result("50%", "seft", 3e-3)
+    assert not (tmp_path / "runs.csv").exists() and not (tmp_path / "partial").exists()
+
+
 def test_narrow_regime_borrows_rates_but_checks_the_ce_leaders_at_lower_ones_on_its_own_validation(tmp_path: Path) -> None:
     def logged(method: str, lr: float, val_ppl: float) -> RunResult:
         return RunResult(pattern="50%", method=method, lr=lr, seed=0, val_ppl=val_ppl, test_ppl=val_ppl, sparsity=0.5,
