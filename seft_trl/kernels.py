@@ -14,16 +14,13 @@ into memory); ``torch.sparse.sampled_addmm`` over a CSR pattern wherever neither
 ``benchmarks/results/delta_grad_kernels.md``). One sampled entry costs more than one dense entry,
 by a factor that depends on the kernel, the layer and the machine's BLAS; the cost rule samples
 when ``k * SAMPLED_ENTRY_COST[kernel] < out * in`` and otherwise takes the dense product and
-gathers. Numba's factor was 4-16 on a 2-core EPYC (an earlier kernel) and, with the column-blocked
-kernel, 6-52 on a 2-core Xeon with a faster BLAS: 6-9 at the 5-10% densities where the choice is
-close, high only at densities that sample anyway. sampled_addmm's factor was 5-43 and 13-225
-(median 40). The constants sit above those factors, because the dense path also costs a transient
-out × in fp32 matrix; Numba's now errs towards the dense path between 1/16 and about 1/6 density
-(at 10% sampling was 49-74% faster), far above SEFT's usual 1-3%. On an H200
-(``benchmarks/results/gpu.md``, T = 4096) the Triton kernel's factor was 309-432 in fp32 and
-837-2797 in bf16, where the dense product runs on the tensor cores: a gather kernel cannot compete
-there, so the rule takes the dense product on CUDA at every density above 0.25%. The CPU paths
-work over token chunks where they convert dtypes, which bounds the fp32 copies of g and x.
+gathers. The constants come from those measurements: on the CPU both sample at SEFT's usual 1-3%
+density, where sampling wins by several times, and Numba's leaves densities above 1/16 to the
+dense product, which holds no sorted layout of the positions (at 10% the measured cases sampled
+faster: the results file says by how much). On CUDA the dense product runs on the tensor cores and
+a gather kernel cannot compete (``benchmarks/results/gpu.md``): the rule takes it there at every
+density above 0.25%. The CPU paths work over token chunks where they convert dtypes, which
+bounds the fp32 copies of g and x.
 """
 
 from __future__ import annotations
@@ -154,9 +151,9 @@ def sampled_gradient_and_square_sums(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """An accumulation window's backward: the sampled entries [k], Σ_t g² [out] and Σ_t x² [in], fp32.
 
-    The Numba kernel sums the squares over the token rows it has just read for its tiles (on
-    SmolLM2 two separate passes cost 0.25 s a window step on one core, summing in the kernel a
-    fifth of that); the other kernels read g and x again.
+    The Numba kernel sums the squares over the token rows it has just read for its tiles, at a
+    fifth of the cost of two separate passes (benchmarks/results/engine_constants.md); the other kernels read g and x
+    again.
     """
     if pattern.kernel == "numba" and pattern.numel > 0:
         from . import numba_kernels  # imports Numba: only where its kernel is used

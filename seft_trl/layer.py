@@ -102,7 +102,8 @@ def _support_per_row(weight: torch.Tensor, delta_index: torch.Tensor) -> tuple[t
 
         return support_per_row(weight, delta_index)
     zero_deltas = delta_index[weight.view(-1)[delta_index] == 0]  # [z]
-    # A bool sum into int32 is 3x faster than count_nonzero on the CPU; a layer has < 2³¹ weights.
+    # A bool sum into int32 beats count_nonzero on the CPU (benchmarks/results/engine_constants.md);
+    # a layer has < 2³¹ weights.
     nonzero = (weight != 0).sum(dim=1, dtype=torch.int32).long()
     return nonzero + torch.bincount(zero_deltas.long() // weight.shape[1], minlength=weight.shape[0]), zero_deltas.numel()
 
@@ -384,8 +385,8 @@ class SparseDeltaLinear(nn.Module):
 
         The window opens inside a backward, where the allocator places its tensors among the step's
         activations; held for the whole window, they keep that memory from serving the next steps'
-        activations, and the heap grows around them. On SmolLM2 the window steps peaked 200-330 MiB
-        above the ordinary ones, and 110-140 MiB with the copies, about the window's own size.
+        activations, and the heap grows around them; with the copies the window steps peak about the
+        window's own size above the ordinary ones (benchmarks/results/engine_constants.md).
         """
         for name in WindowStatistics.TENSORS:
             setattr(window, name, getattr(window, name).clone())

@@ -34,8 +34,8 @@ import torch
 TILE_TOKENS = 64  # tokens per tile: a [in, 64] fp32 tile of a 1536-wide input is 384 KiB
 BLOCK = 16  # transposes go block by block: 16 floats are one 64-byte cache line
 # Columns of the x tile whose entries are taken in one sweep over the rows: a [4096, 64] fp32 block
-# is 1 MiB and stays in a core's L2 while the rows read it at random columns. A whole 11008-wide
-# tile (2.75 MiB) did not, and the sweeps in blocks ran 4096 × 11008 at 1% in 46 ms against 67 ms.
+# is 1 MiB and stays in a core's L2 while the rows read it at random columns, where a whole
+# 11008-wide tile does not (timings: benchmarks/results/engine_constants.md).
 COLUMN_BLOCK = 4096
 
 

@@ -313,8 +313,8 @@ def choose_candidates(growth: str, removal: str, grad: torch.Tensor, weight: tor
     (which also bounds the revivals); both are collected in one pass over the layer, and a
     criterion whose threshold lets too few through is collected again with every eligible entry.
     Chooses as :meth:`ScoredLayer.extreme` twice, growth then removal, would, without the torch work
-    between the two (marking the growth candidates excluded, finding the revivals): on 14 SmolLM2
-    layers a window's selection took 18 ms instead of 23. Returns flat positions (int64,
+    between the two (marking the growth candidates excluded, finding the revivals), which is faster
+    (benchmarks/results/engine_constants.md). Returns flat positions (int64,
     ascending) and the thresholds tried (growth's first and last, removal's first and last; ∓inf:
     every entry).
     """

@@ -84,9 +84,8 @@ def top_indices(score: torch.Tensor, count: int, largest: bool = True) -> torch.
     return survivors[torch.topk(score[survivors], count, largest=largest, sorted=False).indices]
 
 
-# Below this, plain topk is as fast. The sample's size hardly matters between 2¹² and 2¹⁶ (thread
-# time on one core, count = 1.8% of n: 2.3 instead of 5.3 ms at 576 × 1536, 0.36 instead of 0.96
-# ms at 192 × 576, 205 instead of 871 ms at 4096 × 11008).
+# Below this, plain topk is as fast; the sample's size hardly matters between 2¹² and 2¹⁶
+# (timings: benchmarks/results/engine_constants.md).
 _SAMPLED_TOPK_MIN = 1 << 16
 _TOPK_SAMPLE = 1 << 14
 
@@ -100,8 +99,7 @@ class Candidates:
 
 
 # Elements (whole rows) of the dense removal score computed at once: a criterion's temporaries
-# then stay in cache. On one core of a 2-core Xeon, 2¹⁶ took the score of a 576 × 1536 layer from
-# 16.5 to 5.8 ms and of a 4096 × 11008 layer from 721 to 370 ms against 2²².
+# then stay in cache (timings against 2²²: benchmarks/results/engine_constants.md).
 _SCORE_CHUNK = 1 << 16
 
 
@@ -425,7 +423,8 @@ def _compiles_as_one_group(scores: tuple[torch.Tensor, ...], grow_revives: torch
                            remove_group: torch.Tensor, swap_test: SwapTest | None) -> bool:
     """Whether :func:`plan_swap` can run as one compiled pass: on the CPU with Numba, fp32 ``scores``, every
     candidate in one scope group (a layer scope), and a swap test the kernel knows. A layer's plan in torch
-    is about a hundred small operations on a few thousand entries: 2.6 ms of dispatch per SmolLM2 layer."""
+    is about a hundred small operations on a few thousand entries, dominated by their dispatch
+    (benchmarks/results/engine_constants.md)."""
     if not compiled_on_cpu(grow_revives) or swap_test not in (None, SWAP_TESTS["taylor"]):
         return False
     if grow_revives.dtype != torch.bool or any(t.dtype != torch.float32 for t in scores):
