@@ -19,10 +19,11 @@ import argparse
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from common import RESULTS_DIR, markdown_table, write_report
-from headline import PATTERNS, chosen_rates
-from quality_plan import REGIMES, split_budget, split_method
+from headline import PATTERNS, chosen_rate
+from quality_plan import REGIMES, logged_rates, split_budget, split_method
 from quality_report import half_range
 from quality_runs import read_runs
 from seft_trl.memory import LLAMA2_7B, SMOLLM2_135M, Method, ModelShape, Workload, training_memory
@@ -67,13 +68,14 @@ def projected(method: str, trainable: int, sparsity: float, shape: ModelShape = 
     return Method(family, rank=max(1, round(share * shape.projection_weights / low_rank_width(shape))))
 
 
-def points(runs: dict, pattern: str, rates: dict[str, float]) -> list[Point]:
+def points(runs: dict, pattern: str, methods: tuple[str, ...], rates: Callable[[str], float]) -> list[Point]:
     """Every sparsity-preserving method's run at ``pattern`` at its chosen rate, seeds pooled."""
     found = []
-    for method, lr in sorted(rates.items()):
+    for method in sorted(methods):
         base, teaching = split_method(method)
         family = split_budget(base)[0]
-        if teaching is not None or family not in FAMILIES:
+        lr = chosen_rate(rates, method)
+        if teaching is not None or family not in FAMILIES or lr is None:
             continue
         chosen = [r for r in runs.values() if (r.pattern, r.method, r.lr) == (pattern, method, lr)]
         if not chosen:
@@ -129,8 +131,8 @@ def plot(by_pattern: dict[str, list[Point]], path: Path) -> None:
 def report(regime: str, folder: Path) -> str:
     stem = REGIMES[regime].stem
     runs = read_runs(folder / f"{stem}_runs.csv")
-    rates = chosen_rates(runs)
-    by_pattern = {pattern: points(runs, pattern, rates) for pattern in PATTERNS}
+    rates = logged_rates(REGIMES[regime], folder)
+    by_pattern = {pattern: points(runs, pattern, REGIMES[regime].methods, rates) for pattern in PATTERNS}
     plot(by_pattern, folder / f"{stem}_frontier.png")
     lines = [
         f"# The quality-memory frontier, {regime} regime",

@@ -8,9 +8,9 @@ README's ``<!-- headline:REGIME -->`` and ``<!-- /headline -->`` markers. ``test
 that the README holds exactly what this script writes, so a new run in the logs fails the suite until
 ``python benchmarks/headline.py --write`` has put it in.
 
-Each method's learning rate is chosen as the benchmark chooses it: the lowest validation perplexity of
-seed 0 at 50% once the grid has an interior optimum, in the long regime (reused at every pattern and in the
-narrow regime) or the screen's own.
+Each method's learning rate is the one the benchmark chooses (``quality_plan.rate_of``), read from the
+logs alone: the lowest validation perplexity of seed 0 at 50% over its grid as extended, in the long
+regime (reused at every pattern and, but for the narrow regime's rate checks, there too) or the screen's own.
 """
 
 from __future__ import annotations
@@ -19,17 +19,16 @@ import argparse
 import re
 import statistics
 from pathlib import Path
+from typing import Callable
 
-from quality_runs import RunResult, read_runs
+from quality_plan import REGIMES, logged_rates
+from quality_runs import Pending, read_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 PATTERNS = ("50%", "2:4", "70%")
-RATE_PATTERN = "50%"
-# Whose run log chooses each regime's learning rates, and the patterns its headline shows (the screen
-# ran at 50% first; its other patterns are still to come).
-RATES_FROM = {"long": "long", "narrow": "long", "screen": "screen"}
+# The patterns each regime's headline shows (the screen ran at 50% first; its other patterns are still to come).
 SHOWN = {"long": PATTERNS, "narrow": PATTERNS, "screen": ("50%",)}
 # (method in the run log, how the README names it); methods trained with the dense parent end in +kd.
 ROWS = (
@@ -47,29 +46,17 @@ ROWS = (
 MARKERS = re.compile(r"(<!-- headline:(?P<regime>\w+) -->\n)(?P<body>.*?)(<!-- /headline -->)", re.S)
 
 
-def chosen_rates(runs: dict) -> dict[str, float]:
-    """Each method's chosen learning rate: the lowest seed-0 validation perplexity at 50%, once its grid has
-    found an interior optimum (a best point at the grid's edge means the grid is still being extended); a
-    variant trained with the parent (``method+teaching``) takes its method's rate."""
-    grids: dict[str, dict[float, float]] = {}
-    for run in runs.values():
-        if run.seed == 0 and run.pattern == RATE_PATTERN:
-            grids.setdefault(run.method, {})[run.lr] = run.val_ppl
-    rates = {}
-    for method, grid in grids.items():
-        best, rates_tried = min(grid, key=grid.get), sorted(grid)
-        if "+" not in method and len(grid) >= 3 and rates_tried[0] < best < rates_tried[-1]:
-            rates[method] = best
-    for method in grids:
-        base = method.partition("+")[0]
-        if "+" in method and base in rates:
-            rates[method] = rates[base]
-    return rates
+def chosen_rate(rates: Callable[[str], float], method: str) -> float | None:
+    """The method's learning rate as the benchmark chooses it (None while the choice waits on a run)."""
+    try:
+        return rates(method)
+    except Pending:
+        return None
 
 
-def cell(runs: dict, pattern: str, method: str, rates: dict[str, float]) -> str:
+def cell(runs: dict, pattern: str, method: str, rates: Callable[[str], float]) -> str:
     """Test perplexity at the chosen rate: one seed as it is, several as mean ± half-range."""
-    lr = rates.get(method)
+    lr = chosen_rate(rates, method)
     ppls = [r.test_ppl for r in runs.values() if r.pattern == pattern and r.method == method and r.lr == lr]
     if not ppls:
         return "pending"
@@ -86,7 +73,7 @@ def reference(runs: dict, pattern: str, method: str) -> str:
 def headline_table(regime: str, results: Path = RESULTS) -> str:
     """The markdown table of ``regime`` ('long' or 'narrow'): test perplexity per method and pattern."""
     runs = read_runs(results / f"quality_{regime}_runs.csv")
-    rates = chosen_rates(read_runs(results / f"quality_{RATES_FROM[regime]}_runs.csv"))
+    rates = logged_rates(REGIMES[regime], results)
     shown = SHOWN[regime]
     lines = ["| test perplexity (lower is better) | " + " | ".join(f"Wanda {p}" for p in shown) + " |",
              "|---|" + "---|" * len(shown)]
@@ -112,7 +99,7 @@ def main() -> None:
     if args.write:
         README.write_text(new)
     else:
-        print("\n".join(headline_table(regime) for regime in RATES_FROM))
+        print("\n".join(headline_table(regime) for regime in SHOWN))
 
 
 if __name__ == "__main__":

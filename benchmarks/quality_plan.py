@@ -144,7 +144,8 @@ class Regime:
     @property
     def methods(self) -> tuple[str, ...]:
         planned = [step.method for step in self.plan]
-        distilled = {f"lora*+{split_method(m)[1]}" for m in planned if split_method(m)[0] == "lora"}
+        distilled = {f"lora*+{teaching}" for base, teaching in map(split_method, planned)
+                     if base == "lora" and teaching is not None}
         return tuple(dict.fromkeys((*BASE_METHODS, *self.ablations, *self.grids, *planned, *sorted(distilled))))
 
     @property
@@ -157,6 +158,16 @@ class Regime:
         """The ablations run at ``pattern``: those planned there that change something there."""
         planned = [name for name in self.ablations if pattern == FIRST_PATTERN or name in self.ablations_everywhere]
         return [name for name in planned if not same_as_defaults(self.ablations[name], pattern)]
+
+    def first_grid(self, method: str, borrowed: Callable[[str], float] | None) -> list[float]:
+        """The method's grid before any extension: this regime's own, or factors of the ``borrowed`` rate."""
+        trained = "lora" if method == "lora*" else method
+        if trained in self.rate_checks:
+            if borrowed is None:
+                raise ValueError(f"{self.name}: {trained}'s rate check needs the rates of the {self.rates_from} regime.")
+            rate = borrowed(trained)
+            return sorted(float(f"{rate * factor:.3g}") for factor in self.rate_checks[trained])
+        return sorted(self.grids[trained])
 
     def teaching(self, method: str) -> Teaching | None:
         name = split_method(method)[1]
@@ -481,6 +492,71 @@ def count_note(notes: dict[str, float], key: str) -> int | None:
     return None if math.isnan(value) else int(value)
 
 
+# ---------------------------------------------------------------------------- learning rates
+# (method, lr) -> seed 0's validation perplexity at FIRST_PATTERN; raises Pending where it is not known.
+Validation = Callable[[str, float], float]
+
+
+def extended_grid(regime: Regime, method: str, validation: Validation, borrowed: Callable[[str], float] | None,
+                  quick: bool = False) -> list[float]:
+    """The method's grid at FIRST_PATTERN, extended while its best point is at an edge.
+
+    A best learning rate at the edge of a grid only says the optimum lies beyond it; extending
+    keeps every method tuned as well as the others, whichever way its optimum lies.
+    """
+    base = regime.first_grid(method, borrowed)
+    if quick:
+        return base[1:2]
+    grid = base
+    for _ in range(regime.max_grid_extensions):
+        best = min(grid, key=lambda lr: validation(method, lr))
+        if best == grid[-1]:
+            grid.append(float(f"{grid[-1] * regime.grid_factor:.3g}"))
+        elif best == grid[0]:
+            grid.insert(0, float(f"{grid[0] / regime.grid_factor:.3g}"))
+        else:
+            break
+    return grid
+
+
+def best_rate(regime: Regime, method: str, validation: Validation, borrowed: Callable[[str], float] | None,
+              quick: bool = False) -> float:
+    """The lowest validation perplexity at FIRST_PATTERN, seed 0, over the method's extended grid."""
+    return min(extended_grid(regime, method, validation, borrowed, quick), key=lambda lr: validation(method, lr))
+
+
+def rate_of(regime: Regime, method: str, validation: Validation, borrowed: Callable[[str], float] | None,
+            quick: bool = False) -> float:
+    """The method's learning rate: its grid's choice; else (ablations, distilled methods without a grid)
+    that of the method it varies; in a regime with ``rates_from``, that regime's choice (``borrowed``)."""
+    if method in EVALUATION_ONLY:
+        return 0.0
+    if method in regime.tuned:
+        return best_rate(regime, method, validation, borrowed, quick)
+    base, _ = split_method(method)
+    base = "seft" if base in regime.ablations else base
+    if borrowed is not None:
+        return borrowed(base)
+    if base not in regime.tuned:
+        raise Pending((FIRST_PATTERN, base, math.nan, 0))  # nothing chooses its rate in this regime
+    return best_rate(regime, base, validation, borrowed, quick)
+
+
+def logged_rates(regime: Regime, folder: Path) -> Callable[[str], float]:
+    """Each method's rate as the benchmark chooses it, read from the run logs in ``folder`` alone (the
+    regime's and the one it borrows from); Pending where the choice still waits on a run."""
+    runs = read_runs(folder / f"{regime.stem}_runs.csv")
+
+    def validation(method: str, lr: float) -> float:
+        key = (FIRST_PATTERN, method, lr, 0)
+        if key not in runs:
+            raise Pending(key)
+        return runs[key].val_ppl
+
+    borrowed = None if regime.rates_from is None else logged_rates(REGIMES[regime.rates_from], folder)
+    return lambda method: rate_of(regime, method, validation, borrowed)
+
+
 class Benchmark:
     """The runs of one regime: read from its log, run when missing and allowed, and the plan that orders them."""
 
@@ -670,53 +746,18 @@ class Benchmark:
         return results
 
     # -------------------------------------------------------------------------- choices
+    def validation(self, method: str, lr: float) -> float:
+        """Seed 0's validation perplexity at FIRST_PATTERN: from the log, or by running it now."""
+        return self.result(FIRST_PATTERN, method, lr).val_ppl
+
     def grid(self, method: str) -> list[float]:
-        """The method's grid at FIRST_PATTERN, extended while its best point is at an edge.
-
-        A best learning rate at the edge of a grid only says the optimum lies beyond it; extending
-        keeps every method tuned as well as the others, whichever way its optimum lies.
-        """
-        regime = self.regime
-        base = self.first_grid(method)
-        if self.quick:
-            return base[1:2]
-        grid = base
-        for _ in range(regime.max_grid_extensions):
-            best = min(grid, key=lambda lr: self.result(FIRST_PATTERN, method, lr).val_ppl)
-            if best == grid[-1]:
-                grid.append(float(f"{grid[-1] * regime.grid_factor:.3g}"))
-            elif best == grid[0]:
-                grid.insert(0, float(f"{grid[0] / regime.grid_factor:.3g}"))
-            else:
-                break
-        return grid
-
-    def first_grid(self, method: str) -> list[float]:
-        """The grid before any extension: the regime's own, or factors of the rate it borrows."""
-        trained = "lora" if method == "lora*" else method
-        if trained in self.regime.rate_checks:
-            borrowed = self.rates(trained)
-            return sorted(float(f"{borrowed * factor:.3g}") for factor in self.regime.rate_checks[trained])
-        return sorted(self.regime.grids[trained])
+        return extended_grid(self.regime, method, self.validation, self.rates, self.quick)
 
     def best_lr(self, method: str) -> float:
-        """The lowest validation perplexity at FIRST_PATTERN, seed 0, over the method's grid."""
-        return min(self.grid(method), key=lambda lr: self.result(FIRST_PATTERN, method, lr).val_ppl)
+        return best_rate(self.regime, method, self.validation, self.rates, self.quick)
 
     def lr_of(self, method: str) -> float:
-        """The method's learning rate: its grid's choice; else (ablations, distilled methods without a grid)
-        that of the method it varies; in a regime with ``rates_from``, that regime's choice."""
-        if method in EVALUATION_ONLY:
-            return 0.0
-        if method in self.regime.tuned:
-            return self.best_lr(method)
-        base, _ = split_method(method)
-        base = "seft" if base in self.regime.ablations else base
-        if self.rates is not None:
-            return self.rates(base)
-        if base not in self.regime.tuned:
-            raise Pending((FIRST_PATTERN, base, math.nan, 0))  # nothing chooses its rate in this regime
-        return self.best_lr(base)
+        return rate_of(self.regime, method, self.validation, self.rates, self.quick)
 
     def best_baseline(self, pattern: str) -> str:
         """The sparsity-preserving baseline with the best validation perplexity at ``pattern`` (seed 0)."""

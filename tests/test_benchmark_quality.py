@@ -325,7 +325,7 @@ def test_narrow_regime_borrows_rates_but_checks_the_ce_leaders_at_lower_ones_on_
 
     for run in (logged("masked_lora", 4e-3, 60.0), logged("masked_lora", 2e-3, 40.0), logged("masked_lora", 1e-3, 50.0)):
         append_run(tmp_path / "runs.csv", run)
-    assert bench().first_grid("masked_lora") == [1e-3, 2e-3, 4e-3]
+    assert NARROW.first_grid("masked_lora", bench().rates) == [1e-3, 2e-3, 4e-3]
     assert bench().lr_of("masked_lora") == 2e-3  # the best of the check on this regime's validation
     assert bench().lr_of("masked_lora+kd") == 4e-3 and bench().lr_of("spp") == 1e-2  # the rest keep the borrowed rate
     assert bench().lr_of("seft+kd") == 3e-3

@@ -58,14 +58,17 @@ def test_the_headline_picks_each_methods_rate_on_validation(tmp_path):
     rows = [
         "unpruned,dense,0,0,10,20,0,False,0,0,nan,0",
         "50%,pruned,0,0,40,50,0.5,True,0,0,nan,0",
-        "50%,seft,0.001,0,31,33,0.5,True,1,0,1,1",
+        # The long regime's grid for SEFT is 1.5e-3, 3e-3, 6e-3; for SPP 3e-3, 6e-3, 1.2e-2.
+        "50%,seft,0.0015,0,31,33,0.5,True,1,0,1,1",
         "50%,seft,0.003,0,30,34,0.5,True,1,0,1,1",  # best validation: its test perplexity is reported
-        "50%,seft,0.009,0,32,32,0.5,True,1,0,1,1",
+        "50%,seft,0.006,0,32,32,0.5,True,1,0,1,1",
         "50%,seft,0.003,1,30,35,0.5,True,1,0,1,1",
         "70%,seft,0.003,0,60,70,0.7,True,1,0,1,1",
+        "70%,seft,0.0015,0,50,50,0.7,True,1,0,1,1",  # not the chosen rate: never reported
         "50%,seft+kd,0.003,0,29,31,0.5,True,1,0,1,1",  # a variant takes its method's rate
-        "50%,spp,0.001,0,31,33,0.5,True,1,0,1,1",  # a grid whose best is at its edge has chosen nothing yet
-        "50%,spp,0.003,0,30,32,0.5,True,1,0,1,1",
+        "50%,spp,0.003,0,31,33,0.5,True,1,0,1,1",  # best at the grid's edge: it waits for the extension (2.4e-2)
+        "50%,spp,0.006,0,30.5,32,0.5,True,1,0,1,1",
+        "50%,spp,0.012,0,30,32,0.5,True,1,0,1,1",
     ]
     (tmp_path / "quality_long_runs.csv").write_text(header + "\n".join(rows) + "\n")
     table = headline.headline_table("long", tmp_path)
