@@ -443,3 +443,38 @@ def test_budget_grids_scale_the_rate_down_as_the_density_grows():
     low, mid, high = budget_grid(8e-3, 0.02, 0.08)
     assert low == pytest.approx(mid / 2, rel=1e-2) and high == pytest.approx(mid * 2, rel=1e-2)
     assert mid == pytest.approx(8e-3 * 4 ** -BUDGET_LR_EXPONENT, rel=1e-2)
+
+
+def test_the_frontier_places_each_method_at_its_chosen_rate_and_marks_who_no_cheaper_run_beats(tmp_path: Path) -> None:
+    import frontier
+
+    def logged(pattern: str, method: str, lr: float, val_ppl: float, test_ppl: float, trainable: int) -> RunResult:
+        return RunResult(pattern=pattern, method=method, lr=lr, seed=0, val_ppl=val_ppl, test_ppl=test_ppl,
+                         sparsity=0.5, sparsity_kept=True, trainable=trainable, revived=0, final_loss=1.0, train_s=1.0)
+
+    count, surviving = 2_442_240, 53_084_160
+    # The short regime's grids: SEFT 2e-4, 5e-4, 1.25e-3; masked full 2e-5, 5e-5, 1.25e-4 (interior optima here).
+    for lr, val in ((2e-4, 41.0), (5e-4, 40.0), (1.25e-3, 42.0)):
+        append_run(tmp_path / "quality_runs.csv", logged("50%", "seft", lr, val, val + 5, count))
+    for lr, val in ((2e-5, 40.0), (5e-5, 38.0), (1.25e-4, 39.0)):
+        append_run(tmp_path / "quality_runs.csv", logged("50%", "masked_full", lr, val, val + 5, surviving))
+    append_run(tmp_path / "quality_runs.csv", logged("2:4", "seft", 5e-4, 60.0, 60.0, count))
+    append_run(tmp_path / "quality_runs.csv", logged("2:4", "seft", 2e-4, 50.0, 50.0, count))  # not its rate
+    append_run(tmp_path / "quality_runs.csv", logged("2:4", "masked_full", 5e-5, 70.0, 70.0, surviving))
+    # masked LoRA's grid (4e-4, 1e-3, 2.5e-3) is best at its edge and waits for an extension: no point yet.
+    for lr, val in ((4e-4, 45.0), (1e-3, 44.0), (2.5e-3, 30.0)):
+        append_run(tmp_path / "quality_runs.csv", logged("50%", "masked_lora", lr, val, val, count))
+    # SPP's (the same grid) was extended twice, the regime's limit: its best, at the last edge, is its rate.
+    for lr, val in ((4e-4, 45.0), (1e-3, 44.0), (2.5e-3, 43.0), (6.25e-3, 42.0), (1.56e-2, 41.0)):
+        append_run(tmp_path / "quality_runs.csv", logged("50%", "spp", lr, val, val + 10, count))
+
+    report = frontier.report("short", tmp_path)
+    seft_memory = frontier.training_memory(frontier.LLAMA2_7B, frontier.projected("seft", count, 0.5),
+                                           frontier.Workload(), frontier.OPTIMIZER).total / frontier.GB
+    assert f"| seft | 2,442,240 | {seft_memory:.1f} | 45.00 | **yes** |" in report  # cheaper than masked full
+    assert "| masked_full | 53,084,160 | 51.9 | 43.00 | **yes** |" in report  # lower perplexity, more memory
+    assert "| seft | 2,442,240 | " in report.split("## Wanda 2:4")[1] and "| 60.00 | **yes** |" in report
+    assert "| masked_full | 53,084,160 | 51.9 | 70.00 |  |" in report  # beaten by a run that needs less memory
+    assert "masked_lora" not in report and "## Wanda 70%\n\nNo run logged yet." in report
+    assert "| spp | 2,442,240 | " in report and "| 51.00 | **yes** |" in report  # the least memory
+    assert (tmp_path / "quality_frontier.png").stat().st_size > 1000
