@@ -49,9 +49,11 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Callable
 
 from common import RESULTS_DIR, contention_note, cpu_snapshot
-from quality_plan import EVALUATION_ONLY, LONG, NARROW, PATTERNS, REGIMES, SCREEN, SHORT, Benchmark, Regime, trained_name
+from quality_plan import (EVALUATION_ONLY, LONG, NARROW, PATTERNS, REGIMES, SCREEN, SHORT, Benchmark, Regime, logged_rates,
+                          trained_name)
 from quality_runs import OutOfTime
 from quality_report import write_results
 from quality_workloads import Workload, lee_workload, narrow_workload, quick_workload, scaled_cadence, wikipedia_workload
@@ -71,14 +73,12 @@ def build_workload(args: argparse.Namespace, regime: Regime) -> Workload:
     return lee_workload(steps, args.batch_size, seqlen, args.eval_seqlen, args.rank, args.val_articles)
 
 
-def borrowed_rates(args: argparse.Namespace, regime: Regime, work: Workload):
+def borrowed_rates(args: argparse.Namespace, regime: Regime) -> Callable[[str], float]:
     """The chosen learning rate of each method in the regime ``regime`` takes its rates from, read from its log."""
     source = REGIMES[regime.rates_from]
     if args.quick:  # the smoke test: the middle of the lender's grid, without its runs
         return lambda method: sorted(source.grids["lora" if method == "lora*" else method])[1]
-    folder = Path(args.rates_dir or args.output_dir)
-    lender = Benchmark(source, work, folder / f"{source.stem}_runs.csv", args.seeds, args.quick, frozenset())
-    return lender.lr_of
+    return logged_rates(source, Path(args.rates_dir or args.output_dir))
 
 
 def runnable_methods(args: argparse.Namespace, regime: Regime, parser: argparse.ArgumentParser) -> frozenset[str]:
@@ -152,7 +152,7 @@ def main() -> None:
                       deadline=deadline, checkpoint_every=args.checkpoint_every, start_any=args.start_any,
                       patterns=patterns)
     if regime.rates_from is not None:
-        bench.rates = borrowed_rates(args, regime, work)
+        bench.rates = borrowed_rates(args, regime)
     if runnable:
         try:
             bench.run_plan()
