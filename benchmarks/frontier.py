@@ -1,7 +1,7 @@
 """The quality-memory frontier: each method's repair against the training memory it would need at 7B.
 
 Users choose a repair by what fits their GPU. The quality benchmark's budget axis (``seft@d0.1``,
-``spp@r32``, ... in ``quality_plan``) trains each method at several budgets on SmolLM2-135M; this script
+``spp@r32``, ... in ``quality_regimes``) trains each method at several budgets on SmolLM2-135M; this script
 places every run at the memory the same method at the same relative budget would need to train
 LLaMA-2-7B (``seft_trl.memory``: bf16 weights, batch 4 × 2048, gradient checkpointing, 8-bit AdamW),
 and marks the frontier: the runs no other sparsity-preserving run beats at the same or less memory.
@@ -23,7 +23,7 @@ from typing import Callable
 
 from common import RESULTS_DIR, markdown_table, write_report
 from headline import PATTERNS, chosen_rate
-from quality_plan import REGIMES, logged_rates, split_budget, split_method
+from quality_regimes import REGIMES, logged_rates, split_budget, split_method
 from quality_report import half_range
 from quality_runs import read_runs
 from seft_trl.memory import LLAMA2_7B, SMOLLM2_135M, Method, ModelShape, Workload, training_memory

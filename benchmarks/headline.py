@@ -8,7 +8,7 @@ README's ``<!-- headline:REGIME -->`` and ``<!-- /headline -->`` markers. ``test
 that the README holds exactly what this script writes, so a new run in the logs fails the suite until
 ``python benchmarks/headline.py --write`` has put it in.
 
-Each method's learning rate is the one the benchmark chooses (``quality_plan.rate_of``), read from the
+Each method's learning rate is the one the benchmark chooses (``quality_regimes.rate_of``), read from the
 logs alone: the lowest validation perplexity of seed 0 at 50% over its grid as extended, in the long
 regime (reused at every pattern and, but for the narrow regime's rate checks, there too) or the screen's own.
 """
@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
-from quality_plan import REGIMES, logged_rates
+from quality_regimes import REGIMES, logged_rates
 from quality_runs import Pending, read_runs
 
 ROOT = Path(__file__).resolve().parents[1]

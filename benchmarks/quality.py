@@ -52,8 +52,9 @@ from pathlib import Path
 from typing import Callable
 
 from common import RESULTS_DIR, contention_note, cpu_snapshot
-from quality_plan import (EVALUATION_ONLY, LONG, NARROW, PATTERNS, REGIMES, SCREEN, SHORT, Benchmark, Regime, logged_rates,
-                          trained_name)
+from quality_plan import Benchmark
+from quality_regimes import (EVALUATION_ONLY, LONG, NARROW, PATTERNS, REGIMES, SCREEN, SHORT, Regime, logged_rates,
+                             trained_name)
 from quality_runs import OutOfTime
 from quality_report import write_results
 from quality_workloads import Workload, lee_workload, narrow_workload, quick_workload, scaled_cadence, wikipedia_workload

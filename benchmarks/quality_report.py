@@ -15,8 +15,9 @@ from typing import Callable, TypeVar
 import torch
 
 from common import machine_description, markdown_table
-from quality_plan import BASE_METHODS, EVALUATION_ONLY, FIRST_PATTERN, PATTERNS, SHORT, SPARSE_BASELINES, UNPRUNED
-from quality_plan import Benchmark, split_method
+from quality_plan import Benchmark
+from quality_regimes import BASE_METHODS, EVALUATION_ONLY, FIRST_PATTERN, PATTERNS, SHORT, SPARSE_BASELINES, UNPRUNED
+from quality_regimes import split_method
 from quality_runs import Pending, RunResult
 from seft_trl import SparsityEvolutionConfig
 

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from baselines import PROJECTIONS, engine_adapter, lora_trainable_count
-from quality_plan import PATTERNS, train, wanda
+from quality_plan import train, wanda
+from quality_regimes import PATTERNS
 from quality_workloads import Workload, lee_workload, quick_workload, wikipedia_workload
 from seft_trl import SparsityEvolution, SparsityEvolutionConfig
 

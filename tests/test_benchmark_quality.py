@@ -23,7 +23,8 @@ SCRIPT = Path(__file__).parents[1] / "benchmarks" / "quality.py"
 sys.path.insert(0, str(SCRIPT.parent))  # the benchmark modules import each other by bare name
 
 from baselines import NonzeroBudgetError, masked_full_adapter, peft_lora_adapter, seft_adapter  # noqa: E402
-from quality_plan import LONG, NARROW, Benchmark, count_note, options_record, pruning_fingerprint, seft_config, train  # noqa: E402
+from quality_plan import Benchmark, count_note, options_record, pruning_fingerprint, seft_config, train  # noqa: E402
+from quality_regimes import LONG, NARROW  # noqa: E402
 from quality_runs import OutOfTime, Pending, RunCheckpoint, RunResult, append_run, read_runs  # noqa: E402
 from quality_workloads import quick_workload  # noqa: E402
 
@@ -417,7 +418,8 @@ def test_swap_probe_freeze_holds_moved_slots_at_zero() -> None:
 
 
 def test_a_budget_sets_the_deltas_density_or_the_low_rank_factors_rank():
-    from quality_plan import SHORT, make_adapter, split_budget
+    from quality_plan import make_adapter
+    from quality_regimes import SHORT, split_budget
 
     work = quick_workload(8, long=False)
     model = tiny_model("llama")
@@ -438,7 +440,7 @@ def test_a_budget_sets_the_deltas_density_or_the_low_rank_factors_rank():
 
 
 def test_budget_grids_scale_the_rate_down_as_the_density_grows():
-    from quality_plan import BUDGET_LR_EXPONENT, budget_grid
+    from quality_regimes import BUDGET_LR_EXPONENT, budget_grid
 
     low, mid, high = budget_grid(8e-3, 0.02, 0.08)
     assert low == pytest.approx(mid / 2, rel=1e-2) and high == pytest.approx(mid * 2, rel=1e-2)
