@@ -21,13 +21,12 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
-from quality_regimes import REGIMES, logged_rates
+from quality_regimes import PATTERNS, REGIMES, logged_rates
 from quality_runs import Pending, read_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
-PATTERNS = ("50%", "2:4", "70%")
 # The patterns each regime's headline shows (the screen ran at 50% first; its other patterns are still to come).
 SHOWN = {"long": PATTERNS, "narrow": PATTERNS, "screen": ("50%",)}
 # (method in the run log, how the README names it); methods trained with the dense parent end in +kd.
