@@ -56,6 +56,7 @@ from quality_plan import Benchmark
 from quality_regimes import (EVALUATION_ONLY, LONG, NARROW, PATTERNS, REGIMES, SCREEN, SHORT, Regime, logged_rates,
                              trained_name)
 from quality_runs import OutOfTime
+from quality_chart import plot
 from quality_report import write_results
 from quality_workloads import Workload, lee_workload, narrow_workload, quick_workload, scaled_cadence, wikipedia_workload
 
@@ -164,6 +165,8 @@ def main() -> None:
     kept_notes = notes.read_text().strip() if notes.exists() else ""
     note = f"{args.remark} {contention_note(snapshot)}".strip()
     write_results(bench, folder, time.perf_counter() - started, "\n\n".join(filter(None, (kept_notes, note))))
+    plot(bench, folder / f"{regime.stem}.png")
+    print(f"\nWritten to {folder}/{regime.stem}.md, {regime.stem}.png, {regime.stem}_runs.csv")
 
 
 if __name__ == "__main__":
