@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 # Two test workers (pytest-xdist) on the 2-core machine, one thread each: two workers of two threads
-# would spin against each other. Tests that share a session fixture share a worker (xdist_group).
+# would spin against each other.
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
 

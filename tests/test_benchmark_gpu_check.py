@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
+from speed_checks import check_quick_speed_report
 
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.mark.xdist_group("gpu_check_dry_run")  # the session fixture runs once per worker
 def test_gpu_check_dry_run_runs_and_reports_every_step(gpu_check_dry_run):
     result = gpu_check_dry_run.result
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -18,6 +17,7 @@ def test_gpu_check_dry_run_runs_and_reports_every_step(gpu_check_dry_run):
         assert f"| {step} | passed |" in report
     assert "## layer speed" in report and "## model speed and memory" in report
     assert "optim `adamw_8bit`" in report and "gradient checkpointing on" in report
+    check_quick_speed_report(gpu_check_dry_run.workdir)  # its model step: speed.py --quick, resumed
 
 
 def test_the_fsdp2_step_runs_the_unpatched_gpu_launch_on_two_gpus_and_is_skipped_on_one(tmp_path, monkeypatch):

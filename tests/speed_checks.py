@@ -1,7 +1,7 @@
-"""benchmarks/speed.py --quick runs end to end as a process, reports every method with real numbers and resumes.
+"""Checks that benchmarks/speed.py --quick ran end to end as a process, reports every method with real numbers and resumes.
 
 The run is the GPU check dry run's model step (the session fixture ``gpu_check_dry_run``): the same script with
-``--optim adamw_8bit --gradient-checkpointing``; the test reads its report and resumes it."""
+``--optim adamw_8bit --gradient-checkpointing``; the GPU check's test reads its report and resumes it here."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).parents[1]
 METHODS = ("floor", "trainer_floor", "seft", "seft_mean_swap", "lora", "masked_full")
@@ -37,10 +35,13 @@ def run_quick(output: Path) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.xdist_group("gpu_check_dry_run")  # the session fixture runs once per worker
-def test_quick_speed_benchmark_reports_every_method(gpu_check_dry_run):
-    assert gpu_check_dry_run.result.returncode == 0, gpu_check_dry_run.result.stdout[-3000:]
-    output = gpu_check_dry_run.workdir / "speed.md"
+def check_quick_speed_report(workdir: Path) -> None:
+    """The dry run's speed report (``workdir / "speed.md"``) has every method with real numbers and resumes.
+
+    Called by the GPU check's dry-run test: one test reads the one dry run, so it runs once. (pytest 9
+    keeps a node's id where pytest-xdist 3.8's ``xdist_group`` no longer reaches it: two tests marked to
+    share a worker landed on two and each ran the 4-minute dry run.)"""
+    output = workdir / "speed.md"
     report = output.read_text()
     rows = table_rows(report)
     assert set(METHODS) <= set(rows)
