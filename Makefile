@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 # Two test workers (pytest-xdist) on the 2-core machine, one thread each: two workers of two threads
 # would spin against each other.
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2
 
 # The documentation site, offline, into site/ (the test suite builds it too, in strict mode).
 docs: install

@@ -61,8 +61,8 @@ class DryRun:
 
 @pytest.fixture(scope="session")
 def gpu_check_dry_run(tmp_path_factory: pytest.TempPathFactory) -> DryRun:
-    """The GPU check's dry run, shared: it includes `benchmarks/speed.py --quick`, which the speed test reads and
-    resumes, so the suite launches the speed benchmark's six worker processes once, not twice."""
+    """The GPU check's dry run. It includes `benchmarks/speed.py --quick`, whose report the same test checks and
+    resumes (tests/speed_checks.py), so the suite launches the speed benchmark's six worker processes once."""
     folder = tmp_path_factory.mktemp("gpu-check")
     report, workdir = folder / "gpu.md", folder / "steps"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
