@@ -107,7 +107,8 @@ def runnable_patterns(args: argparse.Namespace, parser: argparse.ArgumentParser)
     return frozenset(chosen) or None
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; help strings escape ``%`` because argparse formats them (``70%`` is a pattern)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--regime", choices=sorted(REGIMES), default="short")
@@ -121,7 +122,7 @@ def main() -> None:
     add("--methods", default="", help="comma-separated methods that may run (default all); others are read "
                                       "from the run log or left pending")
     add("--patterns", default="", help=f"comma-separated patterns where runs may start (default all: "
-                                       f"{', '.join(PATTERNS)}); the plan's runs elsewhere wait, as outside --methods")
+                                       f"{', '.join(PATTERNS).replace('%', '%%')}); the plan's runs elsewhere wait, as outside --methods")
     add("--quick", action="store_true", help="tiny random model, one learning rate (short: one seed): a smoke test")
     add("--report-only", action="store_true", help="rebuild the report and the chart from the run log")
     add("--output-dir", default=str(RESULTS_DIR))
@@ -138,6 +139,11 @@ def main() -> None:
              "<output-dir>/partial/, which the next invocation on this machine resumes")
     add("--checkpoint-every", type=int, default=16, metavar="STEPS",
         help="save the run in progress this often, so even a killed benchmark loses little")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     regime = REGIMES[args.regime]
     if args.quick and regime is SHORT:

@@ -480,3 +480,12 @@ def test_the_frontier_places_each_method_at_its_chosen_rate_and_marks_who_no_che
     assert "masked_lora" not in report and "## Wanda 70%\n\nNo run logged yet." in report
     assert "| spp | 2,442,240 | " in report and "| 51.00 | **yes** |" in report  # the least memory
     assert (tmp_path / "quality_frontier.png").stat().st_size > 1000
+
+
+def test_the_benchmark_help_lists_every_pattern():
+    """argparse %-formats help text, so a pattern written ``70%`` once crashed ``quality.py --help``."""
+    from quality import build_parser
+    from quality_regimes import PATTERNS
+
+    text = build_parser().format_help()
+    assert all(pattern in text for pattern in PATTERNS)
