@@ -56,7 +56,7 @@ def split_budget(base: str) -> tuple[str, float | None, int | None]:
     kind, _, budget = base.partition("@")
     if not budget:
         return kind, None, None
-    if budget[0] == "d" and kind in ("seft", "fixed_deltas"):
+    if budget[0] == "d" and (kind in ("seft", "fixed_deltas") or kind.startswith("seft_")):  # seft_*: ablations
         return kind, float(budget[1:]), None
     if budget[0] == "r" and kind in ("masked_lora", "spp", "lora"):
         return kind, None, int(budget[1:])
@@ -196,13 +196,16 @@ SHORT_BUDGET_GRIDS = {
     **{f"{kind}@r{rank}": tuple(lr * f for f in (0.5, 1.0, 2.0))
        for kind, lr in (("masked_lora", 6.25e-3), ("spp", 1.56e-2)) for rank in BUDGET_RANKS},
 }
+# SEFT at 25% of each layer ends worse than the pruned model at every rate tried (8.3 M weights revived
+# at zero, each paid for by removing a surviving weight): without revival, nothing is removed.
+SHORT_BUDGET_ABLATIONS = ("seft_no_revival@d0.25",)
 SHORT = Regime(
     name="short", steps=32, seqlen=128,
     grids={"lora": SHORT_LOW_RANK_GRID, "masked_lora": SHORT_LOW_RANK_GRID, "spp": SHORT_LOW_RANK_GRID,
            "masked_full": (2e-5, 5e-5, 1.25e-4), "fixed_deltas": (2e-4, 5e-4, 1.25e-3), "seft": (2e-4, 5e-4, 1.25e-3),
            **SHORT_BUDGET_GRIDS},
     grid_factor=2.5, max_grid_extensions=2, ablations=SHORT_ABLATIONS, ablations_everywhere=tuple(SHORT_ABLATIONS),
-    stem="quality",
+    stem="quality", plan=tuple(PlanStep(method, (FIRST_PATTERN,)) for method in SHORT_BUDGET_ABLATIONS),
 )
 # The dense parent's use in the long regimes: the loss SEFTConfig defaults to with a teacher (seft+kd: with
 # dense-value revival; seft+kd0: revived weights start at zero, as without a parent).
@@ -333,7 +336,9 @@ def rate_of(regime: Regime, method: str, validation: Validation, borrowed: Calla
     if method in regime.tuned:
         return best_rate(regime, method, validation, borrowed, quick)
     base, _ = split_method(method)
-    base = "seft" if base in regime.ablations else base
+    kind, density, _ = split_budget(base)
+    if kind in regime.ablations:  # an ablation at a budget takes SEFT's rate at that budget
+        base = "seft" if density is None else f"seft@d{density:g}"
     if borrowed is not None:
         return borrowed(base)
     if base not in regime.tuned:

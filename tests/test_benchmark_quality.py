@@ -439,6 +439,23 @@ def test_a_budget_sets_the_deltas_density_or_the_low_rank_factors_rank():
         split_budget("masked_lora@d0.1")
 
 
+def test_an_ablation_at_a_budget_runs_at_that_budget_with_seft_s_rate_there(tmp_path: Path) -> None:
+    from quality_regimes import SHORT, logged_rates, split_budget
+
+    method = "seft_no_revival@d0.25"
+    assert method in SHORT.methods and split_budget(method) == ("seft_no_revival", 0.25, None)
+    assert SHORT.seft_options(method) == {"regrow_pruned": False}
+    runs = tmp_path / "quality_runs.csv"
+    grid = sorted(SHORT.grids["seft@d0.25"])
+    for lr, val in zip(grid, (50.0, 40.0, 45.0)):  # an interior optimum: the middle rate
+        append_run(runs, RunResult(pattern="50%", method="seft@d0.25", lr=lr, seed=0, val_ppl=val, test_ppl=val,
+                                   sparsity=0.5, sparsity_kept=True, trainable=1, revived=0, final_loss=1.0,
+                                   train_s=1.0))
+    assert logged_rates(SHORT, tmp_path)(method) == grid[1]
+    with pytest.raises(Pending):  # the plain ablation waits on SEFT's own grid, not the budget's
+        logged_rates(SHORT, tmp_path)("seft_no_revival")
+
+
 def test_budget_grids_scale_the_rate_down_as_the_density_grows():
     from quality_regimes import BUDGET_LR_EXPONENT, budget_grid
 
