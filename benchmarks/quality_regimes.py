@@ -60,7 +60,7 @@ def split_budget(base: str) -> tuple[str, float | None, int | None]:
         return kind, float(budget[1:]), None
     if budget[0] == "r" and kind in ("masked_lora", "spp", "lora"):
         return kind, None, int(budget[1:])
-    raise ValueError(f"{base}: a budget is @d<density> for seft and fixed_deltas, @r<rank> for the LoRA family")
+    raise ValueError(f"{base}: a budget is @d<density> for seft, fixed_deltas and SEFT's ablations, @r<rank> for the LoRA family")
 
 
 # How the best learning rate of sparse deltas falls as their density grows: lr ∝ density^-BUDGET_LR_EXPONENT.
