@@ -197,14 +197,18 @@ SHORT_BUDGET_GRIDS = {
        for kind, lr in (("masked_lora", 6.25e-3), ("spp", 1.56e-2)) for rank in BUDGET_RANKS},
 }
 # SEFT at 25% of each layer ends worse than the pruned model at every rate tried (8.3 M weights revived
-# at zero, each paid for by removing a surviving weight): without revival, nothing is removed.
-SHORT_BUDGET_ABLATIONS = ("seft_no_revival@d0.25",)
+# at zero, each paid for by removing a surviving weight): without revival, nothing is removed; with a
+# revival cap, an update removes at most 0.5% or 0.1% of a layer's starting nonzeros (uncapped: 2.6% on
+# average). The caps also run at LoRA's count, where a default must leave SEFT as it is.
+REVIVAL_CAPS = {f"seft_revival_cap{cap:g}": {"revival_cap": cap} for cap in (0.005, 0.001)}
+SHORT_BUDGET_ABLATIONS = ("seft_no_revival@d0.25", *(f"{name}@d0.25" for name in REVIVAL_CAPS))
 SHORT = Regime(
     name="short", steps=32, seqlen=128,
     grids={"lora": SHORT_LOW_RANK_GRID, "masked_lora": SHORT_LOW_RANK_GRID, "spp": SHORT_LOW_RANK_GRID,
            "masked_full": (2e-5, 5e-5, 1.25e-4), "fixed_deltas": (2e-4, 5e-4, 1.25e-3), "seft": (2e-4, 5e-4, 1.25e-3),
            **SHORT_BUDGET_GRIDS},
-    grid_factor=2.5, max_grid_extensions=2, ablations=SHORT_ABLATIONS, ablations_everywhere=tuple(SHORT_ABLATIONS),
+    grid_factor=2.5, max_grid_extensions=2, ablations={**SHORT_ABLATIONS, **REVIVAL_CAPS},
+    ablations_everywhere=tuple(SHORT_ABLATIONS),
     stem="quality", plan=tuple(PlanStep(method, (FIRST_PATTERN,)) for method in SHORT_BUDGET_ABLATIONS),
 )
 # The dense parent's use in the long regimes: the loss SEFTConfig defaults to with a teacher (seft+kd: with

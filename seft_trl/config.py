@@ -56,6 +56,11 @@ class SparsityEvolutionConfig:
       input columns with the largest activations, and training them there cost more held-out loss
       than not training them (a probe at 6e-3; a cap of 2 removed the loss). Off until the long
       benchmark has judged it over whole runs (``benchmarks/results/engine_experiments.md``).
+    * ``revival_cap=None``: each revival removes a weight the model kept, priced alone by the swap
+      test; at large densities an update removes so many at once that the sum misleads. At 25% of
+      each layer SEFT revived 8.3 M weights at zero in 32 steps, removing 16% of the surviving weights,
+      and ended worse than the pruned model (``benchmarks/results/quality_notes.md``). A cap bounds
+      what one update may remove; off until the budget benchmark has chosen its value.
     """
 
     density: float | None = field(
@@ -169,6 +174,14 @@ class SparsityEvolutionConfig:
             "activations; a cap of 2 keeps it near the spread of the initial random placement."
         },
     )
+    revival_cap: float | None = field(
+        default=None,
+        metadata={
+            "help": "Most surviving weights one topology update may remove from a layer to pay for revived ones, as "
+            "a fraction of the layer's starting nonzeros (None: no cap; 0: revive only into unused budget). The "
+            "cheapest removals are kept, so the revivals of largest gradient are the ones paid for."
+        },
+    )
     dense_revival: bool | None = field(
         default=None,
         metadata={
@@ -223,6 +236,11 @@ class SparsityEvolutionConfig:
             raise ValueError(
                 f"column_cap must be None (no cap) or >= 1 (a multiple of the mean deltas per column), "
                 f"got {self.column_cap}."
+            )
+        if self.revival_cap is not None and not 0.0 <= self.revival_cap <= 1.0:
+            raise ValueError(
+                f"revival_cap must be None (no cap) or lie in [0, 1] (a fraction of each layer's starting nonzeros), "
+                f"got {self.revival_cap}."
             )
         if self.sparsity_pattern != "auto":
             from .patterns import SparsityPattern

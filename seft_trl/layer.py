@@ -50,7 +50,7 @@ from .kernels import (
 )
 from .patterns import Scope, SparsityPattern
 from .sharding import is_sharded, local, own, row_range, whole
-from .topology import Candidates, SwapPlan, plan_swap, select_candidates
+from .topology import Candidates, SwapPlan, capped_removals, plan_swap, select_candidates
 from .window import WINDOW_KEYS, WindowStatistics, clear_step, fold_step, window_entries, window_from_entries
 
 
@@ -79,6 +79,7 @@ class TopologyCriteria:
     regrow_pruned: bool
     drop_mode: str
     column_cap: float | None = None
+    revival_cap: float | None = None
 
     @classmethod
     def from_config(cls, config: SparsityEvolutionConfig, pattern: SparsityPattern | None = None) -> "TopologyCriteria":
@@ -91,6 +92,7 @@ class TopologyCriteria:
             regrow_pruned=config.revives_pruned(pattern is not None and pattern.is_nm),
             drop_mode=config.drop_mode,
             column_cap=config.column_cap,
+            revival_cap=config.revival_cap,
         )
 
 
@@ -467,6 +469,12 @@ class SparseDeltaLinear(nn.Module):
                                     curvature[growth], rate_sum, criteria.gain)
             gain[growth] = revival.gain.where(grow_revives, gain[growth])
         weight = weight.view(-1)[remove_index].float()
+        mean_removal, curvature_removal = mean[removal], curvature[removal]
+        remove_score = criteria.removal(weight, mean_removal, curvature_removal)
+        allowed = capped_removals(remove_score, int(self.support_budget), criteria.revival_cap)
+        if allowed is not None:
+            remove_index, weight, remove_score = remove_index[allowed], weight[allowed], remove_score[allowed]
+            mean_removal, curvature_removal = mean_removal[allowed], curvature_removal[allowed]
         group_budget = self.scope.group_budget(self.support_budget, self.row_budget)
         group_slack = (group_budget - group_support).clamp(min=0)
         grow_group = self.scope.group_of(grow_index)
@@ -487,8 +495,8 @@ class SparseDeltaLinear(nn.Module):
             grow_slack=group_slack[grow_group],
             layer_slack=max(0, int(self.support_budget) - int(group_support.sum())),
             remove_index=remove_index,
-            remove_score=criteria.removal(weight, mean[removal], curvature[removal]),
-            remove_cost=taylor_removal_cost(weight, mean[removal], curvature[removal]),
+            remove_score=remove_score,
+            remove_cost=taylor_removal_cost(weight, mean_removal, curvature_removal),
             remove_group=self.scope.group_of(remove_index),
             n_swaps=n_swaps,
             swap_test=criteria.swap_test,

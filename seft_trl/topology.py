@@ -276,6 +276,23 @@ def smallest_in_order(values: torch.Tensor, count: int) -> torch.Tensor:
     return chosen[_stable_order(values[chosen])]
 
 
+def capped_removals(remove_score: torch.Tensor, support_budget: int, revival_cap: float | None) -> torch.Tensor | None:
+    """The removal candidates an update may use under ``revival_cap`` (a fraction of the layer's starting
+    nonzeros, ``support_budget``): the ``⌊cap · budget⌋`` of lowest score, in candidate order; None where
+    every candidate may be used.
+
+    The planner pays revivals in growth-score order with the cheapest removals first, so keeping only
+    the cheapest ``⌊cap · budget⌋`` candidates pays the revivals of largest gradient and no more; the
+    rest are infeasible, like revivals past the end of the candidates.
+    """
+    if revival_cap is None:
+        return None
+    allowed = math.floor(revival_cap * support_budget)
+    if allowed >= remove_score.numel():
+        return None
+    return torch.sort(smallest_in_order(remove_score, allowed)).values
+
+
 @dataclass
 class SwapPlan:
     """What one update changes in one layer. Pairs are aligned: slot ``drop_slots[p]`` moves to

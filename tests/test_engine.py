@@ -191,6 +191,35 @@ def columns_grown_past_cap(column_cap: float | None) -> tuple[int, int]:
     return sum(s.grown for _, stats in updates for s in stats.values()), past
 
 
+def removals_per_update(revival_cap: float | None, scope: str = "layer") -> tuple[list[int], list[int], dict[str, int]]:
+    """Train a pruned tiny LLaMA at a large density for 12 steps; per layer update: (removed, allowed by
+    the cap), and each layer's starting nonzeros."""
+    model = prune_linears(tiny_model("llama"), scope)
+    options = {**FAST, "density": 0.25, "drop_fraction": 0.5}
+    config = SparsityEvolutionConfig(revival_cap=revival_cap, swap_test="none", sparsity_scope=scope,
+                                     drop_schedule="constant", **options)
+    seft = SparsityEvolution(model, config)
+    budgets = {name: int(layer.support_budget) for name, layer in seft.layers.items()}
+    removed, allowed = [], []
+    for _, stats in train(model, seft, 12, batch_seed=0):
+        for name, s in stats.items():
+            removed.append(s.removed)
+            allowed.append(math.floor((revival_cap or 1.0) * budgets[name]))
+            assert s.support <= s.budget and s.revived >= s.removed
+    return removed, allowed, budgets
+
+
+@pytest.mark.parametrize("scope", ["layer", "row"])
+def test_revival_cap_bounds_what_one_update_removes(scope):
+    """Uncapped, an update at 25% density removes more than 1% of a layer's starting nonzeros; capped at 1%, none does."""
+    removed, _, budgets = removals_per_update(None, scope)
+    assert max(removed) > 0.01 * max(budgets.values())  # the cap below could be violated
+    removed, allowed, _ = removals_per_update(0.01, scope)
+    assert sum(removed) > 0 and all(r <= a for r, a in zip(removed, allowed))
+    removed, _, _ = removals_per_update(0.0, scope)
+    assert sum(removed) == 0
+
+
 def test_column_cap_keeps_growth_out_of_full_columns():
     """With the cap no update adds a delta to a column at its cap; without it, growth does."""
     grown, past = columns_grown_past_cap(1.0)
@@ -487,7 +516,7 @@ def test_bad_input_raises_before_changing_the_model(pruned_llama, config, messag
 
 @pytest.mark.parametrize(
     "config", [dict(density=0.0), dict(density=1.5), dict(accumulation_steps=30), dict(sparsity_pattern="5:4"),
-               dict(column_cap=0.5), dict(window_groups=0), dict(window_groups=5)]
+               dict(column_cap=0.5), dict(revival_cap=1.5), dict(revival_cap=-0.1), dict(window_groups=0), dict(window_groups=5)]
 )
 def test_bad_config_values_are_rejected(config):
     with pytest.raises(ValueError):

@@ -286,3 +286,13 @@ def test_smallest_in_order_is_a_stable_sorts_prefix(count):
     assert torch.equal(smallest_in_order(values, count), expected)
     values = torch.cat([values, torch.full((1000,), float("nan"))])  # the count-th smallest is NaN
     assert torch.equal(smallest_in_order(values, count), torch.sort(values, stable=True).indices[:count])
+
+
+def test_capped_removals_keep_the_cheapest_share_of_the_budget_in_candidate_order():
+    from seft_trl.topology import capped_removals
+
+    score = torch.tensor([5.0, 1.0, 4.0, 0.5, 3.0, 2.0])
+    assert capped_removals(score, 1000, None) is None  # no cap
+    assert capped_removals(score, 1000, 0.01) is None  # 10 allowed: every candidate fits
+    assert torch.equal(capped_removals(score, 300, 0.01), torch.tensor([1, 3, 5]))  # the 3 cheapest, by position
+    assert capped_removals(score, 1000, 0.0).numel() == 0

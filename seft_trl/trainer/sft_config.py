@@ -67,6 +67,7 @@ class SEFTConfig(SFTConfig):
     seft_window_groups: int = _engine_option("window_groups")
     seft_candidate_factor: float = _engine_option("candidate_factor")
     seft_column_cap: float | None = _engine_option("column_cap")
+    seft_revival_cap: float | None = _engine_option("revival_cap")
     seft_dense_revival: bool | None = _engine_option("dense_revival")
 
     # The dense parent: distillation teacher and starting point of revived weights (TRL's DistillationConfig names)
