@@ -35,7 +35,7 @@ from baselines import (
 from blockwise import blockwise_train, surviving_count
 from common import peak_memory, reset_peak_memory
 from quality_regimes import (EVALUATION_ONLY, FIRST_PATTERN, PATTERNS, SPARSE_BASELINES, UNPRUNED, Regime, best_rate,
-                             extended_grid, rate_of, split_budget, split_method, trained_name)
+                             extended_grid, fixed_support_of, rate_of, split_budget, split_method, trained_name)
 from quality_runs import OutOfTime, Pending, PrunedCache, RunCheckpoint, RunKey, RunResult, append_run, read_runs
 from quality_workloads import Workload
 from seft_trl import SparsityEvolutionConfig, patterns, pruning
@@ -464,7 +464,7 @@ class Benchmark:
                 self.attempt(f"{method} at {pattern}", lambda: self.result(pattern, method, self.lr_of(method)))
         for method in self.planned(self.regime.at_fixed_rate):
             self.attempt(f"{method} at fixed support's rate",
-                         lambda: self.result(FIRST_PATTERN, method, self.best_lr("fixed_deltas")))
+                         lambda: self.result(FIRST_PATTERN, method, self.best_lr(fixed_support_of(method))))
 
     def planned(self, methods: tuple[str, ...] | list[str]) -> list[str]:
         return [m for m in methods if trained_name(m) in self.runnable]

@@ -63,6 +63,12 @@ def split_budget(base: str) -> tuple[str, float | None, int | None]:
     raise ValueError(f"{base}: a budget is @d<density> for seft, fixed_deltas and SEFT's ablations, @r<rank> for the LoRA family")
 
 
+def fixed_support_of(method: str) -> str:
+    """The fixed-support run at a SEFT method's budget: 'seft_no_revival@d0.25' -> 'fixed_deltas@d0.25'."""
+    density = split_budget(split_method(method)[0])[1]
+    return "fixed_deltas" if density is None else f"fixed_deltas@d{density:g}"
+
+
 # How the best learning rate of sparse deltas falls as their density grows: lr ∝ density^-BUDGET_LR_EXPONENT.
 # Adam moves each delta by about the learning rate a step; a row's output moves with the square root of its
 # number of deltas where their steps' signs are independent (exponent 0.5) and with the number itself where
@@ -99,9 +105,9 @@ class Regime:
     ablations: dict[str, dict[str, object]]  # SEFT with these engine options changed, at SEFT's learning rate
     ablations_everywhere: tuple[str, ...]  # also run at 2:4 and 70% (all run at FIRST_PATTERN; none where it is the default)
     stem: str  # <stem>.md, <stem>.png, <stem>_runs.csv
-    # Ablations also run at FIRST_PATTERN at fixed support's chosen rate. Where evolution's best rate
-    # lies below fixed support's, these say which part of evolution fails at the rate fixed support
-    # prefers (SEFT's own run there is a point of its grid).
+    # Ablations also run at FIRST_PATTERN at fixed support's chosen rate (at their budget: 'seft_x@d0.25' at
+    # fixed_deltas@d0.25's). Where evolution's best rate differs from fixed support's, these say which part of
+    # evolution fails at the rate fixed support prefers (SEFT's own run there is usually a point of its grid).
     at_fixed_rate: tuple[str, ...] = ()
     # Distillation from the dense parent: the teachings by suffix, and the runs after the grids, in order.
     teachings: dict[str, Teaching] = field(default_factory=dict)
@@ -199,7 +205,8 @@ SHORT_BUDGET_GRIDS = {
 # SEFT at 25% of each layer ends worse than the pruned model at every rate tried (8.3 M weights revived
 # at zero, each paid for by removing a surviving weight): without revival, nothing is removed; with a
 # revival cap, an update removes at most 0.5% or 0.1% of a layer's starting nonzeros (uncapped: 2.6% on
-# average). The caps also run at LoRA's count, where a default must leave SEFT as it is.
+# average). The caps also run at LoRA's count, where a default must leave SEFT as it is. SEFT's rate at 25%
+# was chosen under revival's damage (4x fixed support's): the ablations also run at fixed support's rate.
 REVIVAL_CAPS = {f"seft_revival_cap{cap:g}": {"revival_cap": cap} for cap in (0.005, 0.001)}
 SHORT_BUDGET_ABLATIONS = ("seft_no_revival@d0.25", *(f"{name}@d0.25" for name in REVIVAL_CAPS))
 SHORT = Regime(
@@ -208,7 +215,7 @@ SHORT = Regime(
            "masked_full": (2e-5, 5e-5, 1.25e-4), "fixed_deltas": (2e-4, 5e-4, 1.25e-3), "seft": (2e-4, 5e-4, 1.25e-3),
            **SHORT_BUDGET_GRIDS},
     grid_factor=2.5, max_grid_extensions=2, ablations={**SHORT_ABLATIONS, **REVIVAL_CAPS},
-    ablations_everywhere=tuple(SHORT_ABLATIONS),
+    ablations_everywhere=tuple(SHORT_ABLATIONS), at_fixed_rate=SHORT_BUDGET_ABLATIONS,
     stem="quality", plan=tuple(PlanStep(method, (FIRST_PATTERN,)) for method in SHORT_BUDGET_ABLATIONS),
 )
 # The dense parent's use in the long regimes: the loss SEFTConfig defaults to with a teacher (seft+kd: with

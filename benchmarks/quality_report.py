@@ -16,7 +16,7 @@ import torch
 from common import machine_description, markdown_table
 from quality_plan import Benchmark
 from quality_regimes import BASE_METHODS, FIRST_PATTERN, PATTERNS, SHORT, SPARSE_BASELINES, UNPRUNED
-from quality_regimes import split_method
+from quality_regimes import fixed_support_of, split_budget, split_method
 from quality_runs import Pending, RunResult
 from seft_trl import SparsityEvolutionConfig
 
@@ -302,29 +302,36 @@ def fixed_rate_section(bench: Benchmark) -> list[str]:
         return []
     rows = fixed_rate_rows(bench)
     return [f"## At fixed support's learning rate ({FIRST_PATTERN}, seed 0; vs fixed support: test perplexity)", "",
-            "Evolution's best rate lies below fixed support's; these runs say which part of evolution fails "
+            "Where evolution's best rate differs from fixed support's, these runs say which part of evolution fails "
             "at the rate fixed support prefers.", "",
             markdown_table(["method", "change", "lr", "val ppl", "test ppl", "vs fixed support", SWAPS_HEADER],
-                           rows) if rows else "Pending: fixed support's grid.",
+                           rows),
             ""]
 
 
 def fixed_rate_rows(bench: Benchmark) -> list[list[str]]:
-    """Fixed support at its chosen rate, then SEFT and the listed ablations at that same rate (seed 0)."""
-    lr = known(lambda: bench.best_lr("fixed_deltas"))
-    if lr is None:
-        return []
-    changes = {"fixed_deltas": "drop_fraction=0.0", "seft": "-"}
-    changes |= {name: option_changes(bench, name) for name in bench.regime.at_fixed_rate}
-    fixed = bench.runs[(FIRST_PATTERN, "fixed_deltas", lr, 0)]
+    """For each budget of the listed ablations: fixed support at its chosen rate, then SEFT and the
+    ablations at that same rate (seed 0)."""
+    by_fixed: dict[str, list[str]] = {}
+    for name in bench.regime.at_fixed_rate:
+        by_fixed.setdefault(fixed_support_of(name), []).append(name)
     rows = []
-    for method, change in changes.items():
-        run = bench.runs.get((FIRST_PATTERN, method, lr, 0))
-        if run is None:
-            rows.append([method, change, f"{lr:g}"] + [PENDING] * 4)
+    for fixed_method, ablations in by_fixed.items():
+        lr = known(lambda: bench.best_lr(fixed_method))
+        if lr is None:
+            rows.append([fixed_method, "drop_fraction=0.0"] + [PENDING] * 5)
             continue
-        rows.append([method, change, f"{lr:g}", f"{run.val_ppl:.2f}", f"{run.test_ppl:.2f}",
-                     f"{run.test_ppl / fixed.test_ppl - 1:+.1%}", swaps_cell(run)])
+        seft = fixed_method.replace("fixed_deltas", "seft", 1)
+        changes = {fixed_method: "drop_fraction=0.0", seft: "-"}
+        changes |= {name: option_changes(bench, split_budget(name)[0]) for name in ablations}
+        fixed = bench.runs[(FIRST_PATTERN, fixed_method, lr, 0)]
+        for method, change in changes.items():
+            run = bench.runs.get((FIRST_PATTERN, method, lr, 0))
+            if run is None:
+                rows.append([method, change, f"{lr:g}"] + [PENDING] * 4)
+                continue
+            rows.append([method, change, f"{lr:g}", f"{run.val_ppl:.2f}", f"{run.test_ppl:.2f}",
+                         f"{run.test_ppl / fixed.test_ppl - 1:+.1%}", swaps_cell(run)])
     return rows
 
 

@@ -456,6 +456,37 @@ def test_an_ablation_at_a_budget_runs_at_that_budget_with_seft_s_rate_there(tmp_
         logged_rates(SHORT, tmp_path)("seft_no_revival")
 
 
+def test_an_ablation_at_a_budget_also_runs_at_fixed_support_s_rate_at_that_budget(tmp_path: Path) -> None:
+    from quality_regimes import SHORT, UNPRUNED, fixed_support_of
+
+    method = "seft_no_revival@d0.25"
+    assert method in SHORT.at_fixed_rate and fixed_support_of(method) == "fixed_deltas@d0.25"
+    assert fixed_support_of("seft_no_revival") == "fixed_deltas"
+
+    def logged(pattern: str, name: str, lr: float, val: float = 1.0) -> RunResult:
+        return RunResult(pattern=pattern, method=name, lr=lr, seed=0, val_ppl=val, test_ppl=val, sparsity=0.5,
+                         sparsity_kept=True, trainable=1, revived=0, final_loss=1.0, train_s=1.0)
+
+    runs = tmp_path / "quality_runs.csv"
+    logs = [logged(UNPRUNED, "dense", 0.0), *(logged(pattern, "pruned", 0.0) for pattern in ("50%", "2:4", "70%"))]
+    seft_grid, fixed_grid = sorted(SHORT.grids["seft@d0.25"]), sorted(SHORT.grids["fixed_deltas@d0.25"])
+    logs += [logged("50%", "seft@d0.25", lr, val) for lr, val in zip(seft_grid, (50.0, 40.0, 45.0))]
+    fixed_grid = [float(f"{fixed_grid[0] / SHORT.grid_factor:.3g}"), *fixed_grid]  # its best is below SEFT's:
+    logs += [logged("50%", "fixed_deltas@d0.25", lr, val) for lr, val in zip(fixed_grid, (25.0, 20.0, 30.0, 35.0))]
+    for run in logs:
+        append_run(runs, run)
+    bench = Benchmark(SHORT, quick_workload(8, long=False), runs, seeds=1, quick=False, runnable=frozenset({method}))
+    ran = []
+
+    def execute(pattern: str, name: str, lr: float, seed: int) -> list[RunResult]:
+        ran.append((pattern, name, lr))
+        return [logged(pattern, name, lr)]
+
+    bench.execute = execute
+    bench.run_plan()
+    assert ran == [("50%", method, seft_grid[1]), ("50%", method, fixed_grid[1])]  # SEFT's rate, then fixed support's
+
+
 def test_budget_grids_scale_the_rate_down_as_the_density_grows():
     from quality_regimes import BUDGET_LR_EXPONENT, budget_grid
 
