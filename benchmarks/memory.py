@@ -35,15 +35,20 @@ MIB = 2**20
 STEPS = 3
 BATCH, SEQLEN = 4, 256
 GPUS = (24, 40, 80)
-# The measured methods: (label, Method); sparse deltas at LoRA r=8's count on SmolLM2 and at 10%.
+# The measured methods: (label, Method); each method at LoRA r=8's count on SmolLM2 and at the largest
+# budget of the quality benchmark's budget axis (sparse deltas at 25% of each layer, rank 128).
 SMOLLM2_LORA_DENSITY = 2_442_240 / SMOLLM2_135M.projection_weights
 MEASURED = {
     "lora r=8": Method("lora", rank=8),
     "masked_lora r=8": Method("masked_lora", rank=8),
+    "masked_lora r=128": Method("masked_lora", rank=128),
     "spp r=8": Method("spp", rank=8),
+    "spp r=128": Method("spp", rank=128),
     "fixed_deltas (LoRA's count)": Method("fixed_deltas", density=SMOLLM2_LORA_DENSITY),
+    "fixed_deltas 0.25": Method("fixed_deltas", density=0.25),
     "seft (LoRA's count)": Method("seft", density=SMOLLM2_LORA_DENSITY),
     "seft 0.1": Method("seft", density=0.1),
+    "seft 0.25": Method("seft", density=0.25),
     "masked_full": Method("masked_full", sparsity=0.5),
 }
 # The budget axis projected: densities are fractions of each layer's weights (0.125 = 25% of the
