@@ -23,7 +23,7 @@ from typing import Callable
 
 from common import RESULTS_DIR, markdown_table, write_report
 from headline import PATTERNS, chosen_rate
-from quality_regimes import REGIMES, logged_rates, split_budget, split_method
+from quality_regimes import FIRST_PATTERN, REGIMES, logged_rates, split_budget, split_method
 from quality_report import half_range
 from quality_runs import read_runs
 from seft_trl.memory import LLAMA2_7B, SMOLLM2_135M, Method, ModelShape, Workload, training_memory
@@ -31,6 +31,9 @@ from seft_trl.memory import LLAMA2_7B, SMOLLM2_135M, Method, ModelShape, Workloa
 GB = 1e9
 GPUS = (24, 40, 80)
 FAMILIES = ("seft", "fixed_deltas", "masked_lora", "spp", "masked_full")  # sparsity-preserving, in the chart's order
+# SEFT with an engine option changed at a budget ('seft_no_revival@d0.25'): configurations a user can pick,
+# each at the better on validation of the rates it ran at (SEFT's at that budget, fixed support's).
+VARIANTS = "seft variants"
 OPTIMIZER = "adamw_8bit"
 SPARSITY = {"50%": 0.5, "2:4": 0.5, "70%": 0.7}
 
@@ -61,6 +64,7 @@ def projected(method: str, trainable: int, sparsity: float, shape: ModelShape = 
     """The memory model's method at ``shape`` with the same relative budget as ``method``'s run on SmolLM2."""
     family, density, _ = split_budget(split_method(method)[0])
     share = trainable / SMOLLM2_135M.projection_weights
+    family = "seft" if family.startswith("seft_") else family
     if family == "masked_full":
         return Method("masked_full", sparsity=sparsity)
     if family in ("seft", "fixed_deltas"):
@@ -68,14 +72,33 @@ def projected(method: str, trainable: int, sparsity: float, shape: ModelShape = 
     return Method(family, rank=max(1, round(share * shape.projection_weights / low_rank_width(shape))))
 
 
+def family_of(method: str) -> str | None:
+    """The chart's series of a method: its family, VARIANTS for SEFT's ablations at a budget, None for the rest
+    (distilled runs, dense LoRA, SEFT's ablations at LoRA's count: the benchmark's reports show those)."""
+    base, teaching = split_method(method)
+    kind, density, _ = split_budget(base)
+    if teaching is not None:
+        return None
+    if kind.startswith("seft_") and density is not None:
+        return VARIANTS
+    return kind if kind in FAMILIES else None
+
+
+def variant_rate(runs: dict, method: str) -> float | None:
+    """The best on validation of the rates a variant ran at (FIRST_PATTERN, seed 0); None before any."""
+    tried = [r for r in runs.values() if (r.pattern, r.method, r.seed) == (FIRST_PATTERN, method, 0)]
+    return min(tried, key=lambda r: r.val_ppl).lr if tried else None
+
+
 def points(runs: dict, pattern: str, methods: tuple[str, ...], rates: Callable[[str], float]) -> list[Point]:
     """Every sparsity-preserving method's run at ``pattern`` at its chosen rate, seeds pooled."""
     found = []
     for method in sorted(methods):
-        base, teaching = split_method(method)
-        family = split_budget(base)[0]
-        lr = chosen_rate(rates, method)
-        if teaching is not None or family not in FAMILIES or lr is None:
+        family = family_of(method)
+        if family is None:
+            continue
+        lr = variant_rate(runs, method) if family == VARIANTS else chosen_rate(rates, method)
+        if lr is None:
             continue
         chosen = [r for r in runs.values() if (r.pattern, r.method, r.lr) == (pattern, method, lr)]
         if not chosen:
@@ -92,7 +115,7 @@ def on_frontier(point: Point, others: list[Point]) -> bool:
 
 
 def rows(found: list[Point]) -> list[list[str]]:
-    ordered = sorted(found, key=lambda p: (FAMILIES.index(p.family), p.memory_gb))
+    ordered = sorted(found, key=lambda p: ((*FAMILIES, VARIANTS).index(p.family), p.memory_gb))
     return [[p.method, f"{p.trainable:,}", f"{p.memory_gb:.1f}",
              f"{p.ppl:.2f}" + (f" ± {p.half_range:.2f} (n={len(p.test_ppls)})" if len(p.test_ppls) > 1 else ""),
              "**yes**" if on_frontier(p, found) else ""] for p in ordered]
@@ -112,6 +135,10 @@ def plot(by_pattern: dict[str, list[Point]], path: Path) -> None:
             if line:
                 ax.errorbar([p.memory_gb for p in line], [p.ppl for p in line], yerr=[p.half_range for p in line],
                             marker="D" if family == "masked_full" else "o", capsize=3, label=family)
+        for p in (p for p in found if p.family == VARIANTS):  # separate configurations: points, not a line
+            ax.scatter([p.memory_gb], [p.ppl], marker="x", color="black")
+            ax.annotate(split_budget(p.method)[0].removeprefix("seft_"), (p.memory_gb, p.ppl), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
         for gb in GPUS:
             ax.axvline(gb, color="grey", linestyle=":", linewidth=1)
             ax.text(gb, ax.get_ylim()[1], f" {gb} GB", va="top", fontsize=8, color="grey")

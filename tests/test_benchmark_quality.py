@@ -518,7 +518,12 @@ def test_the_frontier_places_each_method_at_its_chosen_rate_and_marks_who_no_che
     for lr, val in ((4e-4, 45.0), (1e-3, 44.0), (2.5e-3, 43.0), (6.25e-3, 42.0), (1.56e-2, 41.0)):
         append_run(tmp_path / "quality_runs.csv", logged("50%", "spp", lr, val, val + 10, count))
 
+    # A SEFT variant at a budget ran at two rates: the better on validation is its point.
+    append_run(tmp_path / "quality_runs.csv", logged("50%", "seft_no_revival@d0.25", 2.6e-3, 39.0, 41.5, 26_542_080))
+    append_run(tmp_path / "quality_runs.csv", logged("50%", "seft_no_revival@d0.25", 6.5e-4, 38.0, 42.5, 26_542_080))
+
     report = frontier.report("short", tmp_path)
+    assert "| seft_no_revival@d0.25 | 26,542,080 | " in report and "| 42.50 |" in report and "| 41.50 |" not in report
     seft_memory = frontier.training_memory(frontier.LLAMA2_7B, frontier.projected("seft", count, 0.5),
                                            frontier.Workload(), frontier.OPTIMIZER).total / frontier.GB
     assert f"| seft | 2,442,240 | {seft_memory:.1f} | 45.00 | **yes** |" in report  # cheaper than masked full
