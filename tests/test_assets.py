@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bz2
+import json
 from xml.sax.saxutils import escape
 
 import pytest
@@ -43,6 +44,27 @@ def test_load_smollm2_uses_the_cache_without_touching_the_gguf_file(tmp_path, mo
     expected = tiny_model("llama").model.layers[0].mlp.down_proj.weight.bfloat16()
     assert torch.equal(model.model.layers[0].mlp.down_proj.weight, expected)
     assert tokenizer("pruned")["input_ids"] == byte_tokenizer()("pruned")["input_ids"]
+
+
+def test_concurrent_cache_builds_keep_the_first_published_and_leave_no_build_folder(tmp_path, monkeypatch):
+    """Two benchmark lanes on a fresh machine build the cache at once; neither may break the other."""
+    cache = tmp_path / "cache"
+
+    def load_while_another_process_publishes(*args, **kwargs):
+        save_checkpoint(tiny_model("mistral"), byte_tokenizer(), cache)  # the other process wins the race
+        return tiny_model("llama")
+
+    monkeypatch.setattr(assets.AutoTokenizer, "from_pretrained", lambda *a, **k: byte_tokenizer())
+    monkeypatch.setattr(assets.AutoModelForCausalLM, "from_pretrained", load_while_another_process_publishes)
+    assets._build_cache(tmp_path / "model.gguf", cache)
+    assert json.loads((cache / "config.json").read_text())["model_type"] == "mistral"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(assets.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_model("llama"))
+    assets._build_cache(tmp_path / "model.gguf", fresh)
+    assert json.loads((fresh / "config.json").read_text())["model_type"] == "llama"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "fresh"]
 
 
 def test_plain_copy_drops_the_gguf_record_so_the_model_saves_and_reloads(tmp_path):

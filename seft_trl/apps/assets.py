@@ -19,7 +19,9 @@ from __future__ import annotations
 import bz2
 import html
 import importlib.util
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Iterator
 from xml.etree import ElementTree
@@ -69,12 +71,22 @@ def load_smollm2(
 
 
 def _build_cache(gguf: Path, cache: Path) -> None:
+    """Build the cache in a folder of this process's own, then rename it into place.
+
+    Several processes may build at once (two benchmark lanes on a fresh machine): a save straight into
+    ``cache`` would let one clear the other's staging folder. The first rename wins; the others'
+    copies are identical and are dropped.
+    """
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    own = cache.with_name(f".{cache.name}.build-{os.getpid()}")
+    save_checkpoint(plain_copy(model), tokenizer, own)
     try:
-        save_checkpoint(plain_copy(model), tokenizer, cache)
-    except FileExistsError:
-        pass  # another process built the cache meanwhile; its copy is identical
+        os.rename(own, cache)
+    except OSError:
+        if not (cache / "config.json").is_file():
+            raise
+        shutil.rmtree(own, ignore_errors=True)  # another process published first
 
 
 def plain_copy(model: PreTrainedModel) -> PreTrainedModel:
