@@ -19,7 +19,7 @@ import argparse
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from common import RESULTS_DIR, markdown_table, write_report
 from headline import PATTERNS, chosen_rate
@@ -36,6 +36,8 @@ FAMILIES = ("seft", "fixed_deltas", "masked_lora", "spp", "masked_full")  # spar
 VARIANTS = "seft variants"
 OPTIMIZER = "adamw_8bit"
 SPARSITY = {"50%": 0.5, "2:4": 0.5, "70%": 0.7}
+# The engine options the memory model follows (seft_trl.memory.Method's fields of the same names).
+WINDOW_OPTIONS = ("regrow_pruned", "drop_fraction", "candidate_factor", "window_groups")
 
 
 @dataclass(frozen=True)
@@ -60,16 +62,24 @@ def low_rank_width(shape: ModelShape) -> int:
     return shape.layers * sum(o + i for o, i in shape.projections())
 
 
-def projected(method: str, trainable: int, sparsity: float, shape: ModelShape = LLAMA2_7B) -> Method:
-    """The memory model's method at ``shape`` with the same relative budget as ``method``'s run on SmolLM2."""
-    family, density, _ = split_budget(split_method(method)[0])
+def projected(method: str, trainable: int, pattern: str, ablations: Mapping[str, Mapping[str, object]] | None = None,
+              shape: ModelShape = LLAMA2_7B) -> Method:
+    """The memory model's method at ``shape`` with the same relative budget as ``method``'s run on SmolLM2.
+
+    SEFT keeps the window options its run had: revival as the engine resolves it at ``pattern`` (off in
+    N:M models), and what an ablation of ``ablations`` changes (no revival, windows in turns, ...).
+    """
+    kind, density, _ = split_budget(split_method(method)[0])
     share = trainable / SMOLLM2_135M.projection_weights
-    family = "seft" if family.startswith("seft_") else family
-    if family == "masked_full":
-        return Method("masked_full", sparsity=sparsity)
-    if family in ("seft", "fixed_deltas"):
-        return Method(family, density=density or share)
-    return Method(family, rank=max(1, round(share * shape.projection_weights / low_rank_width(shape))))
+    if kind == "masked_full":
+        return Method("masked_full", sparsity=SPARSITY[pattern])
+    if kind == "fixed_deltas":
+        return Method(kind, density=density or share)
+    if kind == "seft" or kind.startswith("seft_"):
+        options = {"regrow_pruned": ":" not in pattern, **(ablations or {}).get(kind, {})}
+        window = {name: value for name, value in options.items() if name in WINDOW_OPTIONS and value is not None}
+        return Method("seft", density=density or share, **window)
+    return Method(kind, rank=max(1, round(share * shape.projection_weights / low_rank_width(shape))))
 
 
 def family_of(method: str) -> str | None:
@@ -90,7 +100,8 @@ def variant_rate(runs: dict, method: str) -> float | None:
     return min(tried, key=lambda r: r.val_ppl).lr if tried else None
 
 
-def points(runs: dict, pattern: str, methods: tuple[str, ...], rates: Callable[[str], float]) -> list[Point]:
+def points(runs: dict, pattern: str, methods: tuple[str, ...], rates: Callable[[str], float],
+           ablations: Mapping[str, Mapping[str, object]] | None = None) -> list[Point]:
     """Every sparsity-preserving method's run at ``pattern`` at its chosen rate, seeds pooled."""
     found = []
     for method in sorted(methods):
@@ -104,7 +115,7 @@ def points(runs: dict, pattern: str, methods: tuple[str, ...], rates: Callable[[
         if not chosen:
             continue
         trainable = chosen[0].trainable
-        estimate = training_memory(LLAMA2_7B, projected(method, trainable, SPARSITY[pattern]), Workload(), OPTIMIZER)
+        estimate = training_memory(LLAMA2_7B, projected(method, trainable, pattern, ablations), Workload(), OPTIMIZER)
         found.append(Point(method, family, trainable, estimate.total / GB, tuple(r.test_ppl for r in chosen)))
     return found
 
@@ -156,10 +167,11 @@ def plot(by_pattern: dict[str, list[Point]], path: Path) -> None:
 
 
 def report(regime: str, folder: Path) -> str:
-    stem = REGIMES[regime].stem
+    bench = REGIMES[regime]
+    stem = bench.stem
     runs = read_runs(folder / f"{stem}_runs.csv")
-    rates = logged_rates(REGIMES[regime], folder)
-    by_pattern = {pattern: points(runs, pattern, REGIMES[regime].methods, rates) for pattern in PATTERNS}
+    rates = logged_rates(bench, folder)
+    by_pattern = {pattern: points(runs, pattern, bench.methods, rates, bench.ablations) for pattern in PATTERNS}
     plot(by_pattern, folder / f"{stem}_frontier.png")
     lines = [
         f"# The quality-memory frontier, {regime} regime",

@@ -12,7 +12,8 @@ What each method keeps beyond the frozen weights (``w`` = bytes of a weight, 2 i
   candidate two fp32 gradient sums, per removal candidate one (one more each while a step's own sum
   exists, from its backward to its close), and an int32 position per candidate (:func:`window_bytes`). Candidates are
   ``candidate_factor`` times the swaps of an update, ``drop_fraction`` of the deltas, for growth and
-  as many for removal at most: 2.6 entries per delta at the defaults' first update, so at the window's
+  as many for removal at most (none without revival, N:M models' default): 2.6 entries per delta at
+  the defaults' first update in an unstructured model, so at the window's
   peak SEFT holds more than its deltas' own state, unless layers take turns (``window_groups``: an
   equal share of them holds a window at a time). Transient besides: the one layer's dense fp32
   gradient that opens its window.
@@ -117,6 +118,9 @@ class Method:
     drop_fraction: float = 0.2
     candidate_factor: float = 4.0
     window_groups: int = 1  # layers taking turns at updates: 1/window_groups of them hold a window at once
+    # Revival (unstructured models' default): removal candidates to pay for it. Without it (N:M models'
+    # default, or regrow_pruned=False) growth stays on the support and the window tracks no removal.
+    regrow_pruned: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -130,7 +134,8 @@ class Method:
     def label(self) -> str:
         if self.kind in ("seft", "fixed_deltas"):
             turns = f", windows in {self.window_groups} turns" if self.window_groups > 1 else ""
-            return f"{self.kind} {self.density:.3g}{turns}"
+            revival = ", no revival" if self.kind == "seft" and not self.regrow_pruned else ""
+            return f"{self.kind} {self.density:.3g}{revival}{turns}"
         if self.kind == "masked_full":
             return self.kind
         return f"{self.kind} r={self.rank}"
@@ -208,10 +213,11 @@ def training_memory(shape: ModelShape, method: Method, work: Workload = Workload
         method_state = trainable * (4 + w)  # int32 position, base value in the weight's dtype
         if method.kind == "seft" and method.drop_fraction > 0:
             transient = largest * 4  # the dense fp32 gradient that opens one layer's window
-            # At the first update (the drop fraction decays after it): growth candidates and at most as
-            # many removal candidates (one per revival) per layer, all layers at once.
+            # At the first update (the drop fraction decays after it): growth candidates and, with revival,
+            # at most as many removal candidates (one per revival) per layer, all layers at once.
             grow = [max(1, round(method.candidate_factor * round(method.drop_fraction * k))) for k in counts]
-            window = shape.layers * sum(window_bytes(k, c, c, o, i) for k, c, (o, i) in zip(counts, grow, projections))
+            window = shape.layers * sum(window_bytes(k, c, c if method.regrow_pruned else 0, o, i)
+                                        for k, c, (o, i) in zip(counts, grow, projections))
             window /= method.window_groups  # an equal share of the layers at a time (interleaved groups)
     elif method.kind in ("lora", "masked_lora", "spp"):
         trainable = shape.layers * sum(method.rank * (o + i) for o, i in projections)

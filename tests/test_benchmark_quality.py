@@ -524,11 +524,18 @@ def test_the_frontier_places_each_method_at_its_chosen_rate_and_marks_who_no_che
 
     report = frontier.report("short", tmp_path)
     assert "| seft_no_revival@d0.25 | 26,542,080 | " in report and "| 42.50 |" in report and "| 41.50 |" not in report
-    seft_memory = frontier.training_memory(frontier.LLAMA2_7B, frontier.projected("seft", count, 0.5),
-                                           frontier.Workload(), frontier.OPTIMIZER).total / frontier.GB
+    def memory(method: str, trainable: int, pattern: str = "50%") -> float:
+        method = frontier.projected(method, trainable, pattern, frontier.REGIMES["short"].ablations)
+        return frontier.training_memory(frontier.LLAMA2_7B, method, frontier.Workload(), frontier.OPTIMIZER).total / frontier.GB
+
+    seft_memory = memory("seft", count)
+    # SEFT's window holds removal candidates only where it revives: not without revival, not at 2:4.
+    assert memory("seft_no_revival@d0.25", 26_542_080) < memory("seft@d0.25", 26_542_080)
+    assert f"| seft_no_revival@d0.25 | 26,542,080 | {memory('seft_no_revival@d0.25', 26_542_080):.1f} |" in report
+    assert memory("seft", count, "2:4") < seft_memory == memory("seft", count, "70%")
     assert f"| seft | 2,442,240 | {seft_memory:.1f} | 45.00 | **yes** |" in report  # cheaper than masked full
     assert "| masked_full | 53,084,160 | 51.9 | 43.00 | **yes** |" in report  # lower perplexity, more memory
-    assert "| seft | 2,442,240 | " in report.split("## Wanda 2:4")[1] and "| 60.00 | **yes** |" in report
+    assert f"| seft | 2,442,240 | {memory('seft', count, '2:4'):.1f} | 60.00 | **yes** |" in report.split("## Wanda 2:4")[1]
     assert "| masked_full | 53,084,160 | 51.9 | 70.00 |  |" in report  # beaten by a run that needs less memory
     assert "masked_lora" not in report and "## Wanda 70%\n\nNo run logged yet." in report
     assert "| spp | 2,442,240 | " in report and "| 51.00 | **yes** |" in report  # the least memory
