@@ -56,6 +56,7 @@ MEASURED = {
 PROJECTED = [
     *(Method("seft", density=d) for d in (0.0031, 0.01, 0.025, 0.05, 0.1, 0.125)),
     *(Method("seft", density=d, window_groups=4) for d in (0.01, 0.05, 0.125)),  # update_interval 20 / 5 steps
+    *(Method("seft", density=d, regrow_pruned=False) for d in (0.01, 0.05, 0.125)),  # N:M models' default
     *(Method("fixed_deltas", density=d) for d in (0.0031, 0.01, 0.05, 0.125)),
     *(Method(kind, rank=r) for kind in ("lora", "masked_lora", "spp") for r in (8, 32, 128)),
     Method("masked_full", sparsity=0.5),

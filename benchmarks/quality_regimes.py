@@ -230,11 +230,22 @@ PARENT_PLAN = ("seft+kd", "masked_full+kd", "spp+kd", "masked_lora+kd", "fixed_d
 
 # Centred below the short regime's optima: 8× the steps usually wants a lower rate.
 LONG_GRID = (1.5e-3, 3e-3, 6e-3)
+# The budget axis at the long budget, around each method's long optimum at LoRA's count (sparse deltas:
+# fixed support 6e-3, SEFT 3e-3, scaled by budget_grid; the LoRA family: masked LoRA 3e-3, SPP 1.2e-2 at
+# every rank, as alpha = 2 r keeps the update's scale). In the short regime the optimum of fixed support
+# fell about as the density rose (12x lower at 13.6x the density), below budget_grid's centre but inside
+# its grid. The runs that decide issue 41's goals come first (LONG's plan).
+LONG_BUDGET_GRIDS = {
+    **{f"{kind}@d{density:g}": budget_grid(lr, SMOLLM2_LORA_DENSITY, density)
+       for kind, lr in (("seft", 3e-3), ("fixed_deltas", 6e-3)) for density in BUDGET_DENSITIES},
+    **{f"{kind}@r{rank}": tuple(lr * f for f in (0.5, 1.0, 2.0))
+       for kind, lr in (("masked_lora", 3e-3), ("spp", 1.2e-2)) for rank in BUDGET_RANKS},
+}
 LONG = Regime(
     name="long", steps=256, seqlen=256,
     grids={"lora": LONG_GRID, "masked_lora": LONG_GRID, "spp": (3e-3, 6e-3, 1.2e-2),
            "masked_full": (6e-5, 1.25e-4, 2.5e-4), "fixed_deltas": LONG_GRID, "seft": LONG_GRID,
-           "ebft": (1.25e-4, 2.5e-4, 5e-4)},
+           "ebft": (1.25e-4, 2.5e-4, 5e-4), **LONG_BUDGET_GRIDS},
     grid_factor=2.0, max_grid_extensions=3,
     ablations={
         "seft_no_revival": {"regrow_pruned": False},
@@ -257,7 +268,10 @@ LONG = Regime(
     at_fixed_rate=("seft_no_revival", "seft_drop0.1", "seft_zero_moments", "seft_column_cap2"),
     teachings=PARENT_TEACHINGS,
     # ebft: block-wise reconstruction from the parent (blockwise.py), distillation's rival; its grid runs in turn.
-    plan=(*(PlanStep(method) for method in PARENT_PLAN), PlanStep("ebft"), PlanStep("seft+kd", seeds=2)),
+    plan=(*(PlanStep(method) for method in PARENT_PLAN), PlanStep("ebft"), PlanStep("seft+kd", seeds=2),
+          # Issue 41's goal 2: fixed support at 10% of each layer holds a third of masked full fine-tuning's
+          # projected 7B method memory (10.4 GB against 32.4 GB).
+          PlanStep("fixed_deltas@d0.1")),
 )
 
 # The screen of the parent's use (32 steps, the short regime's budget, on narrow data): which loss, whether
