@@ -36,7 +36,9 @@ from blockwise import blockwise_train, surviving_count
 from common import peak_memory, reset_peak_memory
 from quality_regimes import (EVALUATION_ONLY, FIRST_PATTERN, PATTERNS, SPARSE_BASELINES, UNPRUNED, Regime, best_rate,
                              extended_grid, fixed_support_of, rate_of, split_budget, split_method, trained_name)
-from quality_runs import OutOfTime, Pending, PrunedCache, RunCheckpoint, RunKey, RunResult, append_run, read_runs
+from quality_runs import (
+    Claimed, OutOfTime, Pending, PrunedCache, RunCheckpoint, RunClaim, RunKey, RunResult, append_run, read_runs,
+)
 from quality_workloads import Workload
 from seft_trl import SparsityEvolutionConfig, patterns, pruning
 from seft_trl.distillation import DistillationLoss, add_backbone_forward, distillation_loss
@@ -318,10 +320,19 @@ class Benchmark:
             checkpoint = self.checkpoint((pattern, trained, lr, seed))
             if checkpoint.out_of_time() or not (checkpoint.path.exists() or self.fits_before_deadline(trained)):
                 raise OutOfTime(f"{method} at {pattern} (lr {lr:g}, seed {seed}) not started")
-            for run in self.execute(pattern, trained, lr, seed):
-                self.runs[run.key] = run
-                append_run(self.runs_path, run)
-            checkpoint.remove()
+            claim = RunClaim(checkpoint.path.with_suffix(".claim"))
+            if not claim.acquire():
+                raise Claimed(key)
+            try:
+                logged = read_runs(self.runs_path)  # another process may have run it meanwhile
+                self.runs.update(self.current_runs({k: run for k, run in logged.items() if k not in self.runs}))
+                if key not in self.runs:
+                    for run in self.execute(pattern, trained, lr, seed):
+                        self.runs[run.key] = run
+                        append_run(self.runs_path, run)
+                    checkpoint.remove()
+            finally:
+                claim.release()
         return self.runs[key]
 
     def fits_before_deadline(self, method: str) -> bool:
@@ -483,5 +494,7 @@ class Benchmark:
     def attempt(what: str, step: Callable[[], object]) -> None:
         try:
             step()
+        except Claimed as running:
+            print(f"skipped {what} for now: it needs {running}, which another benchmark process is running", flush=True)
         except Pending as missing:
             print(f"skipped {what}: it needs {missing}, which is outside --methods or --patterns", flush=True)

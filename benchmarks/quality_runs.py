@@ -6,7 +6,8 @@ rewrites the file under the new header, so one file never mixes two headers. A r
 is checkpointed beside the log (:class:`RunCheckpoint`), so a killed or paused run resumes; a
 pattern's pruned weights are kept there too (:class:`PrunedCache`). That folder is not committed: a
 run that should survive the end of a session must finish within it (``--stop-after`` starts no run
-that its method's median logged wall time would not finish).
+that its method's median logged wall time would not finish). Two benchmark processes may share one log:
+a run is claimed before it starts (:class:`RunClaim`), and the other process skips it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import csv
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -134,6 +136,60 @@ class OutOfTime(Exception):
     """The benchmark's ``--stop-after`` deadline passed; the run in progress was checkpointed."""
 
 
+class Claimed(Pending):
+    """A run that another benchmark process on this machine is running now (two lanes, one plan)."""
+
+
+@dataclass
+class RunClaim:
+    """Which process runs a run: a file holding its pid, created exclusively, removed when the run is logged.
+
+    Two benchmark processes (lanes of one thread each on a 2-core machine) may work through one plan:
+    each skips the runs the other holds. A claim whose process is gone (killed) is taken over.
+    """
+
+    path: Path
+
+    def acquire(self) -> bool:
+        """Claim the run for this process; False while another live process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self.holder()
+                if holder == os.getpid():
+                    return True
+                if holder is not None and process_alive(holder):
+                    return False
+                self.path.unlink(missing_ok=True)  # its process is gone
+                continue
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(str(os.getpid()))
+            return True
+        return False
+
+    def holder(self) -> int | None:
+        try:
+            return int(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self.holder() == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass
 class RunCheckpoint:
     """One run's training state, saved every ``every`` steps and at the deadline, so it resumes mid-run.
@@ -191,6 +247,10 @@ class PrunedCache:
 def atomic_save(state: dict, path: Path) -> None:
     """torch.save through a temporary file: a kill mid-save leaves the previous file whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)  # its own name: two lanes may save the same pruned model at once
+    try:
+        torch.save(state, name)
+        os.replace(name, path)
+    finally:
+        Path(name).unlink(missing_ok=True)

@@ -487,6 +487,51 @@ def test_an_ablation_at_a_budget_also_runs_at_fixed_support_s_rate_at_that_budge
     assert ran == [("50%", method, seft_grid[1]), ("50%", method, fixed_grid[1])]  # SEFT's rate, then fixed support's
 
 
+def test_two_benchmark_processes_share_one_grid_each_skipping_the_run_the_other_holds(tmp_path: Path) -> None:
+    """Two lanes on one plan: a run another live process has claimed is skipped, not run twice; the rest of
+    its grid still runs; a claim left by a killed process is taken over; a run the other logged meanwhile
+    is read, not rerun."""
+    from quality_regimes import SHORT, UNPRUNED
+    from quality_runs import Claimed, RunClaim
+
+    def logged(pattern: str, name: str, lr: float, val: float = 1.0) -> RunResult:
+        return RunResult(pattern=pattern, method=name, lr=lr, seed=0, val_ppl=val, test_ppl=val, sparsity=0.5,
+                         sparsity_kept=True, trainable=1, revived=0, final_loss=1.0, train_s=1.0)
+
+    runs = tmp_path / "quality_runs.csv"
+    for run in [logged(UNPRUNED, "dense", 0.0), *(logged(p, "pruned", 0.0) for p in ("50%", "2:4", "70%"))]:
+        append_run(runs, run)
+    method = "fixed_deltas@d0.1"
+    grid = sorted(SHORT.grids[method])
+    bench = Benchmark(SHORT, quick_workload(8, long=False), runs, seeds=1, quick=False, runnable=frozenset({method}))
+    ran = []
+
+    def execute(pattern: str, name: str, lr: float, seed: int) -> list[RunResult]:
+        assert RunClaim(bench.checkpoint((pattern, name, lr, seed)).path.with_suffix(".claim")).holder() == os.getpid()
+        ran.append((pattern, lr))
+        return [logged(pattern, name, lr, val={grid[0]: 41.0, grid[1]: 40.0, grid[2]: 42.0}[lr])]
+
+    bench.execute = execute
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the other lane, alive
+    try:
+        claim = bench.checkpoint(("50%", method, grid[0], 0)).path.with_suffix(".claim")
+        claim.parent.mkdir(parents=True)
+        claim.write_text(str(other.pid))
+        with pytest.raises(Claimed):
+            bench.result("50%", method, grid[0])
+        bench.run_plan()
+        assert ran == [("50%", lr) for lr in grid[1:]]  # the held rate skipped, the others run
+        assert (claim.exists(), [p.name for p in claim.parent.glob("*.claim")]) == (True, [claim.name])
+    finally:
+        other.kill()
+        other.wait()
+    # The other lane logged its run and was killed before removing its claim: the run is read, not rerun.
+    append_run(runs, logged("50%", method, grid[0], 41.0))
+    bench.run_plan()
+    assert ran == [*(("50%", lr) for lr in grid[1:]), ("2:4", grid[1]), ("70%", grid[1])]  # then the other patterns
+    assert bench.best_lr(method) == grid[1] and not claim.exists()
+
+
 def test_budget_grids_scale_the_rate_down_as_the_density_grows():
     from quality_regimes import BUDGET_LR_EXPONENT, budget_grid
 
