@@ -444,7 +444,7 @@ def test_an_ablation_at_a_budget_runs_at_that_budget_with_seft_s_rate_there(tmp_
 
     method = "seft_no_revival@d0.25"
     assert method in SHORT.methods and split_budget(method) == ("seft_no_revival", 0.25, None)
-    assert SHORT.seft_options(method) == {"regrow_pruned": False}
+    assert SHORT.seft_options(method) == {"drop_fraction": 0.2, "revival_cap": None, "regrow_pruned": False}
     runs = tmp_path / "quality_runs.csv"
     grid = sorted(SHORT.grids["seft@d0.25"])
     for lr, val in zip(grid, (50.0, 40.0, 45.0)):  # an interior optimum: the middle rate
@@ -530,6 +530,25 @@ def test_two_benchmark_processes_share_one_grid_each_skipping_the_run_the_other_
     bench.run_plan()
     assert ran == [*(("50%", lr) for lr in grid[1:]), ("2:4", grid[1]), ("70%", grid[1])]  # then the other patterns
     assert bench.best_lr(method) == grid[1] and not claim.exists()
+
+
+def test_seft_is_the_published_method_whatever_the_engine_defaults_become(monkeypatch):
+    """The run log keys runs by method name: a change of seft_trl's defaults must not turn "seft" into another
+    method, nor make an ablation of it a no-op (its logged runs would then be set aside or mislabelled)."""
+    import dataclasses
+
+    import quality_regimes
+    from quality_regimes import SHORT, same_as_defaults
+
+    changed = dataclasses.make_dataclass(
+        "Changed", [("drop_fraction", float, dataclasses.field(default=0.0)),
+                    ("revival_cap", float, dataclasses.field(default=0.005))], bases=(quality_regimes.SparsityEvolutionConfig,))
+    monkeypatch.setattr(quality_regimes, "SparsityEvolutionConfig", changed)
+    assert SHORT.seft_options("seft") == {"drop_fraction": 0.2, "revival_cap": None}
+    assert SHORT.seft_options("seft_no_revival@d0.25") == {"drop_fraction": 0.2, "revival_cap": None,
+                                                            "regrow_pruned": False}
+    assert SHORT.seft_options("seft_revival_cap0.001") == {"drop_fraction": 0.2, "revival_cap": 0.001}
+    assert not same_as_defaults({"revival_cap": 0.005}, "50%") and same_as_defaults({"revival_cap": None}, "50%")
 
 
 def test_budget_grids_scale_the_rate_down_as_the_density_grows():
