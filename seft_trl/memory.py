@@ -254,12 +254,12 @@ def per_device_bytes(estimate: MemoryEstimate, devices: int = 1) -> float:
 
 
 def largest_density(shape: ModelShape, device_bytes: float, work: Workload = Workload(), optimizer: str = "adamw_8bit",
-                    devices: int = 1, kind: str = "seft", window_groups: int = 1) -> float | None:
+                    devices: int = 1, kind: str = "seft", window_groups: int = 1, regrow_pruned: bool = True) -> float | None:
     """The largest sparse-delta density (to 0.1%) whose training step fits ``device_bytes`` per device; None
     when not even a thousandth of the weights fits (the weights, activations and logits alone are too large)."""
 
     def fits(density: float) -> bool:
-        method = Method(kind, density=density, window_groups=window_groups)
+        method = Method(kind, density=density, window_groups=window_groups, regrow_pruned=regrow_pruned)
         return per_device_bytes(training_memory(shape, method, work, optimizer), devices) <= device_bytes
 
     if not fits(1e-3):

@@ -163,6 +163,7 @@ def test_prune_then_report_then_eval(tmp_path, capsys):
         (["eval", "--model_name_or_path", "m", "--eval_text", "/no/such.txt"], "does not exist"),
         (["memory", "--model_name_or_path", "m", "--optim", "lion"], "seft-trl memory knows"),
         (["memory", "--model_name_or_path", "m", "--sparsity", "1.5"], "give the pruned fraction"),
+        (["memory", "--model_name_or_path", "m", "--sparsity_pattern", "2-4"], "N:M"),
     ],
 )
 def test_bad_options_stop_with_a_message_before_loading(argv, message, capsys):
@@ -284,3 +285,10 @@ def test_memory_projects_every_method_from_the_config_alone_and_finds_the_densit
           "2", "--max_length", "64", "--sparsity", "0.5", "--seft_window_groups", "4"])
     out = capsys.readouterr().out
     assert f"largest seft_density that fits: {min(in_turns, 0.5):g}" in out and "windows in 4 turns" in out
+    # A 2:4 model: SEFT grows inside the pattern, its windows hold no removal candidates.
+    in_pattern = largest_density(shape, 1.2e6, work, "adamw_8bit", regrow_pruned=False)
+    assert in_pattern > fits
+    main(["memory", "--model_name_or_path", str(tmp_path), "--gpu_memory_gb", "0.0012", "--per_device_train_batch_size",
+          "2", "--max_length", "64", "--sparsity", "0.5", "--sparsity_pattern", "2:4"])
+    out = capsys.readouterr().out
+    assert f"largest seft_density that fits: {min(in_pattern, 0.5):g}" in out and "no revival" in out

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..memory import Method, ModelShape, Workload, largest_density, per_device_bytes, training_memory
+from ..patterns import SparsityPattern
 from .options import option
 
 GB = 1e9
@@ -29,6 +30,9 @@ class MemoryArguments:
     max_length: int = option(2048, "Tokens per sequence.")
     gradient_checkpointing: bool = option(True, "Recompute each decoder layer's activations in the backward.")
     sparsity: float = option(0.5, "The pruned model's sparsity: the most deltas a layer can hold is its nonzeros.")
+    sparsity_pattern: str = option("unstructured", "The pruned model's pattern, 'unstructured' or 'N:M' (e.g. 2:4): in "
+                                                   "N:M models SEFT grows inside the pattern by default, so its windows "
+                                                   "hold no removal candidates.")
     seft_window_groups: int = option(1, "SEFT's seft_window_groups: groups of layers taking turns at updates, so "
                                         "that 1/groups of them hold an accumulation window at a time.")
 
@@ -41,6 +45,12 @@ class MemoryArguments:
             raise ValueError(f"seft_window_groups={self.seft_window_groups}: give at least 1 (every layer at once).")
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity={self.sparsity}: give the pruned fraction, in [0, 1).")
+        SparsityPattern.parse(self.sparsity_pattern)  # raises with the accepted forms
+
+    @property
+    def revives(self) -> bool:
+        """Whether SEFT revives pruned weights in this model at its defaults (unstructured models only)."""
+        return not SparsityPattern.parse(self.sparsity_pattern).is_nm
 
 
 MEMORY_ARGUMENTS = (MemoryArguments,)
@@ -59,13 +69,14 @@ def memory_table(shape: ModelShape, args: MemoryArguments) -> tuple[list[list[st
         if method.kind == "masked_full":
             method = Method("masked_full", sparsity=args.sparsity)
         elif method.kind == "seft":
-            method = Method("seft", density=method.density, window_groups=args.seft_window_groups)
+            method = Method("seft", density=method.density, window_groups=args.seft_window_groups,
+                            regrow_pruned=args.revives)
         estimate = training_memory(shape, method, work, optimizer)
         step = per_device_bytes(estimate, args.num_gpus)
         rows.append([method.label, f"{estimate.trainable / 1e6:,.1f} M",
                      f"{step / GB:.1f}", "yes" if step <= args.gpu_memory_gb * GB else "no"])
     density = largest_density(shape, args.gpu_memory_gb * GB, work, optimizer, args.num_gpus,
-                              window_groups=args.seft_window_groups)
+                              window_groups=args.seft_window_groups, regrow_pruned=args.revives)
     return rows, None if density is None else min(density, 1 - args.sparsity)
 
 
