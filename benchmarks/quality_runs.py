@@ -151,23 +151,29 @@ class RunClaim:
     path: Path
 
     def acquire(self) -> bool:
-        """Claim the run for this process; False while another live process holds it."""
+        """Claim the run for this process; False while another live process holds it.
+
+        The claim appears whole, pid inside, by one hard link of a file written first: a claim is never seen
+        empty, so one whose process is gone can be taken over without mistaking a claim being written for it.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = self.holder()
-                if holder == os.getpid():
+        written = self.path.with_name(f"{self.path.name}.{os.getpid()}")
+        written.write_text(str(os.getpid()))
+        try:
+            for _ in range(2):
+                try:
+                    os.link(written, self.path)
                     return True
-                if holder is not None and process_alive(holder):
-                    return False
-                self.path.unlink(missing_ok=True)  # its process is gone
-                continue
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(str(os.getpid()))
-            return True
-        return False
+                except FileExistsError:
+                    holder = self.holder()
+                    if holder == os.getpid():
+                        return True
+                    if holder is not None and process_alive(holder):
+                        return False
+                    self.path.unlink(missing_ok=True)  # its process is gone
+            return False
+        finally:
+            written.unlink(missing_ok=True)
 
     def holder(self) -> int | None:
         try:
@@ -182,11 +188,11 @@ class RunClaim:
 
 def process_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: existence only (PermissionError: alive, another user's)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
